@@ -1,0 +1,156 @@
+"""What makes each modality: ``ModalitySpec`` over a one-row-per-subject frame, and ``Cohort``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ModalityKind = Literal["tabular", "genomics", "irregular_series", "notes", "slide", "image"]
+KINDS: tuple[str, ...] = ("tabular", "genomics", "irregular_series", "notes", "slide", "image")
+
+
+class ModalitySpec(BaseModel):
+    """One modality: its name, its kind, and the frame columns it is made of.
+
+    ``encoder`` picks a registered encoder (default: the one named like the kind);
+    ``options`` are passed to it (e.g. ``{"d_model": 32}``).
+
+        >>> ModalitySpec(name="clinical", kind="tabular", columns=["age", "grade"]).encoder_name
+        'tabular'
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    kind: ModalityKind
+    columns: list[str] = Field(min_length=1)
+    encoder: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    categorical: list[str] | None = None  # tabular: columns to treat as categories (default: non-numeric ones)
+
+    @field_validator("columns")
+    @classmethod
+    def _unique_columns(cls, cols: list[str]) -> list[str]:
+        seen: set[str] = set()
+        dup = [c for c in cols if c in seen or seen.add(c)]  # type: ignore[func-returns-value]
+        if dup:
+            raise ValueError(f"duplicate column(s) {sorted(set(dup))} in one modality")
+        return cols
+
+    @property
+    def encoder_name(self) -> str:
+        return self.encoder or self.kind
+
+
+def as_modality_specs(modalities: Any) -> list[ModalitySpec]:
+    """Accept specs, dicts, or a ``{name: spec}`` mapping; check names and columns are unique."""
+    if modalities is None:
+        raise ValueError("'modalities' is required: a list of ModalitySpec(name=..., kind=..., columns=[...])")
+    if isinstance(modalities, dict):
+        modalities = [
+            m if isinstance(m, ModalitySpec) else ModalitySpec(name=k, **m) for k, m in modalities.items()
+        ]
+    specs = [m if isinstance(m, ModalitySpec) else ModalitySpec(**m) for m in modalities]
+    if not specs:
+        raise ValueError("'modalities' is empty: give at least one ModalitySpec")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"modality names must be unique, got {names}")
+    owner: dict[str, str] = {}
+    for s in specs:
+        for c in s.columns:
+            if c in owner:
+                raise ValueError(f"column {c!r} is used by modality {owner[c]!r} and by {s.name!r}; a column belongs to one modality")
+            owner[c] = s.name
+    return specs
+
+
+def to_polars(frame: Any) -> pl.DataFrame:
+    """Polars view of a user's frame (polars, pandas or a dict of columns)."""
+    if isinstance(frame, pl.DataFrame):
+        return frame
+    if isinstance(frame, pl.LazyFrame):
+        return frame.collect()
+    try:
+        import pandas as pd
+
+        if isinstance(frame, pd.DataFrame):
+            return pl.from_pandas(frame.reset_index(drop=True))
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(frame, dict):
+        return pl.DataFrame(frame)
+    raise TypeError(f"expected a polars or pandas DataFrame with one row per subject, got {type(frame).__name__}")
+
+
+def check_columns(frame: pl.DataFrame, specs: list[ModalitySpec], where: str = "the frame") -> None:
+    """Raise naming each modality's missing columns, with close matches."""
+    import difflib
+
+    have = set(frame.columns)
+    problems = []
+    for s in specs:
+        missing = [c for c in s.columns if c not in have]
+        for c in missing:
+            close = difflib.get_close_matches(c, list(have), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"modality {s.name!r} needs column {c!r}{hint}")
+    if problems:
+        raise ValueError(f"{where} lacks columns: " + "; ".join(problems))
+
+
+def check_unique_ids(frame: pl.DataFrame, id_column: str | None) -> None:
+    if id_column is None:
+        return
+    if id_column not in frame.columns:
+        raise ValueError(f"id column {id_column!r} is not in the frame (columns: {frame.columns[:10]}...)")
+    dup = frame.filter(pl.col(id_column).is_duplicated())[id_column].unique().head(5).to_list()
+    if dup:
+        raise ValueError(
+            f"id column {id_column!r} has duplicated ids, e.g. {dup}; the frame must have one row per subject "
+            "(aggregate long tables with group_by(id) first)"
+        )
+
+
+@dataclass
+class Cohort:
+    """A one-row-per-subject frame with its modalities and targets.
+
+    ``y`` is what the estimators take: a scikit-survival structured array ``(event, time)``
+    for survival, a 1-D array for classification or regression.
+    """
+
+    name: str
+    frame: pl.DataFrame
+    modalities: list[ModalitySpec]
+    y: Any
+    task: str
+    id_column: str
+    target_columns: list[str]
+    description: str = ""
+    source: str = ""
+    licence: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.frame.height
+
+    def subset(self, index: np.ndarray) -> "Cohort":
+        index = np.asarray(index)
+        y = self.y[index] if self.y is not None else None
+        n = self.frame.height
+        # per-row arrays in extra (presence masks, planted risk) follow the rows
+        extra = {k: _take_rows(v, index, n) for k, v in self.extra.items()}
+        return Cohort(self.name, self.frame[index], self.modalities, y, self.task, self.id_column,
+                      self.target_columns, self.description, self.source, self.licence, extra)
+
+
+def _take_rows(value: Any, index: np.ndarray, n: int) -> Any:
+    if isinstance(value, np.ndarray) and value.shape[:1] == (n,):
+        return value[index]
+    if isinstance(value, dict):
+        return {k: _take_rows(v, index, n) for k, v in value.items()}
+    return value

@@ -1,0 +1,224 @@
+"""sklearn-style estimators over the training core.
+
+    >>> from mmclin import MultimodalSurvivalModel
+    >>> model = MultimodalSurvivalModel(modalities=[...], fusion="concat", fusion__d_model=32)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.utils.validation import check_is_fitted
+
+from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig
+
+# Nested options: ``fusion__d_model=32`` is stored in ``fusion_options["d_model"]``, and
+# ``encoders__clinical__d_model=16`` in ``encoder_options["clinical"]["d_model"]``.
+_NESTED = {"fusion": "fusion_options", "task": "task_options", "encoders": "encoder_options"}
+
+
+class _MultimodalBase(BaseEstimator):
+    _problem = ""
+
+    def __init__(
+        self,
+        modalities: Any = None,
+        fusion: str = "concat",
+        fusion_options: dict | None = None,
+        task: str | None = None,
+        task_options: dict | None = None,
+        encoder_options: dict | None = None,
+        max_epochs: int = 100,
+        batch_size: int = 64,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 1e-4,
+        modality_dropout: float = 0.0,
+        val_fraction: float = 0.2,
+        patience: int | None = 10,
+        device: str = "auto",
+        num_threads: int | None = 1,
+        id_column: str | None = None,
+        random_state: int | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.modalities = modalities
+        self.fusion = fusion
+        self.fusion_options = fusion_options
+        self.task = task
+        self.task_options = task_options
+        self.encoder_options = encoder_options
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.modality_dropout = modality_dropout
+        self.val_fraction = val_fraction
+        self.patience = patience
+        self.device = device
+        self.num_threads = num_threads
+        self.id_column = id_column
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # --- nested parameters -------------------------------------------------------------
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        params = super().get_params(deep=False)
+        if deep:
+            for prefix, attr in _NESTED.items():
+                for key, value in _flatten(params.get(attr) or {}):
+                    params[f"{prefix}__{key}"] = value
+        return params
+
+    def set_params(self, **params: Any) -> "_MultimodalBase":
+        plain = {}
+        for key, value in params.items():
+            prefix, sep, rest = key.partition("__")
+            if sep and prefix in _NESTED:
+                attr = _NESTED[prefix]
+                options = copy.deepcopy(getattr(self, attr) or {})
+                node = options
+                *path, leaf = rest.split("__")
+                for p in path:
+                    node = node.setdefault(p, {})
+                node[leaf] = value
+                setattr(self, attr, options)
+            else:
+                plain[key] = value
+        if plain:
+            super().set_params(**plain)
+        return self
+
+    # --- the core ------------------------------------------------------------------------
+    def _task_name(self, y: Any) -> str:
+        raise NotImplementedError
+
+    def _configs(self, y: Any) -> tuple[ModelConfig, TrainerConfig, ComponentConfig]:
+        from mmclin.registry import FUSIONS, TASKS, load_builtin_components
+
+        load_builtin_components()
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"The 'fusion' parameter of {type(self).__name__} must be one of {FUSIONS.names()}. "
+                             f"Got {self.fusion!r} instead.")
+        task_name = self._task_name(y)
+        if task_name not in TASKS:
+            raise ValueError(f"The 'task' parameter of {type(self).__name__} must be one of {TASKS.names()}. "
+                             f"Got {task_name!r} instead.")
+        model = ModelConfig(
+            fusion=ComponentConfig(name=self.fusion, **(self.fusion_options or {})),
+            encoders=self.encoder_options or {},
+            modality_dropout=self.modality_dropout,
+        )
+        trainer = TrainerConfig(
+            max_epochs=self.max_epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay, val_fraction=self.val_fraction, patience=self.patience,
+            device=self.device, num_threads=self.num_threads,
+            seed=0 if self.random_state is None else int(self.random_state), progress_bar=self.verbose,
+        )
+        return model, trainer, ComponentConfig(name=task_name, **(self.task_options or {}))
+
+    def fit(self, X: Any, y: Any) -> "_MultimodalBase":
+        from mmclin.training.core import fit_model
+
+        model, trainer, task = self._configs(y)
+        self.model_ = fit_model(X, y, self.modalities, model, trainer, task, id_column=self.id_column)
+        self.task_ = self.model_.task
+        self.history_ = self.model_.history
+        self.n_features_in_ = sum(len(s.columns) for s in self.model_.specs)
+        return self
+
+    def _outputs(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, "model_")
+        return self.model_.predict_outputs(X)
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.task_.predict(self._outputs(X))
+
+    def score(self, X: Any, y: Any) -> float:
+        return float(self.task_.score(self.task_.check_targets(y), self._outputs(X)))
+
+    def metrics(self, X: Any, y: Any, y_train: Any = None) -> dict[str, float]:
+        """All the task's metrics (e.g. Harrell's and Uno's C, integrated Brier score)."""
+        return self.task_.metrics(self.task_.check_targets(y), self._outputs(X), y_train=y_train)
+
+    def save(self, path: str) -> str:
+        check_is_fitted(self, "model_")
+        return str(self.model_.save(path))
+
+    def __sklearn_tags__(self):  # noqa: D105
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.dataframe = True
+        tags.non_deterministic = False
+        return tags
+
+
+def _flatten(options: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in options.items():
+        if isinstance(v, dict) and v and prefix == "" and k not in ("groups",) and all(isinstance(x, str) for x in v):
+            # one level of nesting for per-modality encoder options
+            out += [(f"{k}__{kk}", vv) for kk, vv in v.items()]
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+class MultimodalSurvivalModel(_MultimodalBase):
+    """Survival over several modalities. ``y``: scikit-survival structured array ``(event, time)``.
+
+    ``task``: ``"cox"`` (partial likelihood, Breslow baseline) or ``"discrete_time"`` (hazard per bin).
+    ``predict`` gives risk scores (higher = earlier event); ``score`` is Harrell's C.
+    """
+
+    _problem = "survival"
+
+    def _task_name(self, y: Any) -> str:
+        return self.task or "cox"
+
+    def predict_survival_function(self, X: Any, times: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(times, S)`` with ``S[i, j]`` = P(T_i > times[j])."""
+        return self.task_.survival_function(self._outputs(X), times)
+
+    def predict_cumulative_hazard_function(self, X: Any, times: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        t, s = self.predict_survival_function(X, times)
+        return t, -np.log(np.clip(s, 1e-12, 1.0))
+
+
+class MultimodalClassifier(ClassifierMixin, _MultimodalBase):
+    """Binary, multiclass or (with a 2-D 0/1 ``y``) multilabel classification."""
+
+    _problem = "classification"
+
+    def _task_name(self, y: Any) -> str:
+        if self.task:
+            return self.task
+        arr = np.asarray(y)
+        if arr.ndim == 2:
+            return "multilabel"
+        return "binary" if len(np.unique(arr[~_isnull(arr)])) <= 2 else "multiclass"
+
+    def fit(self, X: Any, y: Any) -> "MultimodalClassifier":
+        super().fit(X, y)
+        if hasattr(self.task_, "classes_"):
+            self.classes_ = np.asarray(self.task_.classes_)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        return self.task_.predict_proba(self._outputs(X))
+
+
+class MultimodalRegressor(RegressorMixin, _MultimodalBase):
+    """Regression of a continuous outcome; targets are standardised on training rows."""
+
+    _problem = "regression"
+
+    def _task_name(self, y: Any) -> str:
+        return self.task or "regression"
+
+
+def _isnull(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype.kind == "f":
+        return np.isnan(arr)
+    return np.array([v is None for v in arr.ravel()]).reshape(arr.shape)

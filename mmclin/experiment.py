@@ -1,0 +1,250 @@
+"""Experiments from a config: load data, split by subject, fit, evaluate, track.
+
+The CLI and the studies drive this module; it calls the same training core as the
+estimators (``mmclin.training.fit_model``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from mmclin.cohort import Cohort, ModalitySpec, check_unique_ids
+from mmclin.config import ComponentConfig, ExperimentConfig, load_config
+
+DEFAULT_TASK = {"survival": "cox", "binary": "binary", "multiclass": "multiclass", "multilabel": "multilabel",
+                "regression": "regression"}
+
+
+def read_table(path: str | Path) -> pl.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return pl.read_parquet(path)
+    if suffix in (".csv", ".tsv"):
+        return pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema_length=10000)
+    raise ValueError(f"data file {str(path)!r}: expected .parquet or .csv/.tsv, got {suffix!r}")
+
+
+def targets_from_frame(frame: pl.DataFrame, columns: list[str], problem: str) -> Any:
+    """``y`` from target columns: ``[event, time]`` for survival (scikit-survival layout), one label column otherwise."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"target column(s) {missing} are not in the data (columns: {frame.columns[:12]}...)")
+    if problem == "survival":
+        if len(columns) != 2:
+            raise ValueError(f"data.target for survival must be [event_column, time_column], got {columns}")
+        event, time = (frame[c].to_numpy() for c in columns)
+        return np.rec.fromarrays([event, time.astype(float)], names=["event", "time"]).view(np.ndarray)
+    if problem == "multilabel":
+        return frame.select(columns).to_numpy()
+    return frame[columns[0]].to_numpy()
+
+
+def write_atomic(frame: pl.DataFrame, path: str | Path) -> Path:
+    """Write parquet/CSV to a temp file beside ``path``, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix.lower() == ".csv":
+            frame.write_csv(tmp)
+        elif path.suffix.lower() in (".parquet", ".pq"):
+            frame.write_parquet(tmp)
+        else:
+            raise ValueError(f"output {str(path)!r}: expected a .parquet or .csv file name")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, float]
+    predictions: pl.DataFrame
+    model_dir: Path
+    run_id: str | None
+    fitted: Any = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class CVResult:
+    folds: pl.DataFrame  # one row per fold, one column per metric
+    summary: pl.DataFrame  # metric, mean, std
+    run_id: str | None
+
+
+class Experiment:
+    """One experiment config, run through the shared core.
+
+        >>> exp = Experiment.from_yaml("experiments/gse7390_survival.yaml", ["trainer.max_epochs=5"])  # doctest: +SKIP
+        >>> exp.fit().metrics["c_index"]  # doctest: +SKIP
+    """
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config
+        self._cohort: Cohort | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "Experiment":
+        return cls(load_config(path, overrides))
+
+    # --- data ---------------------------------------------------------------------------
+    @property
+    def cohort(self) -> Cohort:
+        if self._cohort is None:
+            self._cohort = self._load_cohort()
+        return self._cohort
+
+    def _load_cohort(self) -> Cohort:
+        d = self.config.data
+        if d.cohort is not None:
+            from mmclin.datasets import load_cohort
+
+            c = load_cohort(d.cohort)
+            if d.modalities is not None:  # the config may pick or reshape modalities
+                c.modalities = list(d.modalities)
+            return c
+        frame = read_table(d.path)
+        task_cfg = self.config.model.task
+        if task_cfg is None:
+            raise ValueError("data.path needs model.task (e.g. {name: cox} or {name: binary})")
+        from mmclin.training.core import build_task
+
+        problem = build_task(task_cfg).problem
+        y = targets_from_frame(frame, d.target, problem)
+        id_col = d.id_column
+        check_unique_ids(frame, id_col)
+        return Cohort(Path(d.path).stem, frame, list(d.modalities), y, problem, id_col or "", list(d.target),
+                      source=str(d.path))
+
+    def task_config(self) -> ComponentConfig:
+        if self.config.model.task is not None:
+            return self.config.model.task
+        return ComponentConfig(name=DEFAULT_TASK[self.cohort.task])
+
+    def _groups(self) -> np.ndarray | None:
+        g = self.config.data.group_column
+        return None if g is None else self.cohort.frame[g].to_numpy()
+
+    # --- core ---------------------------------------------------------------------------
+    def _fit(self, frame: pl.DataFrame, y: Any, epoch_sink=None):
+        from mmclin.training.core import fit_model
+
+        c = self.cohort
+        return fit_model(frame, y, c.modalities, self.config.model, self.config.trainer, self.task_config(),
+                         id_column=c.id_column or None, epoch_sink=epoch_sink)
+
+    def _problem(self) -> str:
+        from mmclin.training.core import build_task
+
+        return build_task(self.task_config()).problem
+
+    def fit(self, output_dir: str | Path | None = None) -> FitResult:
+        """Hold-out fit: train (with a validation carve-out for early stopping) and score on the test subjects."""
+        from mmclin import tracking
+        from mmclin.predictions import prediction_frame
+        from mmclin.training.splits import holdout_split
+
+        cfg, c = self.config, self.cohort
+        tr, te = holdout_split(c.y, self._problem(), cfg.data.test_size, cfg.data.split_seed, self._groups())
+        out = Path(output_dir or cfg.output_dir) / cfg.name
+        tracking.quiet_mlflow()
+        with tracking.tracked_run(cfg.tracking, cfg.tracking.run_name or f"{cfg.name}-fit", tags={"mmclin.verb": "fit"}) as run:
+            if run is not None:
+                tracking.log_config(cfg)
+                tracking.log_metrics({"n_train": len(tr), "n_test": len(te)})
+            fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if run else None)
+            test_frame = c.frame[te]
+            outputs = fitted.predict_outputs(test_frame)
+            metrics = fitted.task.metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
+            preds = prediction_frame(fitted, test_frame, c.id_column or None)
+            model_dir = fitted.save(out / "model")
+            write_atomic(preds, out / "test_predictions.parquet")
+            if run is not None:
+                tracking.log_metrics(metrics, prefix="test_")
+                tracking.log_metrics({"best_epoch": fitted.best_epoch})
+                tracking.log_frame(preds, "test_predictions.parquet")
+                if cfg.tracking.log_model:
+                    tracking.log_fitted_model(fitted, model_dir, input_example=test_frame.head(3).to_pandas())
+        return FitResult(metrics, preds, model_dir, run.info.run_id if run else None, fitted, fitted.history)
+
+    def evaluate(self, cv: int | None = None) -> CVResult:
+        """Cross-validated metrics with subject-level folds (``cv`` folds), or the hold-out split when ``cv`` is None."""
+        from mmclin import tracking
+        from mmclin.training.splits import cv_splits, holdout_split
+
+        cfg, c = self.config, self.cohort
+        problem = self._problem()
+        if cv is None:
+            splits = [holdout_split(c.y, problem, cfg.data.test_size, cfg.data.split_seed, self._groups())]
+        else:
+            if cv < 2:
+                raise ValueError(f"--cv must be at least 2, got {cv}")
+            splits = list(cv_splits(c.y, problem, cv, cfg.data.split_seed, self._groups()))
+        tracking.quiet_mlflow()
+        rows = []
+        with tracking.tracked_run(cfg.tracking, cfg.tracking.run_name or f"{cfg.name}-cv{cv or 1}", tags={"mmclin.verb": "evaluate"}) as run:
+            if run is not None:
+                tracking.log_config(cfg)
+            for k, (tr, te) in enumerate(splits):
+                with tracking.tracked_run(cfg.tracking, f"fold-{k}", nested=True) as fold_run:
+                    fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if fold_run else None)
+                    metrics = fitted.task.metrics(_take(c.y, te), fitted.predict_outputs(c.frame[te]), y_train=_take(c.y, tr))
+                    if fold_run is not None:
+                        tracking.log_metrics(metrics, prefix="test_")
+                rows.append({"fold": k, "n_train": len(tr), "n_test": len(te), **metrics})
+            folds = pl.DataFrame(rows)
+            metric_names = [k for k in rows[0] if k not in ("fold", "n_train", "n_test")]
+            summary = pl.DataFrame({
+                "metric": metric_names,
+                "mean": [_nan_stat(folds[m], np.nanmean) for m in metric_names],
+                "std": [_nan_stat(folds[m], np.nanstd) for m in metric_names],
+            })
+            if run is not None:
+                tracking.log_metrics({f"cv_mean_{r['metric']}": r["mean"] for r in summary.to_dicts()})
+                tracking.log_metrics({f"cv_std_{r['metric']}": r["std"] for r in summary.to_dicts()})
+                tracking.log_frame(folds, "cv_folds.parquet")
+        return CVResult(folds, summary, run.info.run_id if run else None)
+
+
+def _nan_stat(series: pl.Series, fn) -> float:
+    arr = series.cast(pl.Float64).to_numpy()
+    return float("nan") if np.isnan(arr).all() else float(fn(arr))
+
+
+def _take(y: Any, idx: np.ndarray) -> Any:
+    if isinstance(y, dict):
+        return {k: _take(v, idx) for k, v in y.items()}
+    return y[idx]
+
+
+def resolve_model_path(model: str, tracking_uri: str | None = None) -> Path:
+    """A model directory, or an MLflow ``runs:/<run_id>`` / run id whose ``model`` artifact is downloaded."""
+    p = Path(model)
+    if p.is_dir():
+        return p
+    if model.startswith("runs:/") or (len(model) == 32 and all(ch in "0123456789abcdef" for ch in model)):
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        run_id = model[len("runs:/"):].split("/")[0] if model.startswith("runs:/") else model
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model"))
+    raise FileNotFoundError(f"model {model!r} is neither a model directory nor an MLflow run (runs:/<run_id>)")
+
+
+def format_metrics(metrics: dict[str, float]) -> dict[str, str]:
+    return {k: ("nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}") for k, v in metrics.items()}

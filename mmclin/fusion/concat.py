@@ -1,0 +1,40 @@
+"""Early fusion: concatenate pooled modality embeddings and presence indicators."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mmclin.batch import FusionOutput, ModalityTokens
+from mmclin.fusion.base import FusionHead, mlp
+from mmclin.registry import FUSIONS
+
+
+@FUSIONS.register("concat")
+class ConcatFusion(FusionHead):
+    """Concatenate each modality's pooled, projected embedding (zeros when absent) and the
+    presence indicators, then an MLP.
+
+    ``pooled = MLP([proj_1(mean(t_1)) * p_1, ..., proj_M(mean(t_M)) * p_M, p_1, ..., p_M])``
+
+    Args:
+        input_dims: ``{modality: D_m}``. d_model: width of projections and output.
+        n_layers: hidden layers of the MLP. dropout: dropout rate.
+
+    Shapes:
+        tokens[m].tokens: ``[B, T_m, D_m]``; present[m]: ``[B]`` -> pooled ``[B, d_model]``.
+    """
+
+    def __init__(self, input_dims: dict[str, int], d_model: int = 64, n_layers: int = 1, dropout: float = 0.1) -> None:
+        super().__init__(input_dims)
+        self.output_dim = d_model
+        self.project = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d_model)) for m, d in self.input_dims.items()})
+        n = len(self.modalities)
+        self.mlp = mlp(n * d_model + n, d_model, d_model, n_layers, dropout)
+
+    def forward(self, tokens: dict[str, ModalityTokens], present: dict[str, Tensor]) -> FusionOutput:
+        parts, flags = [], []
+        for m in self.modalities:
+            p = present[m].unsqueeze(-1)
+            parts.append(torch.where(p, self.project[m](tokens[m].pooled()), 0.0))
+            flags.append(p.to(parts[-1].dtype))
+        return FusionOutput(pooled=self.mlp(torch.cat(parts + flags, dim=-1)))

@@ -1,0 +1,223 @@
+"""The Task contract: head size, target encoding, loss, decoding and metrics."""
+from __future__ import annotations
+
+import difflib
+import math
+import warnings
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+class Task:
+    """What to predict and how to score it.
+
+    Life cycle (the training core calls these in order)::
+
+        task = TASKS.create("cox", **options)
+        task.fit_targets(y_train)            # learn classes / scaling / time bins from training targets only
+        head = task.build_head(in_dim)       # nn.Module: [B, in_dim] -> [B, task.output_dim]
+        target = task.encode(y)              # float/long tensor [N, ...], row-aligned with y
+        loss = task.loss(outputs, target)    # scalar, outputs [B, output_dim]
+        task.calibrate(outputs_train, y_train)   # after training (e.g. Breslow baseline hazard)
+        task.predict(outputs)                # decoded predictions (labels, values, risk scores)
+        task.metrics(y_true, outputs, y_train=...)   # dict of floats, from sklearn / scikit-survival
+
+    ``outputs`` passed to predict/metrics/calibrate are numpy arrays ``[N, output_dim]``.
+    ``state_dict()`` / ``load_state_dict()`` round-trip everything learned, as JSON-able values.
+
+    Conventions shared by the mmclin tasks (helpers below):
+
+    * ``encode`` returns a float tensor ``[N, target_width]``, so that a multitask can
+      concatenate sub-targets into one matrix; ``missing_rows`` / ``encode_masked`` turn
+      missing labels (None / NaN) into NaN rows, which ``observed`` finds again.
+    * ``option_defaults`` lists the options a task accepts; an unknown option is an error
+      (a typo must not be silently ignored).
+    * ``example_options`` / ``example_targets`` feed the conformance checks in
+      :mod:`mmclin.testing.task_checks`.
+    """
+
+    problem: ClassVar[str] = ""
+    primary_metric: ClassVar[str] = ""
+    greater_is_better: ClassVar[bool] = True
+    option_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.option_defaults))
+        if unknown:
+            choices = sorted(self.option_defaults)
+            close = difflib.get_close_matches(unknown[0], choices, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise TypeError(
+                f"Unknown option {unknown[0]!r} for task {self.task_name!r}.{hint} "
+                f"Options are {choices}."
+            )
+        self.options = {**self.option_defaults, **options}
+
+    @property
+    def task_name(self) -> str:
+        return getattr(type(self), "registry_name", type(self).__name__)
+
+    # --- targets -------------------------------------------------------------------------
+    def check_targets(self, y: Any) -> Any:
+        """Validate and normalise ``y``; raise naming the problem (row, value, expected)."""
+        raise NotImplementedError
+
+    def fit_targets(self, y: Any) -> "Task":
+        raise NotImplementedError
+
+    @property
+    def output_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def target_width(self) -> int:
+        """Number of columns of ``encode(y)``."""
+        raise NotImplementedError
+
+    def encode(self, y: Any) -> Tensor:
+        raise NotImplementedError
+
+    # --- model ---------------------------------------------------------------------------
+    def build_head(self, in_dim: int) -> nn.Module:
+        return nn.Linear(in_dim, self.output_dim)
+
+    def loss(self, outputs: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def calibrate(self, outputs: np.ndarray, y: Any) -> None:
+        """Post-training fit on training-set outputs (default: nothing)."""
+
+    # --- decoding and scoring ------------------------------------------------------------
+    def predict(self, outputs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def metrics(self, y_true: Any, outputs: np.ndarray, y_train: Any = None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def score(self, y_true: Any, outputs: np.ndarray) -> float:
+        """The sklearn-convention ``score`` (accuracy, R^2, Harrell's C)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    @staticmethod
+    def as_numpy(outputs: Any) -> np.ndarray:
+        if isinstance(outputs, torch.Tensor):
+            return outputs.detach().float().cpu().numpy()
+        return np.asarray(outputs, dtype=np.float64)
+
+    # --- examples for the conformance checks ---------------------------------------------
+    @classmethod
+    def example_options(cls) -> dict[str, Any]:
+        """Constructor options used by the conformance checks."""
+        return {}
+
+    @classmethod
+    def example_targets(cls, n: int, seed: int = 0) -> Any:
+        """A valid ``y`` of ``n`` rows (``n >= 2``) for this task."""
+        raise NotImplementedError
+
+    @classmethod
+    def example_censored_targets(cls, n: int, seed: int = 0) -> Any:
+        """A valid ``y`` of ``n`` rows without any event, or None where events do not apply."""
+        return None
+
+    # --- helpers -------------------------------------------------------------------------
+    def _require_fitted(self, attr: str, how: str = "fit_targets(y_train)") -> None:
+        if getattr(self, attr, None) is None:
+            raise RuntimeError(f"The {self.task_name!r} task is not fitted yet; call task.{how} first.")
+
+    @staticmethod
+    def n_rows(y: Any) -> int:
+        if isinstance(y, dict):
+            return Task.n_rows(next(iter(y.values())))
+        if isinstance(y, tuple):
+            return Task.n_rows(y[0])
+        return len(y)
+
+    @staticmethod
+    def take_rows(y: Any, rows: Any) -> Any:
+        """Rows ``rows`` (indices or bool mask) of ``y``: arrays, lists, pandas/polars, dict, tuple."""
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        if isinstance(y, dict):
+            return {k: Task.take_rows(v, rows) for k, v in y.items()}
+        if isinstance(y, tuple):
+            return tuple(Task.take_rows(v, rows) for v in y)
+        if hasattr(y, "iloc"):  # pandas
+            return y.iloc[rows]
+        if type(y).__module__.startswith("polars"):
+            return y[rows.tolist()]
+        return np.asarray(y)[rows]
+
+    @staticmethod
+    def missing_mask(values: Any) -> np.ndarray:
+        """Bool ``[N]``: rows of ``values`` (``[N]`` or ``[N, ...]``) holding any None / NaN / NA."""
+        arr = np.asarray(values)
+        if arr.dtype.kind in "fc":
+            miss = np.isnan(arr)
+        elif arr.dtype.kind == "O":
+            miss = np.array([is_missing(v) for v in arr.ravel()], dtype=bool).reshape(arr.shape)
+        else:
+            miss = np.zeros(arr.shape, dtype=bool)
+        return miss.reshape(len(arr), -1).any(axis=1) if arr.ndim > 1 else miss
+
+    def missing_rows(self, y: Any) -> np.ndarray:
+        """Bool ``[N]``: True where the label of a row is missing (masked by the multitask)."""
+        return self.missing_mask(y)
+
+    def encode_masked(self, y: Any) -> Tensor:
+        """``encode`` that tolerates missing labels: their rows come back as NaN.
+
+        Shapes:
+            returns ``[N, target_width]`` float32.
+        """
+        miss = self.missing_rows(y)
+        out = torch.full((len(miss), self.target_width), float("nan"))
+        keep = np.flatnonzero(~miss)
+        if keep.size:
+            out[torch.as_tensor(keep)] = self.encode(self.take_rows(y, keep)).float().reshape(keep.size, -1)
+        return out
+
+    @staticmethod
+    def observed(target: Tensor) -> Tensor:
+        """Bool ``[B]``: rows of an ``encode_masked`` target whose label is present.
+
+        Shapes:
+            target ``[B, W]`` -> ``[B]``.
+        """
+        return ~torch.isnan(target.reshape(target.shape[0], -1)).any(dim=1)
+
+
+def shown(v: Any) -> Any:
+    """A value as python shows it in messages: ``2`` rather than ``np.int64(2)``."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def is_missing(v: Any) -> bool:
+    if v is None:
+        return True
+    try:
+        return bool(v != v)  # NaN is the one value unequal to itself
+    except (TypeError, ValueError):
+        return True  # pandas.NA refuses bool(), and is missing
+
+
+def safe_metric(fn: Callable[[], Any]) -> float:
+    """``float(fn())``, or NaN when the metric is undefined for this data (one class only,
+    all censored, no valid time grid ...): sklearn / sksurv raise ValueError or warn then."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            value = float(fn())
+        except (ValueError, ZeroDivisionError, IndexError, RuntimeError):
+            return math.nan
+    return value

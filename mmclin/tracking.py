@@ -1,0 +1,134 @@
+"""MLflow: run lifecycle, what is logged, and a pyfunc wrapper that predicts from a frame.
+
+Default store is embedded: a local SQLite file (``sqlite:///mlruns.db``) with artifacts in
+``./mlartifacts``; ``uri`` can point at an MLflow server instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from mmclin.config import ExperimentConfig, TrackingConfig, config_to_yaml
+
+
+def _setup(cfg: TrackingConfig) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.uri)
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        artifact_location = None
+        if cfg.uri.startswith("sqlite:///"):
+            # keep artifacts beside the database, not in whatever directory MLflow defaults to
+            db = Path(cfg.uri[len("sqlite:///"):])
+            artifact_location = (db.resolve().parent / "mlartifacts").as_uri()
+        return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location)
+    return exp.experiment_id
+
+
+@contextlib.contextmanager
+def tracked_run(cfg: TrackingConfig, run_name: str | None = None, nested: bool = False,
+                tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """An MLflow run (or ``None`` when tracking is disabled); failed runs end as FAILED."""
+    if not cfg.enabled:
+        yield None
+        return
+    import mlflow
+
+    experiment_id = _setup(cfg)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested, tags=tags) as run:
+        yield run
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            out[key] = ",".join(str(x.get("name", i)) for i, x in enumerate(v))
+        else:
+            out[key] = v
+    return out
+
+
+def log_config(cfg: ExperimentConfig) -> None:
+    import mlflow
+
+    params = flatten(cfg.model_dump(mode="json", exclude={"data": {"modalities"}}))
+    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+    mlflow.log_text(config_to_yaml(cfg), "config.yaml")
+
+
+def epoch_logger(prefix: str = ""):
+    """A sink for per-epoch metrics from the training core."""
+    import mlflow
+
+    def sink(metrics: dict[str, float], epoch: int) -> None:
+        mlflow.log_metrics({f"{prefix}{k}": v for k, v in metrics.items()}, step=epoch)
+
+    return sink
+
+
+def log_metrics(metrics: dict[str, float], prefix: str = "") -> None:
+    import math
+
+    import mlflow
+
+    mlflow.log_metrics({f"{prefix}{k}": v for k, v in metrics.items() if v is not None and not math.isnan(v)})
+
+
+def log_frame(frame: Any, name: str) -> None:
+    """Log a polars frame as a parquet artifact."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        frame.write_parquet(path)
+        mlflow.log_artifact(str(path))
+
+
+def log_fitted_model(fitted: Any, model_dir: str | Path, input_example: Any = None) -> None:
+    """Log the saved model directory (safetensors + JSON) and an MLflow pyfunc model around it."""
+    import mlflow
+
+    mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    mlflow.pyfunc.log_model(
+        name="pyfunc_model",
+        python_model=MmclinPyfunc(),
+        artifacts={"model_dir": str(model_dir)},
+        input_example=input_example,
+    )
+
+
+try:  # the pyfunc wrapper is only defined where mlflow is importable
+    import mlflow.pyfunc as _pyfunc
+
+    class MmclinPyfunc(_pyfunc.PythonModel):
+        """Predicts from a frame with the same columns as training; returns the prediction frame."""
+
+        def load_context(self, context: Any) -> None:
+            from mmclin.training.core import FittedModel
+
+            self.fitted = FittedModel.load(context.artifacts["model_dir"])
+
+        def predict(self, context, model_input, params=None):  # no type hints: MLflow infers schemas from them
+            from mmclin.predictions import prediction_frame
+
+            return prediction_frame(self.fitted, model_input).to_pandas()
+
+except ImportError:  # pragma: no cover
+    MmclinPyfunc = None  # type: ignore[assignment,misc]
+
+
+def quiet_mlflow() -> None:
+    """MLflow's alembic migrations log at INFO on every new SQLite store; keep the CLI readable."""
+    import logging
+
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

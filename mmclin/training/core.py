@@ -1,0 +1,250 @@
+"""The one training core that the CLI, the estimators and the studies all call."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from mmclin.cohort import ModalitySpec, as_modality_specs, check_unique_ids, to_polars
+from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig
+from mmclin.encoders.base import Featurizer
+from mmclin.registry import ENCODERS, FEATURIZERS, FUSIONS, TASKS, load_builtin_components
+from mmclin.tasks.base import Task
+from mmclin.training.data import TensorTable, batch_loader, featurize, fit_featurizers
+from mmclin.training.model import MultimodalNet
+from mmclin.training.splits import validation_split
+
+FORMAT_VERSION = 1
+log = logging.getLogger("mmclin")
+
+
+def build_task(cfg: ComponentConfig) -> Task:
+    load_builtin_components()
+    return TASKS.create(cfg.name, **cfg.options)
+
+
+def build_net(specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str, Any]], model: ModelConfig,
+              task: Task) -> MultimodalNet:
+    """Encoders from each spec (data-derived kwargs + user options), the fusion head, the task head."""
+    load_builtin_components()
+    encoders = {}
+    for s in specs:
+        cls = ENCODERS.get(s.encoder_name)
+        if cls.kind != s.kind:
+            same_kind = [n for n in ENCODERS.names() if ENCODERS.get(n).kind == s.kind]
+            raise ValueError(f"modality {s.name!r} is {s.kind!r} but encoder {s.encoder_name!r} is for "
+                             f"{cls.kind!r}; encoders for {s.kind!r}: {same_kind}")
+        options = {**s.options, **model.encoders.get(s.name, {})}
+        options.pop("groups", None)  # consumed by the featurizer
+        try:
+            encoders[s.name] = cls(**encoder_kwargs[s.name], **options)
+        except TypeError as err:
+            raise ValueError(f"modality {s.name!r}: bad options {sorted(options)} for encoder {s.encoder_name!r}: {err}") from None
+    dims = {m: e.output_dim for m, e in encoders.items()}
+    try:
+        fusion = FUSIONS.create(model.fusion.name, input_dims=dims, **model.fusion.options)
+    except TypeError as err:
+        raise ValueError(f"bad options {sorted(model.fusion.options)} for fusion head {model.fusion.name!r}: {err}") from None
+    return MultimodalNet(encoders, fusion, task.build_head(fusion.output_dim))
+
+
+def resolve_accelerator(trainer: TrainerConfig) -> tuple[str, str]:
+    """``(accelerator, precision)`` for Lightning: GPU + mixed precision when there is one."""
+    accelerator = {"cuda": "gpu"}.get(trainer.device, trainer.device)
+    on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    precision = trainer.precision
+    if precision == "auto":
+        precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if on_gpu else "32-true"
+    return accelerator, precision
+
+
+@dataclass
+class FittedModel:
+    """Everything needed to predict: featurizers (JSON state), network weights, task state."""
+
+    specs: list[ModalitySpec]
+    featurizers: dict[str, Featurizer]
+    net: MultimodalNet
+    task: Task
+    model_config: ModelConfig
+    task_config: ComponentConfig
+    encoder_kwargs: dict[str, dict[str, Any]]
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+
+    def table(self, frame: Any) -> TensorTable:
+        return featurize(to_polars(frame), self.featurizers, where="the frame given to predict")
+
+    @torch.no_grad()
+    def predict_outputs(self, frame: Any, batch_size: int = 1024) -> np.ndarray:
+        """Raw task outputs ``[N, task.output_dim]`` (logits, log-risk, ...)."""
+        return self.outputs_from_table(self.table(frame), batch_size)
+
+    @torch.no_grad()
+    def outputs_from_table(self, table: TensorTable, batch_size: int = 1024) -> np.ndarray:
+        self.net.eval()
+        device = next(self.net.parameters()).device
+        outs = []
+        for start in range(0, len(table), batch_size):
+            b = table.batch(torch.arange(start, min(start + batch_size, len(table)))).to(device)
+            outs.append(self.net(b.inputs, b.present)[0].float().cpu())
+        if not outs:
+            return np.zeros((0, self.task.output_dim))
+        return torch.cat(outs).numpy().astype(np.float64)
+
+    # --- persistence: safetensors + JSON, no pickled code --------------------------------
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"))
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "modalities": [s.model_dump(mode="json") for s in self.specs],
+                "featurizers": {m: f.state_dict() for m, f in self.featurizers.items()},
+                "encoder_kwargs": self.encoder_kwargs,
+                "model": self.model_config.model_dump(mode="json"),
+                "task": {"config": self.task_config.model_dump(mode="json"), "state": self.task.state_dict()},
+                "history": self.history,
+                "best_epoch": self.best_epoch,
+            }
+            (tmp / "mmclin.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+            _replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str = "cpu") -> "FittedModel":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta_file = path / "mmclin.json"
+        if not meta_file.exists():
+            raise FileNotFoundError(f"{str(path)!r} is not an mmclin model directory (no mmclin.json)")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{str(path)!r}: model format {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        load_builtin_components()
+        specs = [ModalitySpec(**s) for s in meta["modalities"]]
+        featurizers = {s.name: FEATURIZERS.get(s.kind)(s).load_state_dict(meta["featurizers"][s.name]) for s in specs}
+        model_config = ModelConfig(**meta["model"])
+        task_config = ComponentConfig(**meta["task"]["config"])
+        task = build_task(task_config)
+        task.load_state_dict(meta["task"]["state"])
+        net = build_net(specs, meta["encoder_kwargs"], model_config, task)
+        net.load_state_dict(load_file(str(path / "model.safetensors"), device=map_location))
+        net.eval()
+        return cls(specs, featurizers, net, task, model_config, task_config, meta["encoder_kwargs"],
+                   meta.get("history", []), meta.get("best_epoch", -1))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished directory into place; an existing one is swapped out, then removed."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def fit_model(
+    frame: Any,
+    y: Any,
+    modalities: Any,
+    model: ModelConfig,
+    trainer: TrainerConfig,
+    task: ComponentConfig,
+    id_column: str | None = None,
+    epoch_sink: Callable[[dict[str, float], int], None] | None = None,
+    extra_callbacks: list | None = None,
+) -> FittedModel:
+    """Fit featurizers on ``frame`` (training rows only), carve a validation split from it for
+    early stopping, train with Lightning, restore the best epoch, calibrate the task."""
+    import lightning.pytorch as L
+
+    from mmclin.training.module import BestWeights, MultimodalModule
+
+    frame = to_polars(frame)
+    specs = as_modality_specs(modalities)
+    check_unique_ids(frame, id_column)
+    task_obj = build_task(task)
+    y = task_obj.check_targets(y)
+    n = frame.height
+    if len(y) != n if not isinstance(y, dict) else any(len(v) != n for v in y.values()):
+        raise ValueError(f"X has {n} rows but y has {len(y) if not isinstance(y, dict) else {k: len(v) for k, v in y.items()}}")
+    if trainer.num_threads:
+        torch.set_num_threads(trainer.num_threads)
+    L.seed_everything(trainer.seed, workers=True, verbose=False)
+
+    train_idx, val_idx = validation_split(y, task_obj.problem, trainer.val_fraction, trainer.seed)
+    train_frame = frame[train_idx]
+    featurizers = fit_featurizers(train_frame, specs)
+    y_train = _take(y, train_idx)
+    task_obj.fit_targets(y_train)
+    target = task_obj.encode(y)
+    table = featurize(frame, featurizers, target)
+    train_table = table.subset(train_idx)
+    encoder_kwargs = {m: f.encoder_kwargs() for m, f in featurizers.items()}
+    net = build_net(specs, encoder_kwargs, model, task_obj)
+
+    module = MultimodalModule(net, task_obj, trainer.learning_rate, trainer.weight_decay, model.modality_dropout, trainer.seed)
+    module.epoch_sink = epoch_sink
+    best = BestWeights()
+    callbacks: list = [best, *(extra_callbacks or [])]
+    val_loader = None
+    if len(val_idx):
+        val_table = table.subset(val_idx)
+        val_loader = batch_loader(val_table, max(len(val_table), 1) if len(val_table) <= 8192 else 4096, shuffle=False)
+        if trainer.patience:
+            callbacks.append(L.callbacks.EarlyStopping("val_loss", patience=trainer.patience, mode="min"))
+    accelerator, precision = resolve_accelerator(trainer)
+    # drop_last avoids a lone 1-sample batch (Cox loss / batch statistics are undefined there)
+    drop_last = len(train_idx) % trainer.batch_size == 1
+    pl_trainer = L.Trainer(
+        accelerator=accelerator, devices=trainer.devices, strategy=trainer.strategy, precision=precision,
+        max_epochs=trainer.max_epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        enable_progress_bar=trainer.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
+        deterministic=accelerator != "gpu", limit_val_batches=1.0 if val_loader is not None else 0,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+        warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+        pl_trainer.fit(module, batch_loader(train_table, trainer.batch_size, True, trainer.seed, drop_last), val_loader)
+    net = module.net.cpu().eval()
+    fitted = FittedModel(specs, featurizers, net, task_obj, model, task, encoder_kwargs, module.history, best.best_epoch)
+    task_obj.calibrate(fitted.outputs_from_table(train_table), y_train)
+    return fitted
+
+
+def _take(y: Any, idx: np.ndarray) -> Any:
+    if isinstance(y, dict):
+        return {k: _take(v, idx) for k, v in y.items()}
+    return y[idx]

@@ -1,0 +1,89 @@
+"""From a one-row-per-subject frame to tensors, and whole-batch loading.
+
+Featurized once into in-memory tensors; a batch is one fancy-index per tensor (no
+per-sample ``__getitem__`` + collate), which keeps data loading off the profile.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from mmclin.batch import ModalityBatch
+from mmclin.cohort import ModalitySpec, check_columns
+from mmclin.encoders.base import Featurizer
+from mmclin.registry import FEATURIZERS
+
+
+def fit_featurizers(frame: pl.DataFrame, specs: list[ModalitySpec]) -> dict[str, Featurizer]:
+    """Fit one featurizer per modality on training rows only."""
+    from mmclin.registry import load_builtin_components
+
+    load_builtin_components()
+    check_columns(frame, specs, "the training frame")
+    out = {}
+    for s in specs:
+        if s.kind not in FEATURIZERS:
+            raise ValueError(
+                f"modality {s.name!r}: kind {s.kind!r} has no featurizer installed yet "
+                f"(available: {FEATURIZERS.names()})"
+            )
+        out[s.name] = FEATURIZERS.get(s.kind)(s).fit(frame)
+    return out
+
+
+@dataclass
+class TensorTable:
+    """All rows of a frame as tensors: ``inputs[m][k]: [N, ...]``, ``present[m]: [N]``, ``target: [N, ...]``."""
+
+    inputs: dict[str, dict[str, Tensor]]
+    present: dict[str, Tensor]
+    target: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(next(iter(self.present.values())).shape[0])
+
+    def batch(self, idx: Tensor) -> ModalityBatch:
+        return ModalityBatch(
+            inputs={m: {k: t[idx] for k, t in d.items()} for m, d in self.inputs.items()},
+            present={m: p[idx] for m, p in self.present.items()},
+            target=None if self.target is None else self.target[idx],
+            index=idx,
+        )
+
+    def subset(self, idx: np.ndarray | Tensor) -> "TensorTable":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        b = self.batch(idx)
+        return TensorTable(b.inputs, b.present, b.target)
+
+
+def featurize(frame: pl.DataFrame, featurizers: dict[str, Featurizer], target: Tensor | None = None,
+              where: str = "the frame") -> TensorTable:
+    check_columns(frame, [f.spec for f in featurizers.values()], where)
+    inputs, present = {}, {}
+    for name in sorted(featurizers):
+        inputs[name], present[name] = featurizers[name].transform(frame)
+    return TensorTable(inputs, present, target)
+
+
+class _BatchIndexDataset(Dataset):
+    def __init__(self, table: TensorTable) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, idx: list[int]) -> ModalityBatch:
+        return self.table.batch(torch.as_tensor(idx, dtype=torch.long))
+
+
+def batch_loader(table: TensorTable, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> DataLoader:
+    """A DataLoader whose items are whole ``ModalityBatch``es (one index per tensor per batch)."""
+    ds = _BatchIndexDataset(table)
+    base = RandomSampler(ds, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(ds)
+    sampler = BatchSampler(base, batch_size=batch_size, drop_last=drop_last)
+    return DataLoader(ds, sampler=sampler, batch_size=None, collate_fn=lambda b: b)

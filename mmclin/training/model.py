@@ -1,0 +1,35 @@
+"""The multimodal network: encoders + fusion head + task head, parts injected."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from mmclin.batch import FusionOutput, ModalityTokens
+from mmclin.encoders.base import ModalityEncoder
+from mmclin.fusion.base import FusionHead
+
+
+class MultimodalNet(nn.Module):
+    """``outputs = head(fusion({m: encoder_m(inputs_m)}, present))``.
+
+    Token masks are AND-ed with presence, so an absent modality contributes no token.
+
+    Shapes:
+        inputs[m][k]: ``[B, ...]``; present[m]: ``[B]`` -> outputs ``[B, task.output_dim]``.
+    """
+
+    def __init__(self, encoders: dict[str, ModalityEncoder], fusion: FusionHead, head: nn.Module) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleDict(dict(sorted(encoders.items())))
+        self.fusion = fusion
+        self.head = head
+
+    def encode(self, inputs: dict[str, dict[str, Tensor]], present: dict[str, Tensor]) -> dict[str, ModalityTokens]:
+        tokens = {}
+        for m, enc in self.encoders.items():
+            out = enc(inputs[m])
+            tokens[m] = ModalityTokens(out.tokens, out.mask & present[m].unsqueeze(1))
+        return tokens
+
+    def forward(self, inputs: dict[str, dict[str, Tensor]], present: dict[str, Tensor]) -> tuple[Tensor, FusionOutput]:
+        fused = self.fusion(self.encode(inputs, present), present)
+        return self.head(fused.pooled), fused

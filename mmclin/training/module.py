@@ -1,0 +1,97 @@
+"""The LightningModule: step logic and logging only; network and task are injected."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as pl_
+import torch
+from torch import Tensor
+
+from mmclin.batch import ModalityBatch
+from mmclin.tasks.base import Task
+from mmclin.training.dropout import modality_dropout
+from mmclin.training.model import MultimodalNet
+
+
+class MultimodalModule(pl_.LightningModule):
+    def __init__(self, net: MultimodalNet, task: Task, learning_rate: float = 1e-3, weight_decay: float = 1e-4,
+                 modality_dropout: float = 0.0, seed: int = 0) -> None:
+        super().__init__()
+        self.net = net
+        self.task = task
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.modality_dropout = modality_dropout
+        self.dropout_rng = torch.Generator().manual_seed(seed)
+        self.history: list[dict[str, float]] = []
+        self._train_loss_sum: Tensor | None = None
+        self._train_batches = 0
+        self.epoch_sink = None  # callable(metrics, epoch), e.g. MLflow logging
+
+    def forward(self, batch: ModalityBatch) -> Tensor:
+        return self.net(batch.inputs, batch.present)[0]
+
+    def _loss(self, batch: ModalityBatch, present: dict[str, Tensor]) -> Tensor:
+        outputs, fused = self.net(batch.inputs, present)
+        loss = self.task.loss(outputs.float(), batch.target)
+        if fused.aux_loss is not None:
+            loss = loss + fused.aux_loss
+        return loss
+
+    def training_step(self, batch: ModalityBatch, batch_idx: int) -> Tensor:
+        present = modality_dropout(batch.present, self.modality_dropout, self.dropout_rng)
+        loss = self._loss(batch, present)
+        # accumulate on device; one host sync per epoch rather than per step
+        detached = loss.detach()
+        self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
+        self._train_batches += 1
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        # Lightning runs validation before this hook, so val_loss of this epoch is known here
+        entry: dict[str, float] = {"epoch": self.current_epoch}
+        if self._train_batches:
+            mean = self._train_loss_sum / self._train_batches
+            self.log("train_loss", mean, prog_bar=True, sync_dist=True)
+            entry["train_loss"] = float(mean)
+        self._train_loss_sum, self._train_batches = None, 0
+        if "val_loss" in self.trainer.callback_metrics:
+            entry["val_loss"] = float(self.trainer.callback_metrics["val_loss"])
+        self.history.append(entry)
+        if self.epoch_sink is not None and self.trainer.global_rank == 0:
+            self.epoch_sink({k: v for k, v in entry.items() if k != "epoch"}, self.current_epoch)
+
+    def validation_step(self, batch: ModalityBatch, batch_idx: int) -> Tensor:
+        loss = self._loss(batch, batch.present)
+        self.log("val_loss", loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=True)
+        return loss
+
+    def predict_step(self, batch: ModalityBatch, batch_idx: int) -> Tensor:
+        return self(batch).float()
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
+
+
+class BestWeights(pl_.Callback):
+    """Keep the weights of the best validation epoch in memory and restore them at the end."""
+
+    def __init__(self, monitor: str = "val_loss") -> None:
+        self.monitor = monitor
+        self.best = float("inf")
+        self.best_epoch = -1
+        self.state: dict[str, Tensor] | None = None
+
+    def on_validation_end(self, trainer: pl_.Trainer, module: pl_.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is not None and float(value) < self.best:
+            self.best = float(value)
+            self.best_epoch = trainer.current_epoch
+            self.state = copy.deepcopy({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+    def on_fit_end(self, trainer: pl_.Trainer, module: pl_.LightningModule) -> None:
+        if self.state is not None:
+            module.load_state_dict(self.state)

@@ -1,0 +1,19 @@
+"""Every registered encoder and fusion head passes the shared checks (see mmclin.testing)."""
+import pytest
+
+from mmclin.registry import ENCODERS, FUSIONS, load_builtin_components
+from mmclin.testing.conformance import ENCODER_CHECKS, FUSION_CHECKS
+
+load_builtin_components()
+
+
+@pytest.mark.parametrize("check", ENCODER_CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", ENCODERS.names())
+def test_encoder_conformance(name, check):
+    check(name)
+
+
+@pytest.mark.parametrize("check", FUSION_CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", FUSIONS.names())
+def test_fusion_conformance(name, check):
+    check(name)
