@@ -51,6 +51,7 @@ class ModelConfig(BaseModel):
     task: ComponentConfig | None = None  # default from the cohort: survival -> cox
     encoders: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-modality encoder options
     modality_dropout: float = Field(0.0, ge=0, lt=1)
+    ensemble_size: int = Field(1, ge=1)  # >1: a deep ensemble (seeds and validation carve-outs differ)
 
 
 class TrainerConfig(BaseModel):

@@ -35,6 +35,7 @@ class _MultimodalBase(BaseEstimator):
         learning_rate: float = 1e-3,
         weight_decay: float = 1e-4,
         modality_dropout: float = 0.0,
+        ensemble_size: int = 1,
         val_fraction: float = 0.2,
         patience: int | None = 10,
         device: str = "auto",
@@ -54,6 +55,7 @@ class _MultimodalBase(BaseEstimator):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.modality_dropout = modality_dropout
+        self.ensemble_size = ensemble_size
         self.val_fraction = val_fraction
         self.patience = patience
         self.device = device
@@ -109,6 +111,7 @@ class _MultimodalBase(BaseEstimator):
             fusion=ComponentConfig(name=self.fusion, **(self.fusion_options or {})),
             encoders=self.encoder_options or {},
             modality_dropout=self.modality_dropout,
+            ensemble_size=self.ensemble_size,
         )
         trainer = TrainerConfig(
             max_epochs=self.max_epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
@@ -145,13 +148,6 @@ class _MultimodalBase(BaseEstimator):
     def save(self, path: str) -> str:
         check_is_fitted(self, "model_")
         return str(self.model_.save(path))
-
-    def __sklearn_tags__(self):  # noqa: D105
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.dataframe = True
-        tags.non_deterministic = False
-        return tags
 
 
 def _flatten(options: dict, prefix: str = "") -> list[tuple[str, Any]]:

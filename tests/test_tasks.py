@@ -289,7 +289,7 @@ def _multitask():
 def test_multitask_masks_missing_sub_labels() -> None:
     y = {"death": np.array([0, None, 1, 1], dtype=object), "los": np.array([1.0, 2.0, np.nan, 4.0])}
     task = _multitask().fit_targets(y)
-    assert task.subtasks["los"].mean_ == pytest.approx(np.mean([1.0, 2.0, 4.0]))  # fitted on labelled rows
+    assert task.tasks["los"].mean_ == pytest.approx(np.mean([1.0, 2.0, 4.0]))  # fitted on labelled rows
     target = task.encode(y)
     assert target.shape == (4, 2) and torch.isnan(target[1, 0]) and torch.isnan(target[2, 1])
     outputs = torch.randn(4, 2, requires_grad=True)

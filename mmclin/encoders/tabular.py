@@ -77,9 +77,10 @@ class TabularFeaturizer(Featurizer):
         for j, c in enumerate(self.categorical):
             lookup = {v: i + FIRST_CODE for i, v in enumerate(self.categories[c])}
             col = frame[c].cast(pl.String)
-            mapped = col.replace_strict(lookup, default=UNSEEN_CODE, return_dtype=pl.Int64)
-            mapped = mapped.fill_null(MISSING_CODE).to_numpy()
-            n_unseen = int(((mapped == UNSEEN_CODE) & col.is_not_null().to_numpy()).sum())
+            observed = col.is_not_null().to_numpy()
+            mapped = col.replace_strict(lookup, default=UNSEEN_CODE, return_dtype=pl.Int64).to_numpy()
+            mapped = np.where(observed, mapped, MISSING_CODE)
+            n_unseen = int(((mapped == UNSEEN_CODE) & observed).sum())
             if n_unseen:
                 warnings.warn(
                     f"modality {self.spec.name!r}, column {c!r}: {n_unseen} row(s) have categories not seen in "

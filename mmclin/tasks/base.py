@@ -218,6 +218,6 @@ def safe_metric(fn: Callable[[], Any]) -> float:
         warnings.simplefilter("ignore")
         try:
             value = float(fn())
-        except (ValueError, ZeroDivisionError, IndexError, RuntimeError):
+        except (ValueError, ZeroDivisionError, FloatingPointError):
             return math.nan
     return value

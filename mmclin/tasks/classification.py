@@ -49,7 +49,6 @@ def _nanmean(values: list[float]) -> float:
 class _LabelTask(Task):
     """Shared by binary and multiclass: one label per row, classes learned in ``fit_targets``."""
 
-    problem = "classification"
     primary_metric = "auroc"
 
     def __init__(self, **options: Any) -> None:
@@ -152,6 +151,7 @@ class BinaryTask(_LabelTask):
     ``predict`` -> labels ``[N]``; ``predict_proba`` -> ``[N, 2]`` in ``classes_`` order.
     """
 
+    problem = "binary"
     option_defaults = {"pos_weight": None}
 
     def fit_targets(self, y: Any) -> "BinaryTask":
@@ -208,6 +208,7 @@ class MulticlassTask(_LabelTask):
     ``predict`` -> labels ``[N]``; ``predict_proba`` -> ``[N, K]`` in ``classes_`` order.
     """
 
+    problem = "multiclass"
     option_defaults = {"label_smoothing": 0.0}
 
     def fit_targets(self, y: Any) -> "MulticlassTask":
@@ -259,7 +260,7 @@ class MultilabelTask(Task):
     A row with any missing label is masked as a whole inside a multitask.
     """
 
-    problem = "classification"
+    problem = "multilabel"
     primary_metric = "auroc"
     option_defaults = {"labels": None}
 
@@ -276,9 +277,10 @@ class MultilabelTask(Task):
                 f"multilabel targets have {arr.shape[1]} columns but the task was fitted on "
                 f"{len(self.labels_)} labels {self.labels_}."
             )
-        ok = np.isin(arr, [0, 1]) if arr.dtype.kind in "biuf" else np.zeros(arr.shape, dtype=bool)
         if arr.dtype == object:
             ok = np.vectorize(lambda v: isinstance(v, (bool, int, float, np.number)) and v in (0, 1))(arr)
+        else:
+            ok = np.isin(arr, [0, 1]) if arr.dtype.kind in "biuf" else np.zeros(arr.shape, dtype=bool)
         if not ok.all():
             i, k = (int(v) for v in np.argwhere(~ok)[0])
             raise ValueError(f"multilabel targets must be 0/1; row {i}, column {k} is {shown(arr[i, k])!r}.")

@@ -29,7 +29,8 @@ class MultiTask(Task):
     Layout: the outputs are the sub-tasks' outputs side by side (``output_dim`` = their sum);
     ``encode`` is one float ``[N, sum of target_width]`` matrix, each sub-task's block being its
     own ``encode`` (width 1 for binary / multiclass / regression, K for multilabel, 2 for
-    survival) with NaN rows where the label is missing. :meth:`layout` gives the slices.
+    survival) with NaN rows where the label is missing. :meth:`layout` gives the slices;
+    ``tasks`` holds the sub-tasks and ``slices`` their output columns.
 
     ``predict`` -> ``{key: sub-task predictions}``; metrics are named ``key/metric``; the
     primary metric and ``score`` are those of the first sub-task.
@@ -46,33 +47,34 @@ class MultiTask(Task):
                 "The 'tasks' parameter of the multitask task must be a non-empty dict "
                 f"{{key: {{'name': task, **options}}}}. Got {specs!r} instead."
             )
-        self.subtasks: dict[str, Task] = {}
+        self.tasks: dict[str, Task] = {}
         for key in sorted(specs):
             spec = dict(specs[key])
             name = spec.pop("name", None)
             if name is None or name == "multitask":
                 raise ValueError(f"multitask sub-task {key!r} needs a 'name' of a single task; got {specs[key]!r}.")
-            self.subtasks[key] = TASKS.create(name, **spec)
+            self.tasks[key] = TASKS.create(name, **spec)
         weights = self.options["weights"] or {}
-        extra = sorted(set(weights) - set(self.subtasks))
+        extra = sorted(set(weights) - set(self.tasks))
         if extra:
-            raise ValueError(f"'weights' names unknown sub-task(s) {extra}; sub-tasks are {list(self.subtasks)}.")
-        self.weights = {key: float(weights.get(key, 1.0)) for key in self.subtasks}
-        first = self.subtasks[next(iter(self.subtasks))]
-        self.primary_metric = f"{next(iter(self.subtasks))}/{first.primary_metric}"  # type: ignore[misc]
+            raise ValueError(f"'weights' names unknown sub-task(s) {extra}; sub-tasks are {list(self.tasks)}.")
+        self.weights = {key: float(weights.get(key, 1.0)) for key in self.tasks}
+        first = self.tasks[next(iter(self.tasks))]
+        self.primary_metric = f"{next(iter(self.tasks))}/{first.primary_metric}"  # type: ignore[misc]
         self.greater_is_better = first.greater_is_better  # type: ignore[misc]
 
     # --- layout ---------------------------------------------------------------------------
     def layout(self) -> Iterator[tuple[str, Task, slice, slice]]:
         """``(key, sub-task, output slice, target slice)`` in sorted key order."""
         o = t = 0
-        for key, sub in self.subtasks.items():
+        for key, sub in self.tasks.items():
             yield key, sub, slice(o, o + sub.output_dim), slice(t, t + sub.target_width)
             o, t = o + sub.output_dim, t + sub.target_width
 
-    def output_slice(self, key: str) -> slice:
-        """Columns of the outputs that belong to sub-task ``key``."""
-        return next(o for k, _, o, _ in self.layout() if k == key)
+    @property
+    def slices(self) -> dict[str, slice]:
+        """Sub-task key -> the columns of the outputs that belong to it."""
+        return {key: o for key, _, o, _ in self.layout()}
 
     # --- targets --------------------------------------------------------------------------
     def check_targets(self, y: Any) -> dict[str, Any]:
@@ -80,18 +82,18 @@ class MultiTask(Task):
             y = {str(c): y[c].to_numpy() for c in y.columns}
         if not isinstance(y, dict):
             raise TypeError(f"multitask targets must be a dict {{sub-task: y}} or a DataFrame; got {type(y).__name__}.")
-        lacking, extra = sorted(set(self.subtasks) - set(y)), sorted(set(y) - set(self.subtasks))
+        lacking, extra = sorted(set(self.tasks) - set(y)), sorted(set(y) - set(self.tasks))
         if lacking or extra:
             raise ValueError(
-                f"multitask targets must have exactly the keys {list(self.subtasks)}; "
+                f"multitask targets must have exactly the keys {list(self.tasks)}; "
                 f"missing {lacking}, unexpected {extra}."
             )
-        sizes = {key: self.n_rows(y[key]) for key in self.subtasks}
+        sizes = {key: self.n_rows(y[key]) for key in self.tasks}
         first = next(iter(sizes))
         for key, n in sizes.items():
             if n != sizes[first]:
                 raise ValueError(f"{key!r} has {n} samples but {first!r} has {sizes[first]}.")
-        return {key: y[key] for key in self.subtasks}
+        return {key: y[key] for key in self.tasks}
 
     def missing_rows(self, y: Any) -> np.ndarray:
         return np.zeros(self.n_rows(self.check_targets(y)), dtype=bool)
@@ -102,19 +104,19 @@ class MultiTask(Task):
 
     def fit_targets(self, y: Any) -> "MultiTask":
         for key, y_sub in self.check_targets(y).items():
-            keep, part = self._observed_part(self.subtasks[key], y_sub)
+            keep, part = self._observed_part(self.tasks[key], y_sub)
             if not keep.any():
                 raise ValueError(f"multitask sub-task {key!r} has no label in the training targets.")
-            self.subtasks[key].fit_targets(part)
+            self.tasks[key].fit_targets(part)
         return self
 
     @property
     def output_dim(self) -> int:
-        return sum(sub.output_dim for sub in self.subtasks.values())
+        return sum(sub.output_dim for sub in self.tasks.values())
 
     @property
     def target_width(self) -> int:
-        return sum(sub.target_width for sub in self.subtasks.values())
+        return sum(sub.target_width for sub in self.tasks.values())
 
     def encode(self, y: Any) -> Tensor:
         """Sub-task encodings side by side, NaN rows where a label is missing.
@@ -123,7 +125,7 @@ class MultiTask(Task):
             returns float ``[N, target_width]``.
         """
         y = self.check_targets(y)
-        return torch.cat([self.subtasks[key].encode_masked(y[key]) for key in self.subtasks], dim=1)
+        return torch.cat([self.tasks[key].encode_masked(y[key]) for key in self.tasks], dim=1)
 
     # --- model ----------------------------------------------------------------------------
     def loss(self, outputs: Tensor, target: Tensor) -> Tensor:
@@ -177,10 +179,10 @@ class MultiTask(Task):
         return sub.score(part, self.as_numpy(outputs)[keep][:, o_sl]) if keep.any() else math.nan
 
     def state_dict(self) -> dict[str, Any]:
-        return {key: sub.state_dict() for key, sub in self.subtasks.items()}
+        return {key: sub.state_dict() for key, sub in self.tasks.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, sub in self.subtasks.items():
+        for key, sub in self.tasks.items():
             sub.load_state_dict(state[key])
 
     # --- examples -------------------------------------------------------------------------

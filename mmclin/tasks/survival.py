@@ -79,8 +79,11 @@ def to_survival_array(y: Any, require_event: bool = False) -> np.ndarray:
     if event.dtype == bool:
         e = event
     else:
-        ok = np.array([isinstance(v, (bool, int, float, np.number)) and not is_missing(v) and v in (0, 1)
-                       for v in event.tolist()], dtype=bool)
+        if event.dtype.kind in "iuf":
+            ok = np.isin(event, [0, 1])
+        else:
+            ok = np.array([isinstance(v, (bool, int, float, np.number)) and not is_missing(v) and v in (0, 1)
+                           for v in event.tolist()], dtype=bool)
         if not ok.all():
             i = int(np.argmax(~ok))
             raise ValueError(f"'event' must be 0/1 or bool; row {i} has {shown(event[i])!r}.")

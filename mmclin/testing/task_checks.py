@@ -117,7 +117,8 @@ def check_state_dict_roundtrip(name: str) -> None:
 
 
 def check_metrics(name: str) -> None:
-    """metrics (with and without y_train) is a dict of floats holding the primary metric; score is a float."""
+    """metrics (with and without y_train) is a dict of floats holding the primary metric; score is a
+    float; metrics on ``check_targets(y)`` equal metrics on ``y``."""
     task, y = _fitted(name)
     outputs = np.random.default_rng(1).normal(size=(N_EXAMPLE, task.output_dim))
     task.calibrate(outputs, y)
@@ -131,6 +132,10 @@ def check_metrics(name: str) -> None:
         assert task.primary_metric in result, f"{name}: primary metric {task.primary_metric!r} not in {sorted(result)}"
         assert math.isfinite(result[task.primary_metric]), f"{name}: primary metric is {result[task.primary_metric]}"
     assert isinstance(task.score(y, outputs), float), f"{name}: score must return a float"
+    # callers pass targets they already checked: check_targets must be idempotent
+    checked = task.check_targets(y)
+    again = task.metrics(task.check_targets(checked), outputs, y_train=checked)
+    np.testing.assert_equal(again, task.metrics(y, outputs, y_train=y), err_msg=f"{name}: check_targets is not idempotent")
 
 
 TASK_CHECKS: list[Callable[[str], None]] = [

@@ -22,7 +22,7 @@ from mmclin.encoders.base import Featurizer
 from mmclin.registry import ENCODERS, FEATURIZERS, FUSIONS, TASKS, load_builtin_components
 from mmclin.tasks.base import Task
 from mmclin.training.data import TensorTable, batch_loader, featurize, fit_featurizers
-from mmclin.training.model import MultimodalNet
+from mmclin.training.model import EnsembleNet, MultimodalNet
 from mmclin.training.splits import validation_split
 
 FORMAT_VERSION = 1
@@ -35,7 +35,15 @@ def build_task(cfg: ComponentConfig) -> Task:
 
 
 def build_net(specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str, Any]], model: ModelConfig,
-              task: Task) -> MultimodalNet:
+              task: Task) -> MultimodalNet | EnsembleNet:
+    """The network for ``model`` (an ``EnsembleNet`` of fresh members when ``ensemble_size > 1``)."""
+    if model.ensemble_size > 1:
+        return EnsembleNet([build_member(specs, encoder_kwargs, model, task) for _ in range(model.ensemble_size)])
+    return build_member(specs, encoder_kwargs, model, task)
+
+
+def build_member(specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str, Any]], model: ModelConfig,
+                 task: Task) -> MultimodalNet:
     """Encoders from each spec (data-derived kwargs + user options), the fusion head, the task head."""
     load_builtin_components()
     encoders = {}
@@ -75,7 +83,7 @@ class FittedModel:
 
     specs: list[ModalitySpec]
     featurizers: dict[str, Featurizer]
-    net: MultimodalNet
+    net: MultimodalNet | EnsembleNet
     task: Task
     model_config: ModelConfig
     task_config: ComponentConfig
@@ -186,45 +194,66 @@ def fit_model(
     extra_callbacks: list | None = None,
 ) -> FittedModel:
     """Fit featurizers on ``frame`` (training rows only), carve a validation split from it for
-    early stopping, train with Lightning, restore the best epoch, calibrate the task."""
-    import lightning.pytorch as L
-
-    from mmclin.training.module import BestWeights, MultimodalModule
-
+    early stopping, train with Lightning (``ensemble_size`` times), restore the best epoch,
+    calibrate the task on the training outputs."""
     frame = to_polars(frame)
     specs = as_modality_specs(modalities)
     check_unique_ids(frame, id_column)
     task_obj = build_task(task)
     y = task_obj.check_targets(y)
-    n = frame.height
-    if len(y) != n if not isinstance(y, dict) else any(len(v) != n for v in y.values()):
-        raise ValueError(f"X has {n} rows but y has {len(y) if not isinstance(y, dict) else {k: len(v) for k, v in y.items()}}")
+    if task_obj.n_rows(y) != frame.height:
+        raise ValueError(f"X has {frame.height} rows but y has {task_obj.n_rows(y)}")
     if trainer.num_threads:
         torch.set_num_threads(trainer.num_threads)
-    L.seed_everything(trainer.seed, workers=True, verbose=False)
-
-    train_idx, val_idx = validation_split(y, task_obj.problem, trainer.val_fraction, trainer.seed)
-    train_frame = frame[train_idx]
-    featurizers = fit_featurizers(train_frame, specs)
-    y_train = _take(y, train_idx)
-    task_obj.fit_targets(y_train)
-    target = task_obj.encode(y)
-    table = featurize(frame, featurizers, target)
-    train_table = table.subset(train_idx)
+    # featurizers and target encoding see all training rows (validation carve-outs included), never test rows
+    featurizers = fit_featurizers(frame, specs)
+    task_obj.fit_targets(y)
+    table = featurize(frame, featurizers, task_obj.encode(y))
     encoder_kwargs = {m: f.encoder_kwargs() for m, f in featurizers.items()}
-    net = build_net(specs, encoder_kwargs, model, task_obj)
+    members, history, best_epochs = [], [], []
+    for k in range(model.ensemble_size):
+        sink = epoch_sink if k == 0 or epoch_sink is None else _prefixed(epoch_sink, f"member{k}_")
+        net, member_history, best_epoch = _train_member(
+            table, y, task_obj, specs, encoder_kwargs, model, trainer, trainer.seed + k, sink, extra_callbacks)
+        members.append(net)
+        history += [{"member": k, **h} for h in member_history] if model.ensemble_size > 1 else member_history
+        best_epochs.append(best_epoch)
+    net = members[0] if len(members) == 1 else EnsembleNet(members).eval()
+    fitted = FittedModel(specs, featurizers, net, task_obj, model, task, encoder_kwargs, history, best_epochs[0])
+    task_obj.calibrate(fitted.outputs_from_table(table), y)
+    return fitted
 
-    module = MultimodalModule(net, task_obj, trainer.learning_rate, trainer.weight_decay, model.modality_dropout, trainer.seed)
+
+def _prefixed(sink: Callable[[dict[str, float], int], None], prefix: str) -> Callable[[dict[str, float], int], None]:
+    return lambda metrics, epoch: sink({f"{prefix}{k}": v for k, v in metrics.items()}, epoch)
+
+
+def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str, Any]],
+                  model: ModelConfig, trainer: TrainerConfig, seed: int, epoch_sink: Callable | None,
+                  extra_callbacks: list | None) -> tuple[MultimodalNet, list[dict[str, float]], int]:
+    """One Lightning fit: validation carve-out (seeded), early stopping, best epoch restored."""
+    import lightning.pytorch as L
+
+    from mmclin.training.module import BestWeights, MultimodalModule
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    train_idx, val_idx = validation_split(y, task.problem, trainer.val_fraction, seed)
+    net = build_member(specs, encoder_kwargs, model, task)
+    module = MultimodalModule(net, task, trainer.learning_rate, trainer.weight_decay, model.modality_dropout, seed)
     module.epoch_sink = epoch_sink
     best = BestWeights()
     callbacks: list = [best, *(extra_callbacks or [])]
     val_loader = None
     if len(val_idx):
         val_table = table.subset(val_idx)
-        val_loader = batch_loader(val_table, max(len(val_table), 1) if len(val_table) <= 8192 else 4096, shuffle=False)
+        # one validation batch when it fits: the Cox loss of the whole validation set, not of slices
+        val_loader = batch_loader(val_table, len(val_table) if len(val_table) <= 8192 else 4096, shuffle=False)
         if trainer.patience:
             callbacks.append(L.callbacks.EarlyStopping("val_loss", patience=trainer.patience, mode="min"))
     accelerator, precision = resolve_accelerator(trainer)
+    # Lightning's INFO lines (device summary, advertising tips) are noise in a CLI table; we report the device ourselves
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    log.info("training on %s with precision %s", accelerator, precision)
     # drop_last avoids a lone 1-sample batch (Cox loss / batch statistics are undefined there)
     drop_last = len(train_idx) % trainer.batch_size == 1
     pl_trainer = L.Trainer(
@@ -237,11 +266,9 @@ def fit_model(
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
         warnings.filterwarnings("ignore", message=".*The number of training batches.*")
-        pl_trainer.fit(module, batch_loader(train_table, trainer.batch_size, True, trainer.seed, drop_last), val_loader)
-    net = module.net.cpu().eval()
-    fitted = FittedModel(specs, featurizers, net, task_obj, model, task, encoder_kwargs, module.history, best.best_epoch)
-    task_obj.calibrate(fitted.outputs_from_table(train_table), y_train)
-    return fitted
+        train_loader = batch_loader(table.subset(train_idx), trainer.batch_size, True, seed, drop_last)
+        pl_trainer.fit(module, train_loader, val_loader)
+    return module.net.cpu().eval(), module.history, best.best_epoch
 
 
 def _take(y: Any, idx: np.ndarray) -> Any:

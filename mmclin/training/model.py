@@ -1,6 +1,7 @@
 """The multimodal network: encoders + fusion head + task head, parts injected."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from mmclin.batch import FusionOutput, ModalityTokens
@@ -33,3 +34,24 @@ class MultimodalNet(nn.Module):
     def forward(self, inputs: dict[str, dict[str, Tensor]], present: dict[str, Tensor]) -> tuple[Tensor, FusionOutput]:
         fused = self.fusion(self.encode(inputs, present), present)
         return self.head(fused.pooled), fused
+
+
+class EnsembleNet(nn.Module):
+    """A deep ensemble: members trained with different seeds and validation carve-outs;
+    raw outputs (log-risk, logits) are averaged.
+
+    Shapes:
+        same as ``MultimodalNet``: outputs ``[B, task.output_dim]``.
+    """
+
+    def __init__(self, members: list[MultimodalNet]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, inputs: dict[str, dict[str, Tensor]], present: dict[str, Tensor]) -> tuple[Tensor, FusionOutput]:
+        outs = [m(inputs, present) for m in self.members]
+        outputs = torch.stack([o[0] for o in outs]).mean(0)
+        pooled = torch.stack([o[1].pooled for o in outs]).mean(0)
+        return outputs, FusionOutput(pooled=pooled)
