@@ -66,6 +66,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     c = exp.cohort
     print(f"cohort {c.name}: {c.frame.height} subjects; modalities "
           + ", ".join(f"{m.name} ({m.kind}, {len(m.columns)} columns)" for m in c.modalities))
+    from mmclin.training.core import resolve_accelerator
+
+    accelerator, precision = resolve_accelerator(exp.config.trainer)
+    print(f"training on {accelerator} ({precision}); {exp.config.model.ensemble_size} ensemble member(s)")
     res = exp.fit(args.output_dir)
     _print_table(f"{exp.config.name}: held-out test metrics ({res.predictions.height} subjects)",
                  [{"metric": k, "value": v} for k, v in res.metrics.items()])

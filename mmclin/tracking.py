@@ -96,10 +96,13 @@ def log_fitted_model(fitted: Any, model_dir: str | Path, input_example: Any = No
     """Log the saved model directory (safetensors + JSON) and an MLflow pyfunc model around it."""
     import mlflow
 
+    import warnings
+
     mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
     mlflow.pyfunc.log_model(
         name="pyfunc_model",
-        python_model=MmclinPyfunc(),
+        python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: nothing pickled
         artifacts={"model_dir": str(model_dir)},
         input_example=input_example,
     )
@@ -129,6 +132,6 @@ def quiet_mlflow() -> None:
     """MLflow's alembic migrations log at INFO on every new SQLite store; keep the CLI readable."""
     import logging
 
-    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.pyfunc", "mlflow.models.model"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

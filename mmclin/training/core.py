@@ -71,6 +71,8 @@ def resolve_accelerator(trainer: TrainerConfig) -> tuple[str, str]:
     """``(accelerator, precision)`` for Lightning: GPU + mixed precision when there is one."""
     accelerator = {"cuda": "gpu"}.get(trainer.device, trainer.device)
     on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    if accelerator == "auto":
+        accelerator = "gpu" if on_gpu else "cpu"
     precision = trainer.precision
     if precision == "auto":
         precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if on_gpu else "32-true"
@@ -266,6 +268,7 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
         warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # lightning 2.6 vs torch 2.13 deprecation noise
         train_loader = batch_loader(table.subset(train_idx), trainer.batch_size, True, seed, drop_last)
         pl_trainer.fit(module, train_loader, val_loader)
     return module.net.cpu().eval(), module.history, best.best_epoch
