@@ -268,7 +268,8 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
         warnings.filterwarnings("ignore", message=".*The number of training batches.*")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # lightning 2.6 vs torch 2.13 deprecation noise
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")  # val_fraction=0 is a choice  # lightning 2.6 vs torch 2.13 deprecation noise
         train_loader = batch_loader(table.subset(train_idx), trainer.batch_size, True, seed, drop_last)
         pl_trainer.fit(module, train_loader, val_loader)
     return module.net.cpu().eval(), module.history, best.best_epoch

@@ -6,12 +6,13 @@ per-sample ``__getitem__`` + collate), which keeps data loading off the profile.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import polars as pl
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmclin.batch import ModalityBatch
 from mmclin.cohort import ModalitySpec, check_columns
@@ -77,13 +78,34 @@ class _BatchIndexDataset(Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, idx: list[int]) -> ModalityBatch:
-        return self.table.batch(torch.as_tensor(idx, dtype=torch.long))
+    def __getitem__(self, idx: Tensor) -> ModalityBatch:
+        return self.table.batch(idx)
+
+
+class IndexBatches(Sampler):
+    """Yields index tensors of one batch each: a fresh seeded permutation per epoch when shuffling."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> None:
+        self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        for chunk in order.split(self.batch_size):
+            if self.drop_last and len(chunk) < self.batch_size:
+                break
+            yield chunk
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+
+def _identity(batch: ModalityBatch) -> ModalityBatch:
+    return batch
 
 
 def batch_loader(table: TensorTable, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> DataLoader:
     """A DataLoader whose items are whole ``ModalityBatch``es (one index per tensor per batch)."""
     ds = _BatchIndexDataset(table)
-    base = RandomSampler(ds, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(ds)
-    sampler = BatchSampler(base, batch_size=batch_size, drop_last=drop_last)
-    return DataLoader(ds, sampler=sampler, batch_size=None, collate_fn=lambda b: b)
+    sampler = IndexBatches(len(ds), batch_size, shuffle, seed, drop_last)
+    return DataLoader(ds, sampler=sampler, batch_size=None, collate_fn=_identity)
