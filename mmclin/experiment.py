@@ -46,6 +46,8 @@ def targets_from_frame(frame: pl.DataFrame, columns: list[str], problem: str) ->
         return np.rec.fromarrays([event, time.astype(float)], names=["event", "time"]).view(np.ndarray)
     if problem == "multilabel":
         return frame.select(columns).to_numpy()
+    if problem == "multitask":  # one column per sub-task, named like the sub-task
+        return {c: frame[c].to_numpy() for c in columns}
     return frame[columns[0]].to_numpy()
 
 
@@ -84,6 +86,7 @@ class CVResult:
     folds: pl.DataFrame  # one row per fold, one column per metric
     summary: pl.DataFrame  # metric, mean, std
     run_id: str | None
+    predictions: pl.DataFrame | None = None  # out-of-fold test predictions with their fold
 
 
 class Experiment:
@@ -184,6 +187,7 @@ class Experiment:
     def evaluate(self, cv: int | None = None) -> CVResult:
         """Cross-validated metrics with subject-level folds (``cv`` folds), or the hold-out split when ``cv`` is None."""
         from mmclin import tracking
+        from mmclin.predictions import prediction_columns
         from mmclin.training.splits import cv_splits, holdout_split
 
         cfg, c = self.config, self.cohort
@@ -195,14 +199,18 @@ class Experiment:
                 raise ValueError(f"--cv must be at least 2, got {cv}")
             splits = list(cv_splits(c.y, problem, cv, cfg.data.split_seed, self._groups()))
         tracking.quiet_mlflow()
-        rows = []
+        rows, oof = [], []
         with tracking.tracked_run(cfg.tracking, cfg.tracking.run_name or f"{cfg.name}-cv{cv or 1}", tags={"mmclin.verb": "evaluate"}) as run:
             if run is not None:
                 tracking.log_config(cfg)
             for k, (tr, te) in enumerate(splits):
                 with tracking.tracked_run(cfg.tracking, f"fold-{k}", nested=True) as fold_run:
                     fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if fold_run else None)
-                    metrics = fitted.task.metrics(_take(c.y, te), fitted.predict_outputs(c.frame[te]), y_train=_take(c.y, tr))
+                    outputs = fitted.predict_outputs(c.frame[te])
+                    metrics = fitted.task.metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
+                    preds = pl.DataFrame({k: np.asarray(v) for k, v in prediction_columns(fitted.task, outputs).items()})
+                    oof.append(preds.insert_column(0, pl.Series("fold", [k] * len(te))).insert_column(
+                        0, c.frame[c.id_column][te] if c.id_column else pl.Series("row", te)))
                     if fold_run is not None:
                         tracking.log_metrics(metrics, prefix="test_")
                 rows.append({"fold": k, "n_train": len(tr), "n_test": len(te), **metrics})
@@ -217,7 +225,8 @@ class Experiment:
                 tracking.log_metrics({f"cv_mean_{r['metric']}": r["mean"] for r in summary.to_dicts()})
                 tracking.log_metrics({f"cv_std_{r['metric']}": r["std"] for r in summary.to_dicts()})
                 tracking.log_frame(folds, "cv_folds.parquet")
-        return CVResult(folds, summary, run.info.run_id if run else None)
+                tracking.log_frame(pl.concat(oof), "cv_predictions.parquet")
+        return CVResult(folds, summary, run.info.run_id if run else None, pl.concat(oof))
 
 
 def _nan_stat(series: pl.Series, fn) -> float:

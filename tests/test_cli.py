@@ -98,3 +98,32 @@ tracking: {{enabled: false}}
 def test_cohorts_lists_builtins(capsys):
     assert main(["cohorts"]) == 0
     assert "gse7390" in capsys.readouterr().out
+
+
+def test_multitask_from_file_and_cv_predictions(tmp_path, monkeypatch):
+    """A binary + regression multitask config over a user's file; evaluate logs out-of-fold predictions."""
+    import mlflow
+    import numpy as np
+
+    from mmclin.datasets import make_synthetic_cohort
+    from mmclin.experiment import Experiment
+
+    monkeypatch.chdir(tmp_path)
+    c = make_synthetic_cohort(n_subjects=150, task="binary", seed=0)
+    rng = np.random.default_rng(0)
+    los = [None if u < 0.2 else float(v) for u, v in zip(rng.random(150), rng.gamma(2.0, 3.0, 150))]  # unknown stays: masked, not imputed
+    c.frame.with_columns(pl.Series("los", los, dtype=pl.Float64)).write_parquet(tmp_path / "cohort.parquet")
+    mods = [m.model_dump() for m in c.modalities]
+    raw = {"name": "mt", "data": {"path": str(tmp_path / "cohort.parquet"), "id_column": c.id_column,
+                                  "target": ["label", "los"], "modalities": mods},
+           "model": {"task": {"name": "multitask", "tasks": {"label": {"name": "binary"}, "los": {"name": "regression"}}}},
+           "trainer": {"max_epochs": 2, "progress_bar": False},
+           "tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment": "mt"}}
+    from mmclin.config import validate_config
+
+    res = Experiment(validate_config(raw)).evaluate(cv=2)
+    assert {"label/auroc", "los/mae"} <= set(res.summary["metric"].to_list())
+    assert res.predictions.height == 150
+    assert [c for c in res.predictions.columns if "/" in c] == ["label/proba_0", "label/proba_1", "label/prediction", "los/prediction"]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    assert "cv_predictions.parquet" in {a.path for a in client.list_artifacts(res.run_id)}
