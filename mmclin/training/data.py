@@ -68,6 +68,7 @@ def featurize(frame: pl.DataFrame, featurizers: dict[str, Featurizer], target: T
     inputs, present = {}, {}
     for name in sorted(featurizers):
         inputs[name], present[name] = featurizers[name].transform(frame)
+    ModalityBatch(inputs, present, target).validate()  # a featurizer bug surfaces here, named, not mid-training
     return TensorTable(inputs, present, target)
 
 
