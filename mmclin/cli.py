@@ -113,7 +113,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_cohorts(args: argparse.Namespace) -> int:
     from mmclin.datasets import list_cohorts
 
-    _print_table("built-in cohorts", list_cohorts().to_dicts())
+    cols = ["name", "task", "n_subjects", "n_events", "modalities"]  # sources and licences: docs/cohorts.md
+    _print_table("built-in cohorts", list_cohorts().select(cols).to_dicts())
     return 0
 
 

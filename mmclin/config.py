@@ -87,7 +87,6 @@ class ExperimentConfig(BaseModel):
     model: ModelConfig = ModelConfig()
     trainer: TrainerConfig = TrainerConfig()
     tracking: TrackingConfig = TrackingConfig()
-    tune: dict[str, Any] | None = None
     output_dir: str = "outputs"
 
     @field_validator("name")

@@ -1,7 +1,8 @@
 """sklearn-style estimators over the training core.
 
     >>> from mmclin import MultimodalSurvivalModel
-    >>> model = MultimodalSurvivalModel(modalities=[...], fusion="concat", fusion__d_model=32)  # doctest: +SKIP
+    >>> model = MultimodalSurvivalModel(modalities=[...], fusion="concat", fusion_options={"d_model": 32})  # doctest: +SKIP
+    >>> model.set_params(fusion__d_model=16)  # nested names, as GridSearchCV uses them  # doctest: +SKIP
 """
 from __future__ import annotations
 

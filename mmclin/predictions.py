@@ -43,6 +43,7 @@ def prediction_frame(fitted: Any, frame: Any, id_column: str | None = None) -> p
     outputs = fitted.predict_outputs(frame)
     cols = prediction_columns(fitted.task, outputs)
     out = pl.DataFrame({k: np.asarray(v) for k, v in cols.items()})
+    id_column = id_column or fitted.id_column
     if id_column and id_column in frame.columns:
         out = out.insert_column(0, frame[id_column])
     return out

@@ -108,26 +108,6 @@ def log_fitted_model(fitted: Any, model_dir: str | Path, input_example: Any = No
     )
 
 
-try:  # the pyfunc wrapper is only defined where mlflow is importable
-    import mlflow.pyfunc as _pyfunc
-
-    class MmclinPyfunc(_pyfunc.PythonModel):
-        """Predicts from a frame with the same columns as training; returns the prediction frame."""
-
-        def load_context(self, context: Any) -> None:
-            from mmclin.training.core import FittedModel
-
-            self.fitted = FittedModel.load(context.artifacts["model_dir"])
-
-        def predict(self, context, model_input, params=None):  # no type hints: MLflow infers schemas from them
-            from mmclin.predictions import prediction_frame
-
-            return prediction_frame(self.fitted, model_input).to_pandas()
-
-except ImportError:  # pragma: no cover
-    MmclinPyfunc = None  # type: ignore[assignment,misc]
-
-
 def quiet_mlflow() -> None:
     """MLflow's alembic migrations log at INFO on every new SQLite store; keep the CLI readable."""
     import logging

@@ -44,7 +44,7 @@ def test_fit_tracks_run_and_model_then_predict(tmp_path, monkeypatch, capsys):
     frame = load_cohort("gse7390").frame.head(5).to_pandas()
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/pyfunc_model")
     preds = pyfunc.predict(frame)
-    assert list(preds.columns) == ["risk"] and len(preds) == 5
+    assert list(preds.columns) == ["patient_id", "risk"] and len(preds) == 5
     # predict from the model directory and from the run
     model_dir = tmp_path / "out" / "gse7390_survival" / "model"
     assert main(["predict", str(model_dir), "--data", "gse7390", "--output", str(tmp_path / "p.csv")]) == 0

@@ -144,3 +144,21 @@ def test_overrides_parse_yaml_scalars():
     assert cfg.model.fusion.name == "late" and cfg.model.fusion.options == {"d_model": 16} and cfg.trainer.max_epochs == 3
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         apply_overrides({}, ["model.fusion.name"])
+
+
+def test_nan_rows_in_polars_count_as_absent():
+    frame = pl.DataFrame({"g1": [1.0, float("nan"), 2.0], "g2": [0.5, float("nan"), None]})
+    f = fit_featurizers(frame, [ModalitySpec(name="genes", kind="genomics", columns=["g1", "g2"])])["genes"]
+    inputs, present = f.transform(frame)
+    assert present.tolist() == [True, False, True]
+    assert inputs["missing"].tolist() == [[False, False], [True, True], [False, True]]
+
+
+def test_misspelt_encoder_options_modality_is_an_error():
+    from mmclin.config import ComponentConfig, ModelConfig
+    from mmclin.training.core import build_net, build_task
+
+    specs = [ModalitySpec(name="genes", kind="genomics", columns=["g1"])]
+    task = build_task(ComponentConfig(name="regression"))
+    with pytest.raises(ValueError, match="'genez' \\(did you mean 'genes'\\?\\)"):
+        build_net(specs, {"genes": {"n_genes": 1}}, ModelConfig(encoders={"genez": {"d_model": 8}}), task)

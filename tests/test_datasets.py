@@ -32,7 +32,9 @@ def test_gse7390_shape_and_modalities(gse7390: Cohort) -> None:
     assert all(gse7390.frame.schema[c] == pl.Float64 for c in genes.columns)
     # values are the source's, row for row
     np.testing.assert_allclose(gse7390.frame["X200726_at"].to_numpy(), x["X200726_at"].to_numpy())
-    assert gse7390.frame["grade"].to_list() == x["grade"].astype(str).tolist()
+    source_grade = [None if g == "unkown" else g for g in x["grade"].astype(str).tolist()]
+    assert gse7390.frame["grade"].to_list() == source_grade  # the source's "unkown" level is missing, and said so
+    assert source_grade.count(None) == 2 and "read as missing" in gse7390.description
     # y is sksurv's array exactly
     assert y.dtype.names == ("e.tdm", "t.tdm") and gse7390.y.dtype == y.dtype
     np.testing.assert_array_equal(gse7390.y, y)
@@ -58,7 +60,7 @@ def test_every_cohort_loads_consistently(name: str) -> None:
     event_field, time_field = c.y.dtype.names
     np.testing.assert_array_equal(c.frame["event"].to_numpy(), c.y[event_field])
     np.testing.assert_array_equal(c.frame["time"].to_numpy(), c.y[time_field])
-    assert (c.y[time_field] >= 0).all() and 0 < c.y[event_field].sum() < n  # flchain has 3 times of 0
+    assert (c.y[time_field] > 0).all() and 0 < c.y[event_field].sum() < n  # flchain's 3 times of 0 become 0.5
     # every frame column is the id, a target, or in exactly one modality
     cols = [col for m in c.modalities for col in m.columns]
     assert sorted(cols + [c.id_column, *c.target_columns]) == sorted(c.frame.columns)
@@ -243,3 +245,13 @@ def test_synthetic_bad_arguments() -> None:
         make_synthetic_cohort(modalities={"notes": ("notes", 3)})
     with pytest.raises(ValueError, match="\\[0, 1\\)"):
         make_synthetic_cohort(missing={"genes": 1.0})
+
+
+def test_every_builtin_cohort_trains() -> None:
+    """Every listed cohort's targets pass the survival task's checks (e.g. times > 0)."""
+    from mmclin.registry import TASKS, load_builtin_components
+
+    load_builtin_components()
+    for name in COHORTS.names():
+        c = load_cohort(name)
+        TASKS.create("cox").check_targets(c.y)

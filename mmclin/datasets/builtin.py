@@ -51,6 +51,8 @@ class _SksurvSource:
     licence: str = _SKSURV_LICENCE
     groups: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (("clinical", "tabular", None),)
     drop: dict[str, str] = field(default_factory=dict)  # column -> why it is not a feature
+    unknown_levels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # column -> levels that mean "not recorded"
+    zero_time: float | None = None  # follow-up of exactly 0 becomes this (survival times must be > 0)
     time_unit: str = "days"
 
 
@@ -69,6 +71,7 @@ _SOURCES: tuple[_SksurvSource, ...] = (
             "NCBI GEO GSE7390 (https://www.ncbi.nlm.nih.gov/geo/query/acc.cgi?acc=GSE7390); Desmedt C. et al., "
             "Clin Cancer Res 13(11):3207-14 (2007); via sksurv.datasets.load_breast_cancer"
         ),
+        unknown_levels={"grade": ("unkown",)},  # the source's (misspelt) "unknown" grade, 2 patients
         licence=(
             "GEO series GSE7390: NCBI places no restrictions on use or redistribution of GEO data, though "
             "submitters may hold rights (NCBI disclaimer); this copy is " + _SKSURV_LICENCE
@@ -110,6 +113,7 @@ _SOURCES: tuple[_SksurvSource, ...] = (
         outcome="all-cause death",
         source="Dispenzieri A. et al., Mayo Clin Proc 87:512-23 (2012); via sksurv.datasets.load_flchain",
         drop={"chapter": "ICD-9 chapter of the cause of death: non-null exactly for subjects who died (outcome leak)"},
+        zero_time=0.5,  # 3 subjects have futime 0 (death on the day of sampling)
     ),
     _SksurvSource(
         name="aids",
@@ -135,6 +139,17 @@ def _load_sksurv(src: _SksurvSource) -> Cohort:
     x = x.with_columns(pl.col(c).cast(pl.String) for c in categories)
     # sksurv marks missing numbers as NaN; mmclin's contract is that absence is null, never NaN.
     x = x.with_columns(pl.col(pl.Float32, pl.Float64).fill_nan(None))
+    notes = []
+    for col, levels in src.unknown_levels.items():
+        n_unknown = int(x[col].is_in(list(levels)).sum())
+        x = x.with_columns(pl.when(pl.col(col).is_in(list(levels))).then(None).otherwise(pl.col(col)).alias(col))
+        notes.append(f"{col} level(s) {list(levels)} ({n_unknown} subjects) are read as missing (null).")
+    if src.zero_time is not None:
+        zero = y[time_field] == 0
+        if zero.any():
+            y = y.copy()
+            y[time_field][zero] = src.zero_time
+            notes.append(f"{int(zero.sum())} follow-up time(s) of 0 are set to {src.zero_time} {src.time_unit} (times must be > 0).")
 
     claimed = {c for _, _, cols in src.groups if cols for c in cols}
     specs = []
@@ -163,7 +178,7 @@ def _load_sksurv(src: _SksurvSource) -> Cohort:
         task="survival",
         id_column="patient_id",
         target_columns=["event", "time"],
-        description=f"{src.description} {n} subjects, {n_events} events ({src.outcome}).",
+        description=" ".join([f"{src.description} {n} subjects, {n_events} events ({src.outcome}).", *notes]),
         source=src.source,
         licence=src.licence,
         extra={

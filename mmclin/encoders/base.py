@@ -44,8 +44,14 @@ class Featurizer:
         raise NotImplementedError
 
     def present_rows(self, frame: pl.DataFrame) -> Tensor:
-        """A modality is absent for a row when all of its columns are null."""
-        any_value = pl.any_horizontal([pl.col(c).is_not_null() for c in self.spec.columns])
+        """A modality is absent for a row when all of its columns are null (NaN counts as null)."""
+        schema = frame.schema
+
+        def observed(c: str) -> pl.Expr:
+            expr = pl.col(c).is_not_null()
+            return expr & pl.col(c).is_not_nan() if schema[c].is_float() else expr
+
+        any_value = pl.any_horizontal([observed(c) for c in self.spec.columns])
         return torch.from_numpy(frame.select(any_value.alias("p"))["p"].to_numpy().copy())
 
     def check_present_in_training(self, frame: pl.DataFrame, present: Tensor) -> None:

@@ -187,8 +187,8 @@ class _SurvivalTask(Task):
         raise NotImplementedError
 
     def metrics(self, y_true: Any, outputs: np.ndarray, y_train: Any = None) -> dict[str, float]:
-        """``c_index`` (Harrell), ``uno_c`` (IPCW, truncated at the end of the shorter of the
-        test and training follow-ups), ``integrated_brier`` and ``mean_auc`` (cumulative/dynamic)
+        """``c_index`` (Harrell), ``uno_c`` (IPCW, truncated at the 90th percentile of test times
+        inside both follow-ups), ``integrated_brier`` and ``mean_auc`` (cumulative/dynamic)
         on a grid of test-time percentiles inside both follow-ups.
 
         The IPCW metrics estimate the censoring distribution on ``y_train``; without it they
@@ -203,9 +203,11 @@ class _SurvivalTask(Task):
         if len(y) < 2 or not y["event"].any():
             return {**out, "uno_c": math.nan, "integrated_brier": math.nan, "mean_auc": math.nan}
         yc = _clip_to_reference(y, ref)
-        tau = float(min(y["time"].max(), ref["time"].max()))
-        out["uno_c"] = safe_metric(lambda: concordance_index_ipcw(ref, yc, risk, tau=tau)[0])
         grid = _time_grid(yc["time"], ref["time"])
+        # truncate Uno's C at the 90th percentile of test times (the grid's top): near the end of
+        # follow-up the censoring survival is tiny and one late event's IPCW weight dominates
+        tau = float(grid[-1]) if len(grid) else float(min(y["time"].max(), ref["time"].max()))
+        out["uno_c"] = safe_metric(lambda: concordance_index_ipcw(ref, yc, risk, tau=tau)[0])
         try:
             _, surv = self.survival_function(outputs, grid)
         except RuntimeError:  # e.g. cox before calibrate(): no survival curve yet

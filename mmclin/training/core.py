@@ -46,6 +46,13 @@ def build_member(specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str, 
                  task: Task) -> MultimodalNet:
     """Encoders from each spec (data-derived kwargs + user options), the fusion head, the task head."""
     load_builtin_components()
+    unknown = sorted(set(model.encoders) - {s.name for s in specs})
+    if unknown:
+        import difflib
+
+        names = [s.name for s in specs]
+        hints = [f"{u!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(u, names, 1)) else "") for u in unknown]
+        raise ValueError(f"model.encoders names modalities that do not exist: {', '.join(hints)}; modalities are {names}")
     encoders = {}
     for s in specs:
         cls = ENCODERS.get(s.encoder_name)
@@ -92,6 +99,7 @@ class FittedModel:
     encoder_kwargs: dict[str, dict[str, Any]]
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = -1
+    id_column: str | None = None  # copied into prediction frames when the frame has it
 
     def table(self, frame: Any) -> TensorTable:
         return featurize(to_polars(frame), self.featurizers, where="the frame given to predict")
@@ -132,6 +140,7 @@ class FittedModel:
                 "task": {"config": self.task_config.model_dump(mode="json"), "state": self.task.state_dict()},
                 "history": self.history,
                 "best_epoch": self.best_epoch,
+                "id_column": self.id_column,
             }
             (tmp / "mmclin.json").write_text(json.dumps(meta, indent=1, default=_json_default))
             _replace_dir(tmp, path)
@@ -162,7 +171,7 @@ class FittedModel:
         net.load_state_dict(load_file(str(path / "model.safetensors"), device=map_location))
         net.eval()
         return cls(specs, featurizers, net, task, model_config, task_config, meta["encoder_kwargs"],
-                   meta.get("history", []), meta.get("best_epoch", -1))
+                   meta.get("history", []), meta.get("best_epoch", -1), meta.get("id_column"))
 
 
 def _json_default(obj: Any) -> Any:
@@ -221,7 +230,7 @@ def fit_model(
         history += [{"member": k, **h} for h in member_history] if model.ensemble_size > 1 else member_history
         best_epochs.append(best_epoch)
     net = members[0] if len(members) == 1 else EnsembleNet(members).eval()
-    fitted = FittedModel(specs, featurizers, net, task_obj, model, task, encoder_kwargs, history, best_epochs[0])
+    fitted = FittedModel(specs, featurizers, net, task_obj, model, task, encoder_kwargs, history, best_epochs[0], id_column)
     task_obj.calibrate(fitted.outputs_from_table(table), y)
     return fitted
 
