@@ -218,4 +218,4 @@ class MultimodalRegressor(RegressorMixin, _MultimodalBase):
 def _isnull(arr: np.ndarray) -> np.ndarray:
     if arr.dtype.kind == "f":
         return np.isnan(arr)
-    return np.array([v is None for v in arr.ravel()]).reshape(arr.shape)
+    return np.array([v is None for v in arr.ravel()], dtype=bool).reshape(arr.shape)

@@ -49,6 +49,13 @@ class TabularFeaturizer(Featurizer):
         unknown = declared - set(spec.columns)
         if unknown:
             raise ValueError(f"modality {spec.name!r}: categorical columns {sorted(unknown)} are not among its columns")
+        for c in spec.columns:
+            dtype = frame.schema[c]
+            if not (is_numeric(dtype) or dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum)):
+                raise ValueError(
+                    f"modality {spec.name!r}, column {c!r}: tabular columns must be numeric, boolean or "
+                    f"categorical (string), got {dtype}; convert it first (e.g. a date to days since a reference)"
+                )
         self.categorical = [c for c in spec.columns if c in declared or not is_numeric(frame.schema[c])]
         self.numeric = [c for c in spec.columns if c not in self.categorical]
         present = self.present_rows(frame)
@@ -70,6 +77,9 @@ class TabularFeaturizer(Featurizer):
         return self
 
     def transform(self, frame: pl.DataFrame) -> tuple[dict[str, Tensor], Tensor]:
+        for c in self.numeric:
+            if not is_numeric(frame.schema[c]) and frame.schema[c] != pl.Null:
+                raise ValueError(f"modality {self.spec.name!r}, column {c!r}: expected a numeric column as in training, got {frame.schema[c]}")
         values, missing = numeric_matrix(frame, self.numeric, self.spec.name)
         values = (values - np.asarray(self.mean)) / np.asarray(self.std)
         values[missing] = 0.0  # masked: the encoder uses its learned missing token there

@@ -77,8 +77,11 @@ class _LabelTask(Task):
         self._require_fitted("classes_")
         arr = self.check_targets(y)
         assert self.classes_ is not None
-        idx = np.clip(np.searchsorted(self.classes_, arr), 0, len(self.classes_) - 1)
-        bad = self.classes_[idx] != arr
+        # a dict lookup, not searchsorted: labels of another type (e.g. str vs int) must not crash the comparison
+        lookup = {c.item() if hasattr(c, "item") else c: i for i, c in enumerate(self.classes_)}
+        found = [lookup.get(v.item() if hasattr(v, "item") else v, -1) for v in arr]
+        idx = np.asarray(found, dtype=np.int64)
+        bad = idx < 0
         if bad.any():
             i = int(np.argmax(bad))
             raise ValueError(

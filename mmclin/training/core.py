@@ -157,7 +157,10 @@ class FittedModel:
         meta_file = path / "mmclin.json"
         if not meta_file.exists():
             raise FileNotFoundError(f"{str(path)!r} is not an mmclin model directory (no mmclin.json)")
-        meta = json.loads(meta_file.read_text())
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{str(meta_file)!r} is not valid JSON ({err}); the model directory is damaged") from None
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{str(path)!r}: model format {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
         load_builtin_components()
@@ -168,7 +171,18 @@ class FittedModel:
         task = build_task(task_config)
         task.load_state_dict(meta["task"]["state"])
         net = build_net(specs, meta["encoder_kwargs"], model_config, task)
-        net.load_state_dict(load_file(str(path / "model.safetensors"), device=map_location))
+        weights = path / "model.safetensors"
+        try:  # safetensors only: weights are data, so a file in its place can never run code on load
+            state = load_file(str(weights), device=map_location)
+        except Exception as err:  # safetensors raises its own error types for foreign or damaged files
+            raise ValueError(
+                f"{str(weights)!r} is not a readable safetensors file ({type(err).__name__}: {err}); mmclin never "
+                "unpickles model files, so pickles or torch.save checkpoints are refused"
+            ) from None
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{str(weights)!r} does not match the network described in mmclin.json: {err}") from None
         net.eval()
         return cls(specs, featurizers, net, task, model_config, task_config, meta["encoder_kwargs"],
                    meta.get("history", []), meta.get("best_epoch", -1), meta.get("id_column"))
@@ -208,6 +222,8 @@ def fit_model(
     early stopping, train with Lightning (``ensemble_size`` times), restore the best epoch,
     calibrate the task on the training outputs."""
     frame = to_polars(frame)
+    if frame.height == 0:
+        raise ValueError("the training frame has no rows")
     specs = as_modality_specs(modalities)
     check_unique_ids(frame, id_column)
     task_obj = build_task(task)

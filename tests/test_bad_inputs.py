@@ -1,0 +1,108 @@
+"""A catalogue of bad inputs: each gives a clear error (type + message naming what and where),
+or is handled and said (unseen categories). Extended as encoders, adapters and verbs land."""
+import datetime
+import pickle
+
+import numpy as np
+import polars as pl
+import pytest
+
+from conftest import FAST
+from mmclin import ModalitySpec, MultimodalClassifier, MultimodalSurvivalModel
+from mmclin.training.core import FittedModel
+from mmclin.training.data import fit_featurizers
+
+T = ModalitySpec(name="clinical", kind="tabular", columns=["a", "b"])
+G = ModalitySpec(name="genes", kind="genomics", columns=["g1", "g2"])
+
+FEATURIZER_CASES = [
+    ("list in tabular", pl.DataFrame({"a": [[1, 2], [3]], "b": [1.0, 2.0]}), T,
+     "modality 'clinical', column 'a': tabular columns must be numeric, boolean or categorical"),
+    ("date in tabular", pl.DataFrame({"a": [datetime.date(2020, 1, 1)] * 2, "b": [1.0, 2.0]}), T,
+     "column 'a': .* got Date; convert it first"),
+    ("string genomics", pl.DataFrame({"g1": [1.0, 2.0], "g2": ["x", "y"]}), G,
+     "modality 'genes' \\(genomics\\): column 'g2' has dtype String, expected numeric"),
+    ("all-null modality", pl.DataFrame({"g1": [None, None], "g2": [None, None]}, schema={"g1": pl.Float64, "g2": pl.Float64}), G,
+     "modality 'genes': all of its columns .* are null in every training row"),
+    ("all-null column", pl.DataFrame({"a": [None, None], "b": [1.0, 2.0]}, schema={"a": pl.Float64, "b": pl.Float64}), T,
+     "modality 'clinical', column 'a': no values in the training rows"),
+    ("infinite value", pl.DataFrame({"a": [1.0, float("-inf")], "b": [1.0, 2.0]}), T,
+     "modality 'clinical', column 'a', row 1: value -inf is not finite"),
+    ("missing column", pl.DataFrame({"a": [1.0, 2.0], "bb": [1.0, 2.0]}), T,
+     "the training frame lacks columns: modality 'clinical' needs column 'b' \\(did you mean 'bb'\\?\\)"),
+    ("undeclared categorical", pl.DataFrame({"a": [1.0, 2.0], "b": [1.0, 2.0]}), ModalitySpec(name="clinical", kind="tabular", columns=["a", "b"], categorical=["c"]),
+     "modality 'clinical': categorical columns \\['c'\\] are not among its columns"),
+]
+
+
+@pytest.mark.parametrize("case,frame,spec,message", FEATURIZER_CASES, ids=[c[0] for c in FEATURIZER_CASES])
+def test_featurizer_bad_input(case, frame, spec, message):
+    with pytest.raises(ValueError, match=message):
+        fit_featurizers(frame, [spec])
+
+
+def test_constant_column_is_handled():
+    frame = pl.DataFrame({"a": [5.0, 5.0, 5.0], "b": [1.0, 2.0, 3.0]})
+    f = fit_featurizers(frame, [T])["clinical"]
+    assert np.isfinite(f.transform(frame)[0]["numeric"].numpy()).all()
+
+
+@pytest.fixture(scope="module")
+def fitted_clf():
+    from mmclin.datasets import make_synthetic_cohort
+
+    c = make_synthetic_cohort(100, task="multiclass", seed=0)
+    return c, MultimodalClassifier(modalities=c.modalities, **FAST).fit(c.frame, c.y)
+
+
+def test_label_absent_from_training_named_in_metrics(fitted_clf):
+    c, clf = fitted_clf
+    y = c.y.copy()
+    y[7] = 99
+    with pytest.raises(ValueError, match="target at row 7 is 99, which is not one of the classes learned from the training targets"):
+        clf.metrics(c.frame, y)
+
+
+def test_wrong_dtype_at_predict(fitted_clf):
+    c, clf = fitted_clf
+    with pytest.raises(ValueError, match="column 'clinical_0': expected a numeric column as in training, got String"):
+        clf.predict(c.frame.with_columns(pl.col("clinical_0").cast(pl.String)))
+
+
+def test_not_a_frame_and_empty_frame(fitted_clf):
+    c, clf = fitted_clf
+    with pytest.raises(TypeError, match="expected a polars or pandas DataFrame with one row per subject, got ndarray"):
+        clf.predict(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="the training frame has no rows"):
+        MultimodalClassifier(modalities=c.modalities, **FAST).fit(c.frame.head(0), c.y[:0])
+
+
+@pytest.mark.parametrize("row,value", [(3, -1.0), (5, np.nan)])
+def test_survival_time_errors(row, value, boring_survival):
+    y = boring_survival.y.copy()
+    y["time"][row] = value
+    with pytest.raises(ValueError, match=f"'time' must be finite and > 0; row {row} has {value}"):
+        MultimodalSurvivalModel(modalities=boring_survival.modalities, **FAST).fit(boring_survival.frame, y)
+
+
+def test_event_not_binary(boring_survival):
+    y = np.rec.fromarrays([np.where(np.arange(160) == 2, 2, 1), np.ones(160)], names=["event", "time"]).view(np.ndarray)
+    with pytest.raises(ValueError, match="'event' must be 0/1 or bool; row 2 has 2"):
+        MultimodalSurvivalModel(modalities=boring_survival.modalities, **FAST).fit(boring_survival.frame, y)
+
+
+def test_crafted_pickle_instead_of_model_is_refused(tmp_path, fitted_clf):
+    c, clf = fitted_clf
+    path = clf.save(tmp_path / "m")
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    (tmp_path / "m" / "model.safetensors").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ValueError, match="not a readable safetensors file .* never unpickles model files"):
+        FittedModel.load(path)
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "m" / "mmclin.json").write_text("{not json")
+    with pytest.raises(ValueError, match="mmclin.json' is not valid JSON"):
+        FittedModel.load(path)
