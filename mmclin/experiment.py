@@ -167,7 +167,7 @@ class Experiment:
         tracking.quiet_mlflow()
         with tracking.tracked_run(cfg.tracking, cfg.tracking.run_name or f"{cfg.name}-fit", tags={"mmclin.verb": "fit"}) as run:
             if run is not None:
-                tracking.log_config(cfg)
+                tracking.log_config(cfg, c.frame)
                 tracking.log_metrics({"n_train": len(tr), "n_test": len(te)})
             fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if run else None)
             test_frame = c.frame[te]
@@ -202,7 +202,7 @@ class Experiment:
         rows, oof = [], []
         with tracking.tracked_run(cfg.tracking, cfg.tracking.run_name or f"{cfg.name}-cv{cv or 1}", tags={"mmclin.verb": "evaluate"}) as run:
             if run is not None:
-                tracking.log_config(cfg)
+                tracking.log_config(cfg, c.frame)
             for k, (tr, te) in enumerate(splits):
                 with tracking.tracked_run(cfg.tracking, f"fold-{k}", nested=True) as fold_run:
                     fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if fold_run else None)

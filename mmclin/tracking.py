@@ -56,12 +56,44 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def log_config(cfg: ExperimentConfig) -> None:
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("mmclin", "torch", "lightning", "torch-geometric", "scikit-survival", "scikit-learn", "polars",
+                 "numpy", "optuna", "mlflow", "captum"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def frame_fingerprint(frame: Any) -> str:
+    """SHA-256 over the frame's schema and row hashes (polars' row hash, stable for one polars version)."""
+    import hashlib
+
+    h = hashlib.sha256(str(frame.schema).encode())
+    h.update(frame.hash_rows(seed=0).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def log_config(cfg: ExperimentConfig, frame: Any = None) -> None:
+    """Params, the resolved config, package versions and (given the frame) a hash of the input data."""
+    import json
+
     import mlflow
 
     params = flatten(cfg.model_dump(mode="json", exclude={"data": {"modalities"}}))
     mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
     mlflow.log_text(config_to_yaml(cfg), "config.yaml")
+    versions = package_versions()
+    mlflow.log_text(json.dumps(versions, indent=1), "versions.json")
+    tags = {f"version.{k}": v for k, v in versions.items()}
+    if frame is not None:
+        tags["data.sha256"] = frame_fingerprint(frame)
+        tags["data.rows"] = str(frame.height)
+    mlflow.set_tags(tags)
 
 
 def epoch_logger(prefix: str = ""):

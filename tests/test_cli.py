@@ -35,6 +35,7 @@ def test_fit_tracks_run_and_model_then_predict(tmp_path, monkeypatch, capsys):
     assert run.info.status == "FINISHED"
     assert {"test_c_index", "test_uno_c", "test_integrated_brier", "train_loss", "val_loss"} <= set(run.data.metrics)
     assert run.data.params["model.fusion.name"] == "concat"
+    assert run.data.tags["version.torch"].startswith("2.13") and len(run.data.tags["data.sha256"]) == 64
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 3  # per-epoch
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "model", "test_predictions.parquet"} <= artifacts

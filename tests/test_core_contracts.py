@@ -162,3 +162,11 @@ def test_misspelt_encoder_options_modality_is_an_error():
     task = build_task(ComponentConfig(name="regression"))
     with pytest.raises(ValueError, match="'genez' \\(did you mean 'genes'\\?\\)"):
         build_net(specs, {"genes": {"n_genes": 1}}, ModelConfig(encoders={"genez": {"d_model": 8}}), task)
+
+
+def test_frame_fingerprint_tracks_content():
+    from mmclin.tracking import frame_fingerprint
+
+    a = pl.DataFrame({"x": [1.0, 2.0], "y": ["a", "b"]})
+    assert frame_fingerprint(a) == frame_fingerprint(a.clone())
+    assert frame_fingerprint(a) != frame_fingerprint(a.with_columns(pl.lit(3.0).alias("x")))
