@@ -118,7 +118,17 @@ def cmd_cohorts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminate_cleanly(signum: int, frame: Any) -> None:
+    # SIGTERM (e.g. a scheduler's kill) unwinds like an exception, so MLflow runs end as FAILED, not RUNNING
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_cleanly)
     args = build_parser().parse_args(argv)
     handler = {"fit": cmd_fit, "evaluate": cmd_evaluate, "predict": cmd_predict, "cohorts": cmd_cohorts}[args.command]
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,8 +40,38 @@ def tracked_run(cfg: TrackingConfig, run_name: str | None = None, nested: bool =
     import mlflow
 
     experiment_id = _setup(cfg)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested, tags=tags) as run:
+    if not nested:
+        mark_dead_runs_killed(experiment_id)
+    owner = {"mmclin.host": socket.gethostname(), "mmclin.pid": str(os.getpid())}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested, tags={**owner, **(tags or {})}) as run:
         yield run
+
+
+def mark_dead_runs_killed(experiment_id: str) -> list[str]:
+    """Runs left RUNNING by a process of this host that no longer exists (e.g. SIGKILL) become KILLED."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    killed = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get("mmclin.host") != host or not tags.get("mmclin.pid", "").isdigit():
+            continue
+        if not _pid_alive(int(tags["mmclin.pid"])):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            killed.append(run.info.run_id)
+    return killed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
