@@ -181,7 +181,8 @@ class Experiment:
                 tracking.log_metrics({"best_epoch": fitted.best_epoch})
                 tracking.log_frame(preds, "test_predictions.parquet")
                 if cfg.tracking.log_model:
-                    tracking.log_fitted_model(fitted, model_dir, input_example=test_frame.head(3).to_pandas())
+                    # no input example: MLflow would store raw patient rows with the model
+                    tracking.log_fitted_model(fitted, model_dir)
         return FitResult(metrics, preds, model_dir, run.info.run_id if run else None, fitted, fitted.history)
 
     def evaluate(self, cv: int | None = None) -> CVResult:

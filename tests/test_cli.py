@@ -39,6 +39,10 @@ def test_fit_tracks_run_and_model_then_predict(tmp_path, monkeypatch, capsys):
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 3  # per-epoch
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "model", "test_predictions.parquet"} <= artifacts
+    # patient data stays out of artifacts: predictions carry ids and outputs only, no input example
+    assert not [a for a in client.list_artifacts(run.info.run_id, "pyfunc_model") if "input_example" in a.path]
+    preds_file = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="test_predictions.parquet", tracking_uri=uri)
+    assert pl.read_parquet(preds_file).columns == ["patient_id", "risk"]
     # the pyfunc model predicts from a frame
     from mmclin.datasets import load_cohort
 
