@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="cross-validated (--cv K) or hold-out metrics")
     _config_args(p)
     p.add_argument("--cv", type=int, default=None, help="number of subject-level folds")
+    p.add_argument("--missing-report", action="store_true",
+                   help="also score every modality subset and MCAR/MAR/MNAR missingness shifts on the test subjects")
+    p.add_argument("--max-subsets", type=int, default=64, metavar="N",
+                   help="missing report: evaluate at most N modality subsets (all 2^M-1 when they fit)")
 
     p = sub.add_parser("predict", help="predict with a trained model and write a parquet/CSV file")
     p.add_argument("model", help="model directory (from fit) or MLflow runs:/<run_id>")
@@ -35,6 +39,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ models")
 
     sub.add_parser("cohorts", help="list the built-in cohorts")
+
+    p = sub.add_parser("tune", help="run, resume or join an Optuna study over the config's tune.space")
+    _config_args(p)
+    p.add_argument("--trials", type=int, default=None, metavar="N",
+                   help="trials the study should hold in total, complete + pruned (default: tune.n_trials); "
+                        "a resumed or shared study only runs what is missing")
+    p.add_argument("--storage", help="Optuna storage: sqlite:///optuna.db (default, beside the MLflow store), "
+                                     "journal:///optuna.journal, postgresql://user:pw@host/db")
+    p.add_argument("--study", help="study name (default: tune.study or the config's name); workers with the same "
+                                   "storage and name share one study")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="this worker starts no trial after SECONDS")
+    p.add_argument("--no-refit", action="store_true", help="skip the final refit of the best values and the test score")
+    p.add_argument("--output-dir", help="where the refit model, test predictions and study plots go")
+
+    p = sub.add_parser("studies", help="list the Optuna studies of a storage with their best results")
+    p.add_argument("--storage", default="sqlite:///optuna.db",
+                   help="Optuna storage URL (default: sqlite:///optuna.db, where `mmclin tune` puts studies by default)")
+
+    p = sub.add_parser("pretrain", help="contrastive (Symile/CLIP) pretraining of the encoders on unlabeled rows")
+    _config_args(p)
+    p.add_argument("--output", help="pretrained-encoder directory (default: the config's pretrain.output)")
+    from mmclin.explain.command import add_explain_parser  # light: no torch until the verb runs
+
+    add_explain_parser(sub)
     return parser
 
 
@@ -61,7 +89,25 @@ def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
     Console().print(table)
 
 
+def _ddp_follower(args: argparse.Namespace) -> bool:
+    """Ranks > 0 of a DDP launch (torchrun, srun, Lightning's own launcher) run the same
+    command in lockstep with rank 0 but track, write and print nothing; True when that was done."""
+    from mmclin.training.distributed import env_global_rank
+
+    if env_global_rank() == 0:
+        return False
+    import tempfile
+
+    args.no_tracking = True
+    exp = _experiment(args)
+    with tempfile.TemporaryDirectory(prefix="mmclin-rank-") as tmp:
+        exp.fit(tmp) if args.command == "fit" else exp.evaluate(args.cv)
+    return True
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
+    if _ddp_follower(args):
+        return 0
     exp = _experiment(args)
     c = exp.cohort
     print(f"cohort {c.name}: {c.frame.height} subjects; modalities "
@@ -80,13 +126,32 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if _ddp_follower(args):
+        return 0
     exp = _experiment(args)
-    res = exp.evaluate(args.cv)
+    report = {"max_subsets": args.max_subsets} if getattr(args, "missing_report", False) else False
+    res = exp.evaluate(args.cv, missing_report=report)
     _print_table(f"{exp.config.name}: per-fold test metrics", res.folds.to_dicts())
     _print_table(f"{exp.config.name}: mean over {res.folds.height} fold(s)", res.summary.to_dicts())
+    if res.missing_report is not None:
+        _print_missing_report(exp.config.name, res.missing_report)
     if res.run_id:
         print(f"MLflow run {res.run_id} in {exp.config.tracking.uri}")
     return 0
+
+
+def _print_missing_report(name: str, report: Any) -> None:
+    import polars as pl
+
+    s, metric = report.summary(), report.primary_metric
+    # counts are means over folds: shown as plain numbers; a spread of one value is undefined (nan)
+    tidy = [pl.col("n_subjects", "n_hidden").map_elements(lambda v: f"{v:g}", return_dtype=pl.String),
+            pl.col(f"{metric}_std").fill_null(float("nan"))]
+    sub = s["subsets"].with_columns(pl.lit(0.0).alias("n_hidden")).with_columns(tidy)
+    _print_table(f"{name}: {metric} per modality subset (others hidden)",
+                 sub.select("subset", "n_subjects", metric, f"{metric}_std").to_dicts())
+    _print_table(f"{name}: {metric} under missingness shifts",
+                 s["shift"].with_columns(tidy).select("mechanism", "hidden", "n_hidden", metric, f"{metric}_std").to_dicts())
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -110,6 +175,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from mmclin.pretrain import pretrain_from_config
+
+    exp = _experiment(args)
+    p = exp.config.pretrain
+    print(f"pretraining {', '.join(m.name for m in exp.cohort.modalities)} with {p.objective} "
+          f"(negative sampling {p.negative_sampling}), {p.max_epochs} epochs")
+    res = pretrain_from_config(exp.config, args.output)
+    if res.retrieval:
+        _print_table("zero-shot retrieval of each modality from the others (held-out rows)",
+                     [{"name": m, **v} for m, v in res.retrieval.items()])
+    print(f"pretrained encoders: {res.path} (fine-tune with --set model.pretrained={res.path})")
+    if res.run_id:
+        print(f"MLflow run {res.run_id} in {exp.config.tracking.uri}")
+    return 0
+
+
 def cmd_cohorts(args: argparse.Namespace) -> int:
     from mmclin.datasets import list_cohorts
 
@@ -123,6 +205,63 @@ def _terminate_cleanly(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from mmclin.explain.command import cmd_explain as run
+
+    return run(args, _print_table)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from mmclin.tuning import StudyError, run_study
+
+    cfg = _experiment(args).config
+    try:
+        res = run_study(cfg, n_trials=args.trials, storage=args.storage, study_name=args.study, timeout=args.timeout,
+                        refit=not args.no_refit, output_dir=args.output_dir)
+    except StudyError as err:
+        print(f"mmclin tune: error: {err}", file=sys.stderr)
+        return 1
+    m = res.metric
+    print(f"study {res.study_name!r}: {res.n_complete} complete, {res.n_pruned} pruned, {res.n_failed} failed trials; "
+          f"this worker ran {len(res.timings)} in {res.seconds:.0f} s")
+    if res.best_params:
+        _print_table(f"best values (trial {res.best_trial})", [{"name": k, "value": v} for k, v in res.best_params.items()])
+    rows = []
+    if res.baseline_value is not None:
+        rows.append({"name": "config's own values (baseline trial), CV", m: res.baseline_value})
+    if res.best_value is not None:
+        rows.append({"name": f"best values (trial {res.best_trial}), CV", m: res.best_value})
+    if res.test_metrics is not None:
+        rows.append({"name": "best values refit on all training subjects, test", m: res.test_metrics.get(m)})
+    if rows:
+        _print_table(f"{res.study_name}: {m}", rows)
+    if res.test_metrics is not None:
+        _print_table("refit: test metrics", [{"metric": k, "value": v} for k, v in res.test_metrics.items()])
+        print(f"model: {res.model_dir}")
+    elif res.best_value is not None:
+        print("no refit by this worker (other workers still run trials, it was done already, or --no-refit)")
+    if res.parent_run_id:
+        print(f"MLflow run {res.parent_run_id} in {cfg.tracking.uri}; study {res.study_name!r} in {res.storage}")
+    return 0
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from mmclin.tuning import list_studies, redact
+
+    frame = list_studies(args.storage)
+    if frame.height == 0:
+        print(f"no studies in {redact(args.storage)}")
+        return 0
+    rows = [{"name": r["study"], "metric": f"{r['metric']} ({r['direction'][:3]})",
+             "complete/pruned/failed/open": f"{r['complete']}/{r['pruned']}/{r['failed']}/{r['running']}",
+             "best CV": "-" if r["best_value"] is None else f"{r['best_value']:.4f} (#{r['best_trial']})",
+             "baseline CV": r["baseline_value"] if r["baseline_value"] is not None else "-",
+             "test": r["test_value"] if r["test_value"] is not None else "-", "started": r["started"]}
+            for r in frame.to_dicts()]
+    _print_table(f"studies in {redact(args.storage)}", rows)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
@@ -130,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate_cleanly)
     args = build_parser().parse_args(argv)
-    handler = {"fit": cmd_fit, "evaluate": cmd_evaluate, "predict": cmd_predict, "cohorts": cmd_cohorts}[args.command]
+    handler = {"fit": cmd_fit, "evaluate": cmd_evaluate, "predict": cmd_predict, "cohorts": cmd_cohorts,
+               "pretrain": cmd_pretrain, "explain": cmd_explain, "tune": cmd_tune, "studies": cmd_studies}[args.command]
     try:
         return handler(args)
     except (ValueError, KeyError, FileNotFoundError) as err:

@@ -52,6 +52,7 @@ class ModelConfig(BaseModel):
     encoders: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-modality encoder options
     modality_dropout: float = Field(0.0, ge=0, lt=1)
     ensemble_size: int = Field(1, ge=1)  # >1: a deep ensemble (seeds and validation carve-outs differ)
+    pretrained: str | None = None  # a `mmclin pretrain` directory: encoders + featurizers start from it
 
 
 class TrainerConfig(BaseModel):
@@ -64,11 +65,26 @@ class TrainerConfig(BaseModel):
     patience: int | None = Field(10, ge=1)  # early stopping on validation loss; None disables
     device: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: int | str = "auto"
+    num_nodes: int = Field(1, ge=1)  # machines for DDP (torchrun / SLURM launch; docs/studies.md)
     strategy: str = "auto"  # e.g. "ddp" for several GPUs
     precision: str = "auto"  # "auto": bf16/16-mixed on GPU, 32 on CPU
     num_threads: int | None = Field(1, ge=1)  # torch CPU threads; 1 is as fast on 2 cores and robust
     seed: int = 0
     progress_bar: bool = True
+
+
+class PretrainConfig(BaseModel):
+    """`mmclin pretrain`: contrastive pretraining of the encoders (mmclin.pretrain)."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = None  # unlabeled one-row-per-subject parquet/CSV; default: the training rows of the hold-out split
+    objective: Literal["symile", "clip"] = "symile"
+    negative_sampling: Literal["n", "n_squared"] = "n"
+    dim: int = Field(32, ge=1)  # shared representation width
+    max_epochs: int = Field(50, ge=1)
+    batch_size: int = Field(256, ge=2)
+    learning_rate: float = Field(1e-3, gt=0)
+    output: str | None = None  # default: output_dir/name/pretrained
 
 
 class TrackingConfig(BaseModel):
@@ -80,6 +96,90 @@ class TrackingConfig(BaseModel):
     log_model: bool = True
 
 
+class SearchParam(BaseModel):
+    """One dimension of a ``tune.space``: ``categorical`` (``choices``), ``int`` or ``float``
+    (``low``, ``high``, optional ``step`` or ``log``). ``when: {key: value or [values]}`` makes it
+    conditional: it is sampled only when those keys (fixed in the config or sampled earlier in
+    the space) have those values; otherwise the key is removed from the trial's config."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["categorical", "int", "float"]
+    choices: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    when: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SearchParam":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None or self.step is not None or self.log:
+                raise ValueError("a categorical parameter takes 'choices' only, not low/high/step/log")
+            bad = [c for c in self.choices if c is not None and not isinstance(c, (bool, int, float, str))]
+            if bad:
+                raise ValueError(f"choices must be scalars (null, bool, number, string), got {bad[0]!r}")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"an {self.type} parameter takes low/high, not 'choices' (or use type: categorical)")
+        if self.low is None or self.high is None:
+            raise ValueError(f"an {self.type} parameter needs 'low' and 'high'")
+        if self.low > self.high:
+            raise ValueError(f"'low' ({self.low}) must not exceed 'high' ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scale parameter needs low > 0, got {self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("'step' and 'log: true' cannot be combined")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"'step' must be > 0, got {self.step}")
+        if self.type == "int":
+            odd = [v for v in (self.low, self.high, self.step) if v is not None and float(v) != int(v)]
+            if odd:
+                raise ValueError(f"an int parameter needs whole-number low/high/step, got {odd[0]}")
+        return self
+
+
+class TuneConfig(BaseModel):
+    """``mmclin tune``: an Optuna study over config keys (mmclin.tuning, docs/studies.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    space: dict[str, SearchParam]  # dotted config key -> parameter, sampled in this order
+    n_trials: int = Field(20, ge=1)  # trials the study should hold (complete + pruned); --trials overrides
+    metric: str | None = None  # default: the task's primary metric
+    direction: Literal["maximize", "minimize"] | None = None  # default: from the task for its primary metric
+    cv: int | None = Field(3, ge=2)  # subject-level folds over the training subjects; null: one hold-out
+    holdout: float = Field(0.2, gt=0, lt=1)  # validation fraction of the training subjects when cv is null
+    sampler: ComponentConfig = ComponentConfig(name="tpe")  # tpe | random | gp | qmc, + Optuna options
+    pruner: ComponentConfig = ComponentConfig(name="median")  # median | percentile | none, + Optuna options
+    enqueue_config: bool = True  # the first trial evaluates the config's own values (the baseline)
+    storage: str | None = None  # default: sqlite optuna.db beside the MLflow store; journal:///f.log; postgresql://
+    study: str | None = None  # default: the config's name
+    timeout: float | None = Field(None, gt=0)  # seconds per worker, then no new trials
+    heartbeat_interval: float = Field(30.0, gt=0)  # a running trial's heartbeat period (seconds)
+    stale_after: float = Field(300.0, gt=0)  # a trial of another host without heartbeat this long is failed and retried
+    max_consecutive_failures: int = Field(5, ge=1)  # then the study stops with the last error
+
+    @field_validator("space")
+    @classmethod
+    def _keys(cls, space: dict[str, SearchParam]) -> dict[str, SearchParam]:
+        if not space:
+            raise ValueError("the search space is empty; add keys such as 'trainer.learning_rate'")
+        order = list(space)
+        for i, (key, param) in enumerate(space.items()):
+            if key.split(".")[0] not in ("model", "trainer") or key.count(".") < 1:
+                raise ValueError(
+                    f"{key!r}: only model.* and trainer.* keys can be tuned (data.* would change the "
+                    "test subjects; tracking.* and tune.* are not hyperparameters)")
+            for ref in param.when or {}:
+                if ref == key:
+                    raise ValueError(f"{key!r}: 'when' cannot refer to the key itself")
+                if ref in space and order.index(ref) > i:
+                    raise ValueError(f"{key!r}: 'when' refers to {ref!r}, which comes later in the space; declare {ref!r} first")
+        return space
+
+
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "experiment"
@@ -87,6 +187,8 @@ class ExperimentConfig(BaseModel):
     model: ModelConfig = ModelConfig()
     trainer: TrainerConfig = TrainerConfig()
     tracking: TrackingConfig = TrackingConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    tune: TuneConfig | None = None  # `mmclin tune`: search space and study settings
     output_dir: str = "outputs"
 
     @field_validator("name")

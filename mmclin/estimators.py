@@ -44,6 +44,7 @@ class _MultimodalBase(BaseEstimator):
         id_column: str | None = None,
         random_state: int | None = None,
         verbose: bool = False,
+        pretrained: str | None = None,
     ) -> None:
         self.modalities = modalities
         self.fusion = fusion
@@ -64,6 +65,7 @@ class _MultimodalBase(BaseEstimator):
         self.id_column = id_column
         self.random_state = random_state
         self.verbose = verbose
+        self.pretrained = pretrained  # a `mmclin pretrain` directory the encoders start from
 
     # --- nested parameters -------------------------------------------------------------
     def get_params(self, deep: bool = True) -> dict[str, Any]:
@@ -113,6 +115,7 @@ class _MultimodalBase(BaseEstimator):
             encoders=self.encoder_options or {},
             modality_dropout=self.modality_dropout,
             ensemble_size=self.ensemble_size,
+            pretrained=None if self.pretrained is None else str(self.pretrained),
         )
         trainer = TrainerConfig(
             max_epochs=self.max_epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
@@ -145,6 +148,30 @@ class _MultimodalBase(BaseEstimator):
     def metrics(self, X: Any, y: Any, y_train: Any = None) -> dict[str, float]:
         """All the task's metrics (e.g. Harrell's and Uno's C, integrated Brier score)."""
         return self.task_.metrics(self.task_.check_targets(y), self._outputs(X), y_train=y_train)
+
+    def predict_per_step(self, X: Any) -> Any:
+        """Predictions after every step of a sequential fusion head (``sequential_modular``):
+        a polars frame with one row per subject and step (see ``FittedModel.predict_per_step``)."""
+        check_is_fitted(self, "model_")
+        return self.model_.predict_per_step(X)
+
+    def missing_report(self, X: Any, y: Any, y_train: Any = None, **options: Any) -> Any:
+        """Metrics on ``X, y`` under every modality subset and MCAR/MAR/MNAR missingness shifts:
+        a :class:`mmclin.robustness.MissingReport` (``options``: see ``mmclin.robustness.missing_report``)."""
+        from mmclin.robustness import missing_report
+
+        check_is_fitted(self, "model_")
+        return missing_report(self.model_, X, y, y_train=y_train, **options)
+
+    def explain(self, X: Any, **options: Any) -> Any:
+        """Which modality and which feature drove each prediction: an :class:`mmclin.explain.Explanation`
+        (modality Shapley values, Integrated Gradients; ``options``: see :func:`mmclin.explain.explain`,
+        e.g. ``horizon=1825`` for survival at a time, ``levels=("modality",)``)."""
+        from mmclin.explain import explain
+
+        check_is_fitted(self, "model_")
+        options.setdefault("num_threads", self.num_threads)
+        return explain(self.model_, X, **options)
 
     def save(self, path: str) -> str:
         check_is_fitted(self, "model_")

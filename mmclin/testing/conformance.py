@@ -119,6 +119,14 @@ def check_fusion_gradients(name: str) -> None:
     out = head(tokens, present)
     loss = out.pooled.pow(2).mean() + (out.aux_loss if out.aux_loss is not None else 0.0)
     loss.backward()
+    # parameters that stand in for an absent modality (learned missing representations,
+    # completions) can only learn from samples lacking one: a second batch where sample i
+    # lacks modality i % (M + 1) - 1 (sample 0 has all) adds its gradients to the same .grad
+    names = sorted(present)
+    tokens2, _ = example_tokens(8, seed=1)
+    present2 = {m: torch.tensor([i % (len(names) + 1) != j + 1 for i in range(8)]) for j, m in enumerate(names)}
+    out2 = head(_mask_absent(tokens2, present2), present2)
+    (out2.pooled.pow(2).mean() + (out2.aux_loss if out2.aux_loss is not None else 0.0)).backward()
     dead = [n for n, p in head.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not dead, f"{name}: no gradient reaches parameters {dead}"
 

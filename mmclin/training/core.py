@@ -62,6 +62,11 @@ def build_member(specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str, 
                              f"{cls.kind!r}; encoders for {s.kind!r}: {same_kind}")
         options = {**s.options, **model.encoders.get(s.name, {})}
         options.pop("groups", None)  # consumed by the featurizer
+        for key in getattr(FEATURIZERS.get(s.kind), "option_names", ()) if s.kind in FEATURIZERS else ():
+            if key in model.encoders.get(s.name, {}):  # the featurizer reads only the spec's options
+                raise ValueError(f"modality {s.name!r}: {key!r} is a featurizer option; set it in the modality's "
+                                 f"options (ModalitySpec(..., options={{{key!r}: ...}})), not in model.encoders")
+            options.pop(key, None)  # featurizer options (e.g. max_events), not the encoder's
         try:
             encoders[s.name] = cls(**encoder_kwargs[s.name], **options)
         except TypeError as err:
@@ -120,6 +125,13 @@ class FittedModel:
         if not outs:
             return np.zeros((0, self.task.output_dim))
         return torch.cat(outs).numpy().astype(np.float64)
+
+    def predict_per_step(self, frame: Any, id_column: str | None = None) -> pl.DataFrame:
+        """One row per subject and step of a sequential fusion head, with the task's prediction
+        columns decoded from the state after that step (:func:`mmclin.per_step.per_step_predictions`)."""
+        from mmclin.per_step import per_step_predictions
+
+        return per_step_predictions(self, frame, id_column)
 
     # --- persistence: safetensors + JSON, no pickled code --------------------------------
     def save(self, path: str | Path) -> Path:
@@ -233,7 +245,12 @@ def fit_model(
     if trainer.num_threads:
         torch.set_num_threads(trainer.num_threads)
     # featurizers and target encoding see all training rows (validation carve-outs included), never test rows
-    featurizers = fit_featurizers(frame, specs)
+    if model.pretrained:  # featurizers of `mmclin pretrain`, so the pretrained encoders see the inputs they learned on
+        from mmclin.pretrain import apply_pretrained
+
+        featurizers = apply_pretrained(model.pretrained, specs, model.encoders, frame)
+    else:
+        featurizers = fit_featurizers(frame, specs)
     task_obj.fit_targets(y)
     table = featurize(frame, featurizers, task_obj.encode(y))
     encoder_kwargs = {m: f.encoder_kwargs() for m, f in featurizers.items()}
@@ -266,6 +283,10 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
     L.seed_everything(seed, workers=True, verbose=False)
     train_idx, val_idx = validation_split(y, task.problem, trainer.val_fraction, seed)
     net = build_member(specs, encoder_kwargs, model, task)
+    if model.pretrained:  # fine-tuning starts from the contrastively pretrained encoders
+        from mmclin.pretrain import load_encoder_weights
+
+        load_encoder_weights(net, model.pretrained)
     module = MultimodalModule(net, task, trainer.learning_rate, trainer.weight_decay, model.modality_dropout, seed)
     module.epoch_sink = epoch_sink
     best = BestWeights()
@@ -285,6 +306,10 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
     drop_last = len(train_idx) % trainer.batch_size == 1
     pl_trainer = L.Trainer(
         accelerator=accelerator, devices=trainer.devices, strategy=trainer.strategy, precision=precision,
+        num_nodes=trainer.num_nodes,
+        # the training loader shards itself across DDP ranks (mmclin.training.distributed); Lightning's
+        # replacement would deal out whole batches and repeat them; validation stays whole on every rank
+        use_distributed_sampler=False,
         max_epochs=trainer.max_epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
         enable_progress_bar=trainer.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
         deterministic=accelerator != "gpu", limit_val_batches=1.0 if val_loader is not None else 0,
@@ -295,7 +320,7 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
         warnings.filterwarnings("ignore", message=".*The number of training batches.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")  # val_fraction=0 is a choice  # lightning 2.6 vs torch 2.13 deprecation noise
-        train_loader = batch_loader(table.subset(train_idx), trainer.batch_size, True, seed, drop_last)
+        train_loader = batch_loader(table.subset(train_idx), trainer.batch_size, True, seed, drop_last, shard=True)
         pl_trainer.fit(module, train_loader, val_loader)
     return module.net.cpu().eval(), module.history, best.best_epoch
 

@@ -37,6 +37,12 @@ class MultimodalModule(pl_.LightningModule):
         loss = self.task.loss(outputs.float(), batch.target)
         if fused.aux_loss is not None:
             loss = loss + fused.aux_loss
+        # sequential heads (sequential_modular, ...) also train the decoders on intermediate states
+        step_loss = getattr(self.net.fusion, "step_loss", None)
+        if step_loss is not None and fused.per_step is not None:
+            extra = step_loss(fused, present, self.net.head, self.task, batch.target)
+            if extra is not None:
+                loss = loss + extra
         return loss
 
     def training_step(self, batch: ModalityBatch, batch_idx: int) -> Tensor:
@@ -53,6 +59,8 @@ class MultimodalModule(pl_.LightningModule):
         entry: dict[str, float] = {"epoch": self.current_epoch}
         if self._train_batches:
             mean = self._train_loss_sum / self._train_batches
+            if self.trainer.world_size > 1:  # DDP: each rank saw its own shard; history keeps the mean over ranks
+                mean = self.trainer.strategy.reduce(mean, reduce_op="mean")
             self.log("train_loss", mean, prog_bar=True, sync_dist=True)
             entry["train_loss"] = float(mean)
         self._train_loss_sum, self._train_batches = None, 0

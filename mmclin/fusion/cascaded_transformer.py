@@ -1,0 +1,136 @@
+"""Cascaded multimodal mixing transformer: cross-attention stages, one modality after another.
+
+After Liu et al., "Cascaded Multi-Modal Mixing Transformers for Alzheimer's Disease
+Classification with Incomplete Data" (3MAT, NeuroImage 2023): the modalities are mixed into
+one running representation in a fixed cascade, each stage attending from the running
+representation to the next modality's tokens. Absent modalities are skipped per sample.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mmclin.batch import FusionOutput, ModalityTokens
+from mmclin.fusion.base import FusionHead
+from mmclin.fusion.steps import INITIAL_STEP, check_order, check_step_names, per_step_loss
+from mmclin.registry import FUSIONS
+
+
+class MixingStage(nn.Module):
+    """One cascade stage (pre-norm, residual): the running tokens attend over themselves and
+    the next modality's tokens in one softmax (cross-attention and mixing together), then a
+    feed-forward layer.
+
+    ``q = LN(h); h <- h + Attn(q, [q; kv]); h <- h + FF(LN(h))``
+
+    A separate cross-attention to a modality with one token (a pooled vector, T = 1) would
+    return that token's value whatever the query; with the running tokens among the keys the
+    stage can weigh the new modality against what it already holds. The modality's tokens are
+    not layer-normalised: a per-feature tabular token ``x_j w_j`` would keep only the sign of
+    ``x_j`` (a 0.03 lower C on GSE7390 in benchmarks/fusion_heads.py).
+
+    Shapes:
+        h: ``[B, Q, D]``; kv: ``[B, T, D]``; kv_padding: ``[B, T]`` bool, True = ignore -> ``[B, Q, D]``.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, ff_mult: int = 2) -> None:
+        super().__init__()
+        self.norm_q = nn.LayerNorm(d_model)
+        self.attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.norm_ff = nn.LayerNorm(d_model)
+        self.ff = nn.Sequential(nn.Linear(d_model, ff_mult * d_model), nn.GELU(), nn.Dropout(dropout),
+                                nn.Linear(ff_mult * d_model, d_model))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor, kv: Tensor, kv_padding: Tensor) -> Tensor:
+        q = self.norm_q(h)
+        keys = torch.cat([q, kv], dim=1)
+        # the running tokens are never padded, so no row has all keys masked (no NaN)
+        padding = torch.cat([kv_padding.new_zeros(h.shape[:2]), kv_padding], dim=1)
+        h = h + self.drop(self.attn(q, keys, keys, key_padding_mask=padding, need_weights=False)[0])
+        return h + self.drop(self.ff(self.norm_ff(h)))
+
+
+@FUSIONS.register("cascaded_transformer")
+class CascadedTransformerFusion(FusionHead):
+    """3MAT-style cascade of cross-attention stages, one per modality, in a configurable order.
+
+    The running representation starts as ``n_queries`` learned tokens (3MAT starts from the
+    first modality's tokens; learned queries give a patient who lacks that modality a start
+    too). Stage ``k`` mixes modality ``order[k]`` into it; for a sample without that modality
+    the stage is skipped (its running tokens pass through unchanged), so absence is honoured
+    per sample, not per batch. The readout is the LayerNorm of the mean running token.
+
+    ``h_0 = Q``; ``h_k = Stage_k(h_{k-1}, W_k t_k)`` where modality ``k`` is present, else ``h_{k-1}``;
+    ``pooled = LN(mean_q h_M)``
+
+    Args:
+        input_dims: ``{modality: D_m}``. d_model: width of the running tokens and output (64).
+        n_heads: attention heads (4). n_queries: running tokens (1; 4 gave a lower C on GSE7390
+            in benchmarks/fusion_heads.py). n_layers: stages per modality (1). dropout: 0.1.
+        order: cascade order (default: sorted names).
+        step_loss_weight: weight of the per-step losses (the readout of every intermediate
+            state decoded by the task head, see ``step_loss``); 0 (default) trains only the
+            final readout, as 3MAT does, and then intermediate states are not decodable.
+
+    Shapes:
+        tokens[m].tokens: ``[B, T_m, D_m]``, tokens[m].mask: ``[B, T_m]``; present[m]: ``[B]``
+        -> pooled ``[B, d_model]``; per_step: ``{"(initial)", *order}`` -> ``[B, d_model]``
+        readouts after each stage.
+    """
+
+    def __init__(self, input_dims: dict[str, int], d_model: int = 64, n_heads: int = 4, n_queries: int = 1,
+                 n_layers: int = 1, dropout: float = 0.1, order: list[str] | None = None,
+                 step_loss_weight: float = 0.0) -> None:
+        super().__init__(input_dims)
+        check_step_names("cascaded_transformer", self.modalities)
+        if d_model % n_heads:
+            raise ValueError(f"fusion head 'cascaded_transformer': d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if n_queries < 1 or n_layers < 1:
+            raise ValueError(f"fusion head 'cascaded_transformer': n_queries and n_layers must be >= 1, got {n_queries}, {n_layers}")
+        if step_loss_weight < 0:
+            raise ValueError(f"fusion head 'cascaded_transformer': step_loss_weight must be >= 0, got {step_loss_weight}")
+        self.order = check_order("cascaded_transformer", order, self.modalities)
+        self.output_dim = d_model
+        self.step_loss_weight = float(step_loss_weight)
+        self.queries = nn.Parameter(torch.randn(n_queries, d_model) * d_model**-0.5)
+        self.project = nn.ModuleDict({m: nn.Linear(d, d_model) for m, d in self.input_dims.items()})  # no LN: see MixingStage
+        self.stages = nn.ModuleDict({m: nn.ModuleList(MixingStage(d_model, n_heads, dropout) for _ in range(n_layers))
+                                     for m in self.modalities})
+        self.readout = nn.LayerNorm(d_model)
+
+    @property
+    def per_step_decodable(self) -> bool:
+        """Intermediate readouts are trained (and so meaningful to decode) only with a step loss."""
+        return self.step_loss_weight > 0
+
+    def step_names(self) -> list[str]:
+        return [INITIAL_STEP, *self.order]
+
+    def _read(self, h: Tensor) -> Tensor:
+        return self.readout(h.mean(1))
+
+    def forward(self, tokens: dict[str, ModalityTokens], present: dict[str, Tensor]) -> FusionOutput:
+        b = present[self.order[0]].shape[0]
+        h = self.queries.unsqueeze(0).expand(b, -1, -1)
+        per_step = {INITIAL_STEP: self._read(h)}
+        for m in self.order:
+            t = tokens[m]
+            active = present[m] & t.mask.any(1)  # [B]
+            padding = ~t.mask | ~active.unsqueeze(1)  # an absent modality's tokens are never read
+            kv = self.project[m](t.tokens)
+            mixed = h
+            for stage in self.stages[m]:
+                mixed = stage(mixed, kv, padding)
+            h = torch.where(active[:, None, None], mixed, h)
+            per_step[m] = self._read(h)
+        return FusionOutput(pooled=per_step[self.order[-1]], per_step=per_step)
+
+    def step_loss(self, fused: FusionOutput, present: dict[str, Tensor], head: nn.Module, task, target: Tensor) -> Tensor | None:
+        if self.step_loss_weight <= 0:
+            return None
+        return self.step_loss_weight * per_step_loss(fused, present, self.step_names(), head, task, target)
+
+    @classmethod
+    def example_options(cls) -> dict:
+        return {"d_model": 8, "n_heads": 2, "n_queries": 2}

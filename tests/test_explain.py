@@ -1,0 +1,331 @@
+"""Explanations: sanity on planted signal, completeness, every fusion head, survival targets,
+reports, MLflow and the CLI verb."""
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from mmclin import MultimodalClassifier, MultimodalRegressor, MultimodalSurvivalModel, make_synthetic_cohort
+from mmclin.explain import Explanation, explain
+from mmclin.explain.checks import EXPLAIN_FUSION_CHECKS, example_cohort, untrained_model
+from mmclin.explain.sanity import randomisation_check, shuffled_weights
+from mmclin.registry import FUSIONS, load_builtin_components
+
+load_builtin_components()
+
+MODS = {"clinical": ("tabular", 6), "genes": ("genomics", 16)}
+# thresholds of the planted-signal checks (docs/explanations.md states them)
+MODALITY_SHARE = 0.75  # outcome depends only on modality A: A gets >= 75 % of the mean |Shapley value|
+SHUFFLED_PLANTED_SHARE = 0.35  # shuffled weights: the planted features keep <= 35 % of their modality's attribution
+QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "gse7390_survival.yaml"
+FAST = ["--set", "trainer.max_epochs=3", "--set", "model.ensemble_size=1", "--set", "trainer.progress_bar=false"]
+
+
+@pytest.mark.parametrize("check", EXPLAIN_FUSION_CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("fusion", FUSIONS.names())
+def test_explanation_checks_every_fusion_head(fusion, check):
+    check(fusion)
+
+
+def _planted(a: str, seed: int = 0):
+    """A regression model trained where the outcome depends only on modality ``a`` (signal 2.0)."""
+    other = next(m for m in MODS if m != a)
+    c = make_synthetic_cohort(n_subjects=600, modalities=MODS, task="regression", signal={a: 2.0, other: 0.0}, seed=seed)
+    est = MultimodalRegressor(modalities=c.modalities, max_epochs=40, batch_size=100, learning_rate=3e-3,
+                              weight_decay=1e-2, val_fraction=0.0, patience=None, random_state=0,
+                              encoder_options={"clinical": {"n_layers": 0}, "genes": {"n_layers": 1}})
+    return c, est.fit(c.frame[:-100], c.y[:-100])
+
+
+@pytest.fixture(scope="module", params=["genes", "clinical"])
+def planted(request):
+    c, est = _planted(request.param)
+    return request.param, c, est, est.explain(c.frame[-100:])
+
+
+def test_planted_modality_gets_most_attribution(planted):
+    a, c, est, expl = planted
+    s = expl.summary("modality")
+    share = dict(zip(s["modality"], s["share"]))
+    assert share[a] >= MODALITY_SHARE, f"planted modality {a!r} got {share[a]:.3f} of the attribution"
+    assert s["modality"][0] == a
+    assert expl.completeness()["modality_max_error"] < 1e-5
+
+
+def test_planted_feature_ranks_first(planted):
+    a, c, est, expl = planted
+    informative = c.extra["informative_columns"][a]  # coefficients (1, -0.8, 0.6) x 2
+    f = expl.summary("feature")
+    assert f["feature"][0] == informative[0], f.head(5)
+    assert sorted(f.filter(pl.col("modality") == a)["feature"][:3].to_list()) == sorted(informative)
+    assert expl.completeness()["ig_max_relative_delta"] < 0.05
+
+
+def test_shuffling_the_weights_destroys_the_explanation(planted):
+    a, c, est, expl = planted
+    X = c.frame[-100:]
+    informative = c.extra["informative_columns"][a]
+
+    def planted_share(e: Explanation) -> float:
+        f = e.summary("feature").filter(pl.col("modality") == a)
+        return f.filter(pl.col("feature").is_in(informative))["mean_abs"].sum() / f["mean_abs"].sum()
+
+    shuffled = explain(shuffled_weights(est.model_, seed=0), X)
+    assert planted_share(expl) >= 0.6
+    assert planted_share(shuffled) <= SHUFFLED_PLANTED_SHARE
+    rho = randomisation_check(est.model_, X, seed=0)
+    assert abs(rho["feature_per_subject"]) < 0.4 and abs(rho["modality_per_subject"]) < 0.5, rho
+    # the original model is untouched by the check
+    np.testing.assert_allclose(est.explain(X, levels="modality").modality["attribution"].to_numpy(),
+                               expl.modality["attribution"].to_numpy())
+
+
+def test_ensemble_explanations_add_up():
+    c = example_cohort()
+    fitted = untrained_model(c, "concat", ensemble_size=3)
+    expl = explain(fitted, c.frame, n_steps=16)
+    np.testing.assert_allclose(expl.outputs["output"].to_numpy(), fitted.predict_outputs(c.frame)[:, 0], rtol=1e-4, atol=1e-5)
+    assert expl.completeness()["modality_max_error"] < 1e-5
+    # categorical embeddings: one IG input per member, summed into one row per column
+    cat = expl.feature.filter(pl.col("input") == "categorical")
+    assert cat.group_by("row", "modality", "feature").len()["len"].max() == 1
+    sums = expl.feature.group_by("row").agg(pl.col("attribution").sum().alias("s"))
+    o = expl.outputs.join(sums, on="row")
+    np.testing.assert_allclose(o["s"], o["output"] - o["reference"] + o["ig_delta"], atol=1e-4)
+    assert expl.info["ensemble_size"] == 3
+
+
+def test_batching_does_not_change_the_explanation():
+    c = example_cohort()
+    fitted = untrained_model(c, "late")
+    a = explain(fitted, c.frame, n_steps=16, batch_size=256)
+    b = explain(fitted, c.frame, n_steps=16, batch_size=5)
+    for level in ("modality", "feature"):
+        np.testing.assert_allclose(a.frames()[level]["attribution"].to_numpy(), b.frames()[level]["attribution"].to_numpy(),
+                                   rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # IG still gets its gradients
+        assert explain(fitted, c.frame.head(3), levels="feature", n_steps=4).feature.height > 0
+
+
+def test_sampled_shapley_beyond_eight_modalities_is_complete_and_close_to_exact():
+    mods = {f"m{i}": ("tabular", 2) for i in range(9)}
+    c = make_synthetic_cohort(n_subjects=30, modalities=mods, task="regression", missing={"m3": 0.3}, seed=0)
+    fitted = untrained_model(c, "concat", fusion_options={"d_model": 8})
+    sampled = explain(fitted, c.frame, levels="modality", n_samples=200)  # auto: 9 > 8 modalities -> sampling
+    assert sampled.info["shapley_method"] == "sampling"
+    assert sampled.completeness()["modality_max_error"] < 1e-5
+    exact = explain(fitted, c.frame, levels="modality", method="exact")
+    err = np.abs(sampled.modality["attribution"].to_numpy() - exact.modality["attribution"].to_numpy()).max()
+    scale = np.abs(exact.modality["attribution"].to_numpy()).max()
+    assert err < 0.2 * scale, (err, scale)
+    with pytest.raises(ValueError, match="need 2\\^11 coalitions"):
+        c11 = make_synthetic_cohort(n_subjects=8, modalities={f"m{i}": ("tabular", 1) for i in range(11)}, task="regression")
+        explain(untrained_model(c11, "concat"), c11.frame, levels="modality", method="exact")
+
+
+def test_survival_risk_and_horizon_targets(boring_survival):
+    c = boring_survival
+    for task in ("cox", "discrete_time"):
+        model = MultimodalSurvivalModel(modalities=c.modalities, task=task, max_epochs=5, batch_size=64, random_state=0).fit(c.frame, c.y)
+        horizon = float(np.median(c.y["time"]))
+        risk = model.explain(c.frame, levels="modality")
+        np.testing.assert_allclose(risk.outputs["output"].to_numpy(), model.predict(c.frame), rtol=1e-4, atol=1e-5)
+        surv = model.explain(c.frame, horizon=horizon, n_steps=16)
+        _, s = model.predict_survival_function(c.frame, times=[horizon])
+        np.testing.assert_allclose(surv.outputs["output"].to_numpy(), s[:, 0], rtol=1e-4, atol=1e-5)
+        assert surv.completeness()["modality_max_error"] < 1e-5
+        assert f"S(t={horizon:g} | x)" in surv.info["target"]
+        # survival falls as risk rises: attributions to the risk and to S(t) point opposite ways overall
+        both = risk.modality.join(surv.modality, on=["row", "modality"], suffix="_s").filter(pl.col("present"))
+        assert np.corrcoef(both["attribution"], both["attribution_s"])[0, 1] < 0
+    with pytest.raises(ValueError, match="before the first"):
+        model.explain(c.frame, horizon=1e-3)
+
+
+def test_classification_targets_and_errors(boring_binary):
+    c = boring_binary
+    clf = MultimodalClassifier(modalities=c.modalities, max_epochs=3, random_state=0).fit(c.frame, c.y)
+    e = clf.explain(c.frame.head(10), levels="modality")
+    logit = np.log(clf.predict_proba(c.frame.head(10))[:, 1] / clf.predict_proba(c.frame.head(10))[:, 0])
+    np.testing.assert_allclose(e.outputs["output"].to_numpy(), logit, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="'horizon' applies to survival tasks only"):
+        clf.explain(c.frame, horizon=100)
+    with pytest.raises(ValueError, match="unknown explanation level"):
+        clf.explain(c.frame, levels=("modality", "pixels"))
+    with pytest.raises(ValueError, match="The 'method' parameter of explain must be one of"):
+        clf.explain(c.frame, method="kernel")
+    with pytest.raises(ValueError, match="level\\(s\\) \\['patch'\\]: no encoder of this model declares"):
+        clf.explain(c.frame, levels=("patch",))
+    with pytest.raises(ValueError, match="lacks columns: modality 'clinical' needs column 'clinical_0'"):
+        clf.explain(c.frame.drop("clinical_0"))
+
+    mc = make_synthetic_cohort(n_subjects=90, task="multiclass", n_classes=3, seed=4)
+    m = MultimodalClassifier(modalities=mc.modalities, max_epochs=2, random_state=0).fit(mc.frame, mc.y)
+    default = m.explain(mc.frame, levels="modality")
+    assert default.outputs["target"].to_list() == [str(v) for v in m.predict(mc.frame)]
+    one = m.explain(mc.frame, levels="modality", target=m.classes_[0])
+    assert set(one.outputs["target"]) == {str(m.classes_[0])}
+    np.testing.assert_allclose(np.exp(one.outputs["output"].to_numpy()), m.predict_proba(mc.frame)[:, 0], rtol=1e-4)
+    with pytest.raises(ValueError, match="is not one of the classes"):
+        m.explain(mc.frame, target="nope")
+
+
+def test_multitask_target_selects_a_subtask():
+    from mmclin.explain.targets import resolve_target
+    from mmclin.tasks.multitask import MultiTask
+
+    task = MultiTask(tasks={"death": {"name": "binary"}, "los": {"name": "regression"}})
+    task.fit_targets({"death": np.array([0, 1, 1, 0]), "los": np.array([1.0, 3.0, 5.0, 7.0])})
+    out = np.array([[0.5, 1.0], [-0.5, 0.0]])
+    t = resolve_target(task, out, "los")
+    torch.testing.assert_close(t.columns(torch.tensor(out, dtype=torch.float32))[:, 0],
+                               torch.tensor(out[:, 1] * task.tasks["los"].scale_ + task.tasks["los"].mean_, dtype=torch.float32))
+    assert resolve_target(task, out).description.startswith("death:")
+    with pytest.raises(ValueError, match="not a sub-task"):
+        resolve_target(task, out, "stay")
+
+
+def test_gene_sets_sum_their_genes():
+    c = example_cohort()
+    genes = next(m for m in c.modalities if m.name == "genes")
+    groups = {"first": genes.columns[:3], "rest": genes.columns[3:]}
+    c.modalities = [m.model_copy(update={"options": {"groups": groups}}) if m.name == "genes" else m for m in c.modalities]
+    fitted = untrained_model(c, "concat")
+    expl = explain(fitted, c.frame, levels="feature", n_steps=8)
+    gs = expl.gene_set.sort("row", "gene_set")
+    by_hand = (expl.feature.filter(pl.col("modality") == "genes")
+               .with_columns(pl.when(pl.col("feature").is_in(groups["first"])).then(pl.lit("first")).otherwise(pl.lit("rest")).alias("gene_set"))
+               .group_by("row", "gene_set").agg(pl.col("attribution").sum()).sort("row", "gene_set"))
+    np.testing.assert_allclose(gs["attribution"].to_numpy(), by_hand["attribution"].to_numpy(), rtol=1e-6, atol=1e-9)
+    assert set(gs["n_genes"]) == {3, 5}
+    assert expl.summary("gene_set").columns[:2] == ["modality", "gene_set"]
+
+
+def test_feature_frame_values_and_missing_cells(boring_binary):
+    c = boring_binary
+    fitted = untrained_model(c, "concat")
+    expl = explain(fitted, c.frame, levels="feature", n_steps=8)
+    f = expl.feature
+    assert f["row"].n_unique() == c.frame.height
+    genes_rows = f.filter(pl.col("modality") == "genes")["row"].unique().to_numpy()
+    np.testing.assert_array_equal(np.sort(genes_rows), np.flatnonzero(c.extra["present"]["genes"]))  # absent: no rows
+    num = f.filter((pl.col("feature") == "clinical_1") & ~pl.col("missing")).sort("row")
+    np.testing.assert_allclose(num["value"].to_numpy(), c.frame["clinical_1"].to_numpy()[num["row"].to_numpy()], atol=1e-5)
+    missing = f.filter(pl.col("missing") & (pl.col("input") == "numeric"))
+    assert missing.height > 0 and (missing["attribution"] == 0).all()  # the learned missing token does not move
+    cats = f.filter(pl.col("input") == "categorical")
+    assert set(cats["category"].drop_nulls()) <= {"A", "B", "C"}
+    assert expl.outputs.columns[:2] == ["row", c.id_column]
+
+
+def test_plots_html_and_files(tmp_path):
+    c = example_cohort()
+    expl = explain(untrained_model(c, "concat"), c.frame, n_steps=8)
+    written = expl.save(tmp_path / "ex")
+    for key in ("modality_png", "feature_png"):
+        assert written[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = written["report"].read_text()
+    assert html.count("data:image/png;base64,") == 2 and "training mean" in html and "Shapley" in html
+    assert pl.read_parquet(written["modality"]).equals(expl.modality)
+    assert {"target", "completeness", "baselines"} <= set(json.loads(written["info"].read_text()))
+
+
+def test_cli_explain_logs_to_the_fit_run(tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    from mmclin.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    assert main(["fit", str(QUICKSTART), *FAST, "--tracking-uri", uri, "--output-dir", str(tmp_path / "out")]) == 0
+    client = mlflow.MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("gse7390_survival").experiment_id])[0]
+    capsys.readouterr()
+    assert main(["explain", f"runs:/{run.info.run_id}", "--data", "gse7390", "--tracking-uri", uri,
+                 "--output-dir", str(tmp_path / "ex"), "--horizon", "1825", "--n-steps", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "S(t=1825 | x)" in out and "modality_png" in out and "clinical" in out
+    assert (tmp_path / "ex" / "report.html").exists() and (tmp_path / "ex" / "feature_importance.png").exists()
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "explanations")}
+    assert {"explanations/report.html", "explanations/modality_importance.png", "explanations/modality.parquet"} <= arts
+    shares = {k: v for k, v in client.get_run(run.info.run_id).data.metrics.items() if k.startswith("explain_share_")}
+    assert set(shares) == {"explain_share_clinical", "explain_share_genes"} and sum(shares.values()) == pytest.approx(1.0)
+    feats = pl.read_parquet(tmp_path / "ex" / "feature.parquet")
+    assert feats.columns[:2] == ["row", "patient_id"] and feats["row"].n_unique() == 198
+    model_dir = tmp_path / "out" / "gse7390_survival" / "model"
+    assert main(["explain", str(model_dir), "--data", "gse7390", "--levels", "feature", "--horizon", "1", "--output-dir",
+                 str(tmp_path / "ex2")]) == 2
+    assert "before the first" in capsys.readouterr().err
+
+
+def test_time_and_note_levels_on_icu_stays(tmp_path):
+    """Irregular series: one row per kept observation, with its variable, value and time; per-variable
+    sums; notes: one row per note with its time; all gradient attributions add up."""
+    from mmclin.datasets import make_synthetic_icu
+
+    c = make_synthetic_icu(n_stays=24, events_per_stay=15, seed=0)
+    opts = {"irregular_series": {"max_events": 12}, "notes": {"n_features": 256, "max_terms": 32}}
+    c.modalities = [m.model_copy(update={"options": opts.get(m.kind, m.options)}) for m in c.modalities]
+    fitted = untrained_model(c, "concat")
+    expl = explain(fitted, c.frame, levels=("modality", "feature", "time", "note"), n_steps=16, batch_size=10)
+    t, by_var, notes = expl.other["time"], expl.other["time_by_variable"], expl.other["note"]
+    series, all_notes = c.frame["timeseries"].to_list(), c.frame["notes"].to_list()
+    for i in (0, 5, 17):
+        events = sorted(series[i], key=lambda e: e["time"])[-12:]  # the most recent 12
+        rows = t.filter(pl.col("row") == i).sort("step")
+        np.testing.assert_allclose(rows["time"].to_numpy(), [e["time"] for e in events], atol=1e-3)
+        assert rows["variable"].to_list() == [e["code"] for e in events]
+        observed = [e["value"] for e in events]
+        np.testing.assert_allclose(rows["value"].to_numpy(), observed, rtol=1e-3, atol=1e-2)
+        note_times = sorted(n["time"] for n in (all_notes[i] or []))
+        np.testing.assert_allclose(notes.filter(pl.col("row") == i).sort("note")["time"].to_numpy(), note_times, atol=1e-3)
+    sums = t.group_by("row", "variable").agg(pl.col("attribution").sum().alias("s")).join(by_var, on=["row", "variable"])
+    np.testing.assert_allclose(sums["s"], sums["attribution"], rtol=1e-6, atol=1e-9)
+    total = pl.concat([f.select("row", "attribution") for f in (expl.feature, t, notes)]).group_by("row").agg(
+        pl.col("attribution").sum().alias("s"))
+    o = expl.outputs.join(total, on="row")
+    np.testing.assert_allclose(o["s"], o["output"] - o["reference"] + o["ig_delta"], atol=1e-4)
+    top = expl.top("note", 1)
+    assert top["row"].n_unique() == top.height == notes["row"].n_unique()
+    assert expl.summary("time_by_variable")["variable"].n_unique() > 5
+    written = expl.save(tmp_path)
+    assert written["time_by_variable_png"].name == "variable_importance.png"
+    with pytest.raises(ValueError, match="has no global summary"):
+        expl.summary("note")
+
+
+def test_patch_level_with_attention_and_coordinates():
+    """Slide encoders: one row per real patch with its coordinates and MIL attention; padding dropped;
+    IG from the slide's mean patch adds up."""
+    from types import SimpleNamespace
+
+    from mmclin.encoders.slide_mil import SlideEncoder
+    from mmclin.explain.api import _gradient_frames
+    from mmclin.explain.features import integrated_gradients
+    from mmclin.explain.targets import resolve_target
+    from mmclin.fusion.concat import ConcatFusion
+    from mmclin.training.model import MultimodalNet
+
+    torch.manual_seed(0)
+    enc = SlideEncoder.example().eval()
+    net = MultimodalNet({"wsi": enc}, ConcatFusion({"wsi": enc.output_dim}, d_model=8), torch.nn.Linear(8, 1)).eval()
+    x = enc.example_input(4)
+    x["coords"] = torch.stack([torch.arange(12).repeat(4, 1) * 64, torch.arange(12).repeat(4, 1) * 32], -1)
+    present = {"wsi": torch.tensor([True, True, False, True])}
+    out = net({"wsi": x}, present)[0].detach().numpy()
+    tgt = resolve_target(SimpleNamespace(task_name="raw", output_dim=1, problem="regression"), out)
+    rows = np.arange(4)
+    parts, attrs, reference, delta = integrated_gradients(net, {"wsi": x}, present, tgt, rows, n_steps=32, levels=("patch",))
+    fitted = SimpleNamespace(net=net, featurizers={"wsi": None})
+    frame = pl.concat(_gradient_frames(fitted, SimpleNamespace(inputs={"wsi": x}, present=present), rows, parts, attrs)["patch"])
+    n_real = x["mask"].sum(1).numpy()
+    assert frame.group_by("row").len().sort("row")["len"].to_list() == [n_real[0], n_real[1], n_real[3]]  # row 2 absent
+    np.testing.assert_allclose(frame.group_by("row").agg(pl.col("attention").sum()).sort("row")["attention"], 1.0, rtol=1e-5)
+    r0 = frame.filter(pl.col("row") == 0).sort("patch")
+    assert r0["x"].to_list() == [64 * k for k in range(n_real[0])]
+    s = frame.group_by("row").agg(pl.col("attribution").sum()).sort("row")["attribution"].to_numpy()
+    expected = (out[[0, 1, 3], 0] - reference.numpy()[[0, 1, 3]] + delta.numpy()[[0, 1, 3]])
+    np.testing.assert_allclose(s, expected, atol=1e-4)
