@@ -1,6 +1,6 @@
 """IU chest X-ray reports -> MeSH findings: mmclin's notes encoder vs TF-IDF + logistic regression, same folds.
 
-    python benchmarks/iu_reports.py [--folds 5] [--n-features 131072] [--d-model 64] [--epochs 30]
+    python benchmarks/iu_reports.py [--folds 5] [--n-features 131072] [--d-model 128] [--epochs 30]
 
 Cohort: ``load_cohort("iu_reports")`` (``pip install torchxrayvision==1.5.7 --no-deps``;
 CC BY-NC-ND 4.0): 3,927 reports, the 10 most frequent MeSH major findings as labels.
@@ -37,9 +37,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--n-features", type=int, default=2**17)
-    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--max-folds", type=int, default=None, help="stop after this many folds (a quick look)")
+    ap.add_argument("--only", type=int, nargs="*", default=None, help="run only these fold indices (a quick look)")
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--patience", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -51,16 +54,17 @@ def main() -> None:
     scores: dict[str, list[float]] = {"tfidf_logreg": [], "mmclin_notes": []}
     t0 = time.perf_counter()
     for k, (tr, te) in enumerate(KFold(args.folds, shuffle=True, random_state=0).split(text)):
-        if args.max_folds is not None and k >= args.max_folds:
-            break
+        if args.only is not None and k not in args.only:
+            continue
         vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
         xtr = vec.fit_transform([text[i] for i in tr])
         xte = vec.transform([text[i] for i in te])
         lr = OneVsRestClassifier(LogisticRegression(C=4.0, max_iter=2000)).fit(xtr, y[tr])
         t1 = time.perf_counter()
         clf = MultimodalClassifier(modalities=[spec], fusion="concat", fusion_options={"d_model": args.d_model, "dropout": 0.1},
-                                   max_epochs=args.epochs, batch_size=64, learning_rate=2e-3, weight_decay=1e-4,
-                                   val_fraction=0.1, patience=4, random_state=0, id_column="report_id").fit(c.frame[tr], y[tr])
+                                   max_epochs=args.epochs, batch_size=64, learning_rate=args.lr, weight_decay=args.weight_decay,
+                                   val_fraction=0.1, patience=args.patience, random_state=0,
+                                   id_column="report_id").fit(c.frame[tr], y[tr])
         fit_s = time.perf_counter() - t1
         row = {"tfidf_logreg": macro_auroc(y[te], lr.predict_proba(xte)),
                "mmclin_notes": macro_auroc(y[te], clf.predict_proba(c.frame[te]))}

@@ -236,7 +236,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if rows:
         _print_table(f"{res.study_name}: {m}", rows)
     if res.test_metrics is not None:
-        _print_table("refit: test metrics", [{"metric": k, "value": v} for k, v in res.test_metrics.items()])
+        title = "refit: test metrics" if res.refit_by_this_worker else "refit (done earlier): test metrics"
+        _print_table(title, [{"metric": k, "value": v} for k, v in res.test_metrics.items()])
         print(f"model: {res.model_dir}")
     elif res.best_value is not None:
         print("no refit by this worker (other workers still run trials, it was done already, or --no-refit)")

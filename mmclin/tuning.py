@@ -682,7 +682,7 @@ class StudyRunner:
 
         if env_world_size() > 1:
             raise ConfigError("mmclin tune runs each trial in one process; scale studies out with several "
-                              "workers (--storage/--study), not under torchrun/srun with several ranks")
+                              "workers (--storage/--study), not as ranks of torchrun")
         self.config = config
         self.tune = config.tune
         self.n_trials = n_trials or self.tune.n_trials
@@ -747,7 +747,7 @@ class StudyRunner:
         kwargs = {m: f.encoder_kwargs() for m, f in featurizers.items()}
         for key, value, cfg in self._representatives():
             try:
-                build_net(self.cohort.modalities, kwargs, cfg.model, build_task(self.task_config))
+                build_net(self.cohort.modalities, kwargs, cfg.model, build_task(cfg.model.task or self.task_config))
             except (ValueError, TypeError, KeyError) as err:
                 msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
                 raise ConfigError(f"tune.space[{key!r}] = {value!r}: {msg}") from None
@@ -891,7 +891,7 @@ class StudyRunner:
                 use_score=self.score_is_metric)] if prune else []
             t0 = time.perf_counter()
             before = timer.pruning_eval + timer.machinery_inside
-            fitted = fit_model(f_tr, y_tr, c.modalities, cfg.model, cfg.trainer, self.task_config,
+            fitted = fit_model(f_tr, y_tr, c.modalities, cfg.model, cfg.trainer, cfg.model.task or self.task_config,
                                id_column=c.id_column or None, epoch_sink=sink, extra_callbacks=callbacks)
             metrics = fitted.task.metrics(y_va, fitted.predict_outputs(f_va), y_train=y_tr)
             timer.model += time.perf_counter() - t0 - (timer.pruning_eval + timer.machinery_inside - before)
@@ -951,7 +951,10 @@ class StudyRunner:
         else:
             self.study.tell(trial, state=state)
         if run:
-            run.end(state, error if state == TrialState.FAIL else None)
+            try:
+                run.end(state, error if state == TrialState.FAIL else None)
+            except Exception as err:  # the trial's result is in the study; a tracking hiccup must not end the study
+                self.echo(f"trial {trial.number}: could not close its MLflow run: {type(err).__name__}: {err}")
         total = time.perf_counter() - t_start
         overhead = total - timer.model - timer.pruning_eval
         self.timings.append({"number": trial.number, "state": state.name.lower(), "seconds": total,
@@ -959,7 +962,10 @@ class StudyRunner:
                              "overhead_seconds": overhead, "tell_and_close_seconds": time.perf_counter() - t_tell})
         shown = f"{self.metric}={value:.4f}" if value is not None else (error or "")
         params = ", ".join(f"{k.split('.', 1)[1]}={_short(v)}" for k, v in trial.params.items())
-        self.echo(f"trial {trial.number:>3} {state.name.lower():<8} {shown[:160]}  [{params}]  {total:.1f} s")
+        attrs = trial.user_attrs
+        note = " (baseline)" if attrs.get("mmclin.baseline") else (
+            f" (retry of {attrs['mmclin.retry_of']})" if attrs.get("mmclin.retry_of") is not None else "")
+        self.echo(f"trial {trial.number:>3}{note} {state.name.lower():<8} {shown[:160]}  [{params}]  {total:.1f} s")
         self._consecutive_failures = self._consecutive_failures + 1 if state == TrialState.FAIL else 0
         if self._consecutive_failures >= self.tune.max_consecutive_failures:
             raise StudyError(f"{self._consecutive_failures} trials in a row failed; the last one with: {error}")
@@ -1145,7 +1151,7 @@ def list_studies(storage: str) -> pl.DataFrame:
         refit = s.user_attrs.get("mmclin.refit") or {}
         best = study.best_trial if count[TrialState.COMPLETE] and len(study.directions) == 1 else None
         rows.append({
-            "study": s.study_name, "metric": metric, "direction": study.direction.name.lower(),
+            "study": s.study_name, "metric": metric, "direction": "/".join(d.name.lower() for d in study.directions),
             "complete": count[TrialState.COMPLETE], "pruned": count[TrialState.PRUNED], "failed": count[TrialState.FAIL],
             "running": count[TrialState.RUNNING] + count[TrialState.WAITING],
             "best_trial": best.number if best else None, "best_value": best.value if best else None,

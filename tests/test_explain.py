@@ -10,9 +10,9 @@ import torch
 
 from mmclin import MultimodalClassifier, MultimodalRegressor, MultimodalSurvivalModel, make_synthetic_cohort
 from mmclin.explain import Explanation, explain
-from mmclin.explain.checks import EXPLAIN_FUSION_CHECKS, example_cohort, untrained_model
+from mmclin.explain.checks import EXPLAIN_FUSION_CHECKS, check_encoder_attributions, example_cohort, untrained_model
 from mmclin.explain.sanity import randomisation_check, shuffled_weights
-from mmclin.registry import FUSIONS, load_builtin_components
+from mmclin.registry import ENCODERS, FUSIONS, load_builtin_components
 
 load_builtin_components()
 
@@ -28,6 +28,11 @@ FAST = ["--set", "trainer.max_epochs=3", "--set", "model.ensemble_size=1", "--se
 @pytest.mark.parametrize("fusion", FUSIONS.names())
 def test_explanation_checks_every_fusion_head(fusion, check):
     check(fusion)
+
+
+@pytest.mark.parametrize("encoder", ENCODERS.names())
+def test_encoder_attributions_add_up(encoder):
+    check_encoder_attributions(encoder)
 
 
 def _planted(a: str, seed: int = 0):

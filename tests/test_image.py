@@ -134,3 +134,24 @@ def test_image_model_learns_planted_disc(tmp_path):
     clf = MultimodalClassifier(modalities=[spec], max_epochs=30, batch_size=16, learning_rate=3e-3, patience=None,
                                val_fraction=0.0, num_threads=1, random_state=0).fit(frame[tr], y[tr])
     assert roc_auc_score(y[te], clf.predict_proba(frame[te])[:, 1]) >= 0.9
+
+
+def test_3d_volumes_through_featurizer_and_3d_cnn(tmp_path):
+    pytest.importorskip("nibabel")
+    from mmclin.cohort import ModalitySpec
+    from mmclin.datasets.radiology import mni152_t1
+    from mmclin.encoders.image import ImageCNNEncoder, ImageFeaturizer
+
+    try:
+        path = str(mni152_t1())
+    except FileNotFoundError:
+        pytest.skip("nilearn (MNI152 template) not installed")
+    frame = pl.DataFrame({"scans": [[path, path], None, [path]]}, schema={"scans": pl.List(pl.String)})
+    spec = ModalitySpec(name="mri", kind="image", columns=["scans"], options={"size": [16, 16, 16], "spacing": [12.0, 12.0, 12.0]})
+    f = ImageFeaturizer(spec).fit(frame)
+    ragged, present = f.transform(frame)
+    assert present.tolist() == [True, False, True] and ragged.lengths.tolist() == [2, 0, 1]
+    enc = ImageCNNEncoder(**f.encoder_kwargs(), d_model=8).eval()
+    out = enc(ragged.pad(torch.arange(3)))
+    assert out.tokens.shape == (3, 2, 8) and out.mask.tolist() == [[True, True], [False, False], [True, False]]
+    torch.testing.assert_close(out.tokens[0, 0], out.tokens[2, 0])  # same scan, same token

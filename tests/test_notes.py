@@ -48,6 +48,9 @@ def test_notes_errors():
     bad = _frame([[{"time": None, "text": "x"}]])
     with pytest.raises(ValueError, match="modality 'n', column 'notes', row 0: a note has no finite time"):
         fit_featurizers(bad, [spec])
+    wrong = ModalitySpec(name="n", kind="notes", columns=["notes"], options={"model_path": "/models/x"})
+    with pytest.raises(ValueError, match=r"option\(s\) \['model_path'\] do not apply to encoder 'notes'"):
+        fit_featurizers(_frame([[{"time": 0.0, "text": "x"}]]), [wrong])
     hf = ModalitySpec(name="n", kind="notes", columns=["notes"], encoder="notes_hf")
     with pytest.raises(ValueError, match="needs options=\\{'model_path'"):
         fit_featurizers(_frame([[{"time": 0.0, "text": "x"}]]), [hf])

@@ -2,15 +2,12 @@
 nesting, kill-and-resume, and two workers on a real PostgreSQL server."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +43,22 @@ def small_config(tmp_path: Path, tracking: bool = True, **tune: object) -> dict:
         "tune": {"n_trials": 4, "cv": 2, "sampler": {"name": "tpe", "n_startup_trials": 2},
                  "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_epochs": 2}, "space": SPACE, **tune},
     }
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, made once: each test copies it instead of running MLflow's migrations."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlruns.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlruns(tmp_path, mlflow_template) -> Path:
+    shutil.copy(mlflow_template, tmp_path / "mlruns.db")
+    return tmp_path / "mlruns.db"
 
 
 def write_yaml(path: Path, raw: dict) -> Path:
@@ -206,7 +219,7 @@ def test_study_lock_excludes_another_process_and_leases_tell_dead_from_alive(tmp
 
 
 # --- a whole study, in process --------------------------------------------------------------------
-def test_study_runs_nested_mlflow_runs_refits_once_and_never_sees_test_subjects(tmp_path, monkeypatch, capsys):
+def test_study_runs_nested_mlflow_runs_refits_once_and_never_sees_test_subjects(tmp_path, mlruns, monkeypatch, capsys):
     import mlflow
 
     monkeypatch.chdir(tmp_path)
@@ -262,7 +275,8 @@ def test_study_runs_nested_mlflow_runs_refits_once_and_never_sees_test_subjects(
     assert best_cfg.model.fusion.name == best.params["model.fusion.name"] and best_cfg.tune is None
     # the same command again: the study is full, nothing runs, nothing is refit twice
     assert main(["tune", str(cfg_path)]) == 0
-    assert len(study.get_trials()) == 4 and "no refit by this worker" in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert len(study.get_trials()) == 4 and "refit (done earlier)" in again and "refitting" not in again
     assert main(["studies", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]) == 0
     listed = capsys.readouterr().out
     assert "tiny" in listed and f"{sum(s == TrialState.COMPLETE for s in states)}/{states.count(TrialState.PRUNED)}/0/0" in listed
@@ -287,13 +301,13 @@ def test_journal_file_storage_and_no_tracking(tmp_path, monkeypatch):
 
 # --- a killed study resumes -------------------------------------------------------------------------
 @pytest.mark.slow
-def test_killed_study_resumes_with_the_same_command(tmp_path, monkeypatch):
+def test_killed_study_resumes_with_the_same_command(tmp_path, mlruns, monkeypatch):
     """SIGKILL a worker in the middle of a trial; the same command finishes the study: its
     interrupted trial is failed and retried, no trial number or MLflow run is duplicated."""
     import mlflow
 
-    raw = small_config(tmp_path, n_trials=5, pruner={"name": "none"})
-    raw["trainer"]["max_epochs"] = 25
+    raw = small_config(tmp_path, n_trials=4, pruner={"name": "none"})
+    raw["trainer"]["max_epochs"] = 25  # a trial lasts long enough to be caught running
     raw["tracking"]["log_model"] = False  # the parent run's model is checked in the in-process study test
     cfg_path = write_yaml(tmp_path / "tiny.yaml", raw)
     cmd = ["tune", str(cfg_path)]
@@ -302,31 +316,31 @@ def test_killed_study_resumes_with_the_same_command(tmp_path, monkeypatch):
                             stderr=subprocess.PIPE)
     deadline, killed_trial = time.time() + 120, None
     while time.time() < deadline and killed_trial is None:
-        time.sleep(0.2)
+        time.sleep(0.1)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         try:
             trials = optuna.load_study(study_name="tiny", storage=storage).get_trials(deepcopy=False)
         except Exception:  # not created yet
             continue
         running = [t for t in trials if t.state == TrialState.RUNNING and "mmclin.mlflow_run_id" in t.user_attrs]
-        if sum(t.state == TrialState.COMPLETE for t in trials) >= 2 and running:
+        if sum(t.state == TrialState.COMPLETE for t in trials) >= 1 and running:
             killed_trial = running[0]
             os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    assert killed_trial is not None, "the study never reached a running third trial"
+    assert killed_trial is not None, "the study never reached a running second trial"
     monkeypatch.chdir(tmp_path)
     assert main(cmd) == 0  # resume: the same command
     trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
     by_state = {s: [t for t in trials if t.state == s] for s in TrialState}
-    assert len(by_state[TrialState.COMPLETE]) == 5 and not by_state[TrialState.RUNNING] and not by_state[TrialState.WAITING]
+    assert len(by_state[TrialState.COMPLETE]) == 4 and not by_state[TrialState.RUNNING] and not by_state[TrialState.WAITING]
     assert [t.number for t in by_state[TrialState.FAIL]] == [killed_trial.number]
     retry = [t for t in trials if t.user_attrs.get("mmclin.retry_of") == killed_trial.number]
     assert len(retry) == 1 and retry[0].params == killed_trial.params and retry[0].state == TrialState.COMPLETE
-    assert [t.number for t in trials] == list(range(6))
+    assert [t.number for t in trials] == list(range(5))
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], max_results=100)
     numbers = sorted(int(r.data.tags["optuna.trial_number"]) for r in runs if "optuna.trial_number" in r.data.tags)
-    assert numbers == list(range(6))  # one MLflow run per trial, none twice
+    assert numbers == list(range(5))  # one MLflow run per trial, none twice
     killed_run = client.get_run(killed_trial.user_attrs["mmclin.mlflow_run_id"])
     assert killed_run.info.status == "KILLED" and "interrupted" in killed_run.data.tags["mmclin.error"]
     parents = [r for r in runs if r.data.tags.get("mmclin.verb") == "tune"]
@@ -334,60 +348,42 @@ def test_killed_study_resumes_with_the_same_command(tmp_path, monkeypatch):
 
 
 # --- two workers, one PostgreSQL study ---------------------------------------------------------------
-def _postgres_bindir() -> Path | None:
-    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)), None)
-    return Path(found).parent if found else None
-
-
 @pytest.fixture(scope="module")
 def postgres():
-    """A throwaway PostgreSQL server on loopback (Debian's `postgresql` package), two databases."""
-    bindir = _postgres_bindir()
-    if bindir is None or not (bindir / "pg_ctl").exists():
+    """A throwaway PostgreSQL server on loopback (Debian's `postgresql` package)."""
+    from mmclin.testing.postgres import local_postgres, postgres_bindir
+
+    if postgres_bindir() is None:
         reason = "PostgreSQL server binaries (initdb, pg_ctl) are not installed; `apt-get install postgresql` (.ci/run does)"
         print(f"\nSKIPPED the PostgreSQL tests: {reason}")
         pytest.skip(reason)
-    import psycopg
-
-    root = Path(tempfile.mkdtemp(prefix="mmclin-pg-"))
-    as_user: dict = {}
-    if os.geteuid() == 0:  # initdb refuses root: run the server as Debian's postgres user
-        import pwd
-
-        pw = pwd.getpwnam("postgres")
-        os.chown(root, pw.pw_uid, pw.pw_gid)
-        as_user = {"user": pw.pw_uid, "group": pw.pw_gid}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = root / "data"
-    subprocess.run([bindir / "initdb", "-D", data, "-A", "trust", "-U", "mmclin", "--no-sync", "-E", "UTF8"],
-                   check=True, capture_output=True, **as_user)
-    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c synchronous_commit=off"
-    subprocess.run([bindir / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-o", opts, "start"],
-                   check=True, capture_output=True, **as_user)
-    try:
-        with psycopg.connect(host="127.0.0.1", port=port, user="mmclin", dbname="postgres", autocommit=True) as conn:
-            conn.execute("CREATE DATABASE optuna")
-            conn.execute("CREATE DATABASE mlflow")
-        yield f"postgresql://mmclin@127.0.0.1:{port}"
-    finally:
-        subprocess.run([bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True, **as_user)
-        shutil.rmtree(root, ignore_errors=True)
+    with local_postgres(["optuna"]) as url:
+        yield url
 
 
 @pytest.mark.slow
-def test_two_workers_share_one_postgresql_study(postgres, tmp_path):
+def test_two_workers_share_one_postgresql_study(postgres, tmp_path, mlruns):
     import mlflow
 
-    optuna_url, mlflow_url = f"{postgres}/optuna", f"{postgres}/mlflow"
-    mlflow.MlflowClient(mlflow_url).search_experiments()  # create MLflow's tables once, before two workers race
+    optuna_url, mlflow_url = f"{postgres}/optuna", f"sqlite:///{mlruns}"
     raw = small_config(tmp_path, n_trials=8, pruner={"name": "none"}, sampler={"name": "tpe", "n_startup_trials": 4, "seed": 3})
+    raw["trainer"]["max_epochs"] = 4
     raw["tracking"]["log_model"] = False
     cfg_path = write_yaml(tmp_path / "tiny.yaml", raw)
     cmd = [sys.executable, "-m", "mmclin.cli", "tune", str(cfg_path), "--storage", optuna_url, "--study", "shared",
            "--tracking-uri", mlflow_url]
-    workers = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    # hold the study lock until both workers wait for it: they then start together, whatever their import times
+    import psycopg
+
+    lock = StudyLock(optuna_url, "shared")
+    with lock.hold(), psycopg.connect(optuna_url, autocommit=True) as conn:
+        workers = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                   for _ in range(2)]
+        deadline = time.time() + 120
+        while conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()[0] < 2:
+            assert time.time() < deadline and all(w.poll() is None for w in workers), "workers never reached the study lock"
+            time.sleep(0.1)
+    lock.close()
     outs = [w.communicate(timeout=300)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outs)
     trials = optuna.load_study(study_name="shared", storage=optuna_url).get_trials()

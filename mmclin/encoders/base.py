@@ -27,6 +27,8 @@ class Featurizer:
         raise NotImplementedError
 
     def transform(self, frame: pl.DataFrame) -> tuple[dict[str, Tensor], Tensor]:
+        """``(inputs, present)``; variable-length modalities (events, notes) may return a
+        :class:`~mmclin.training.ragged.Ragged` as ``inputs``: it is padded per batch."""
         raise NotImplementedError
 
     def encoder_kwargs(self) -> dict[str, Any]:

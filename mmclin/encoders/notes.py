@@ -147,7 +147,12 @@ class NotesFeaturizer(Featurizer):
             raise ValueError(f"modality {self.spec.name!r}: max_notes must be >= 1, got {self.max_notes}")
         self.check_present_in_training(frame, self.present_rows(frame))
         rows, t, texts = self._notes(frame)
-        self.text = self._text_featurizer().fit(texts)
+        text = self._text_featurizer()
+        foreign = sorted(set(self.spec.options) & set(self.option_names) - {"max_notes", *text.option_names})
+        if foreign:
+            raise ValueError(f"modality {self.spec.name!r}: option(s) {foreign} do not apply to encoder "
+                             f"{self.spec.encoder_name!r} (its text options: {list(text.option_names)})")
+        self.text = text.fit(texts)
         hi = float(t.max())
         lo = float(np.quantile(t, 0.01))
         self.time_shift, self.time_scale = hi, (hi - lo) if hi > lo else 1.0
@@ -184,7 +189,7 @@ class TimeAttentionPool(nn.Module):
     """Attention pooling of notes on the time axis, with a learned "no note" slot.
 
     ``h_j = x_j + time_emb(t_j)``, ``a = softmax_j(v^T tanh(W h_j))`` over the valid notes and
-    the null slot, ``pooled = sum_j a_j h_j``.
+    the null slot, ``pooled = sum_j a_j h_j + mean_j x_j`` (the mean over the valid notes; 0 when none).
 
     Shapes:
         x ``[B, L, D]``, time ``[B, L]``, mask ``[B, L]`` -> ``[B, D]``.
@@ -201,7 +206,9 @@ class TimeAttentionPool(nn.Module):
         h = torch.cat([self.null.to(h.dtype).expand(h.shape[0], 1, -1), h], 1)
         valid = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)
         a = self.score(h).squeeze(-1).masked_fill(~valid, float("-inf")).softmax(-1)
-        return (a.unsqueeze(-1) * h).sum(1)
+        # plus the plain mean of the notes: attention alone tends to pick one note and drop the rest
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return (a.unsqueeze(-1) * h).sum(1) + (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 @ENCODERS.register("notes")

@@ -74,7 +74,7 @@ def explain(
     net = fitted.net.eval()
     device = next(net.parameters()).device
     names = sorted(table.present)
-    outputs = fitted.outputs_from_table(table)
+    outputs = fitted.outputs_from_table(table, batch_size)
     tgt = resolve_target(fitted.task, outputs, target, horizon)
 
     gradient_levels = tuple(lv for lv in levels if lv != "modality")
@@ -117,7 +117,9 @@ def explain(
                 ref_all.append(reference.cpu().double())
                 delta_all.append(delta.cpu().double())
                 for level, frames in _gradient_frames(fitted, b, rows, parts, attrs).items():
-                    gradient_rows.setdefault(level, []).extend(frames)
+                    # one subject's rows together, in declaration order, whatever the batching
+                    gradient_rows.setdefault(level, []).append(
+                        pl.concat(frames, how="diagonal_relaxed").sort("row", maintain_order=True))
     seconds = time.perf_counter() - started
 
     row_ids = pl.Series("row", np.arange(n), dtype=pl.Int64)
@@ -133,18 +135,17 @@ def explain(
             "modality": np.tile(names, n),
             "present": present.reshape(-1),
             "attribution": phi.reshape(-1),
-        }, schema_overrides={"row": pl.Int64})
+        }, schema_overrides={"row": pl.Int64}).with_columns(pl.col("modality").cast(pl.Categorical))
     if gradient_levels:
         out_cols["reference"] = torch.cat(ref_all).numpy()
         out_cols["ig_delta"] = torch.cat(delta_all).numpy()
     out_frame = pl.DataFrame(out_cols)
 
-    # one subject's rows together, in declaration order, whatever the batching
-    frames = {lv: pl.concat(fs, how="diagonal_relaxed").sort("row", maintain_order=True) for lv, fs in gradient_rows.items()}
+    frames = {lv: pl.concat(fs, how="diagonal_relaxed", rechunk=False) for lv, fs in gradient_rows.items()}
     if ids is not None:
-        lookup = pl.DataFrame({"row": row_ids, id_column: ids})
-        attach = lambda f: None if f is None else f.join(lookup, on="row", how="left").select(  # noqa: E731
-            "row", id_column, *[c for c in f.columns if c != "row"])
+        # rows are positions in the frame: gather the ids (a join would copy the whole frame)
+        attach = lambda f: None if f is None else f.select(  # noqa: E731
+            "row", ids.gather(f["row"]).alias(id_column), *[c for c in f.columns if c != "row"])
         out_frame, modality_frame = attach(out_frame), attach(modality_frame)
         frames = {k: attach(v) for k, v in frames.items()}
 
@@ -208,8 +209,9 @@ def _gradient_frames(fitted: Any, batch: Any, rows: np.ndarray, parts: list, att
         cols: dict[str, Any] = {"row": np.repeat(rows, per_row)}
         grid = np.indices(shape).reshape(len(shape), -1)
         for ax, (axis, idx) in enumerate(zip(decl.axes, grid)):
-            if ax == 0 and decl.names is not None:
-                cols[axis] = np.asarray(featurizer.feature_names()[decl.names], dtype=object)[np.tile(idx, len(rows))]
+            if ax == 0 and decl.names is not None:  # names as a categorical: millions of rows, few names
+                names = pl.Series(axis, featurizer.feature_names()[decl.names], dtype=pl.Categorical)
+                cols[axis] = names.gather(np.tile(idx, len(rows)))
             else:
                 cols[axis] = np.tile(idx, len(rows))
         if decl.display is not None:
@@ -226,12 +228,17 @@ def _gradient_frames(fitted: Any, batch: Any, rows: np.ndarray, parts: list, att
         keep = np.repeat(present, per_row)
         if decl.valid_key is not None:
             keep &= inputs_cpu[m][decl.valid_key].numpy().reshape(-1).astype(bool)
-        strings = {"category", *(decl.axes[:1] if decl.names is not None else ())}
         dtypes = {"row": pl.Int64, "value": pl.Float64, "missing": pl.Boolean, "attribution": pl.Float64}
-        data = {k: pl.Series(k, np.asarray(v)[keep].tolist(), dtype=pl.String, strict=False) if k in strings or
-                np.asarray(v).dtype == object else pl.Series(k, np.asarray(v)[keep], dtype=dtypes.get(k), strict=False)
-                for k, v in cols.items()}
-        df = pl.DataFrame(data).with_columns(pl.lit(m).alias("modality"), pl.lit(key).alias("input"))
+        data = {}
+        for k, v in cols.items():
+            if isinstance(v, pl.Series):
+                data[k] = v.filter(pl.Series(keep))
+            elif k == "category" or np.asarray(v).dtype == object:  # strings (None = missing) as categoricals
+                data[k] = pl.Series(k, np.asarray(v)[keep].tolist(), dtype=pl.String, strict=False).cast(pl.Categorical)
+            else:
+                data[k] = pl.Series(k, np.asarray(v)[keep], dtype=dtypes.get(k), strict=False)
+        df = pl.DataFrame(data).with_columns(pl.lit(m, dtype=pl.Categorical).alias("modality"),
+                                             pl.lit(key, dtype=pl.Categorical).alias("input"))
         df = df.select("row", "modality", "input", *[c for c in df.columns if c not in ("row", "modality", "input")])
         if "value" in df.columns:
             df = df.with_columns(pl.col("value").fill_nan(None))
@@ -251,6 +258,6 @@ def _gradient_frames(fitted: Any, batch: Any, rows: np.ndarray, parts: list, att
                 "gene_set": np.tile(names, len(rows))[keep_g],
                 "n_genes": np.tile([len(v) for v in groups.values()], len(rows))[keep_g],
                 "attribution": sums.reshape(-1)[keep_g],
-            }, schema_overrides={"row": pl.Int64}).with_columns(pl.lit(m).alias("modality")).select(
+            }, schema_overrides={"row": pl.Int64}).with_columns(pl.lit(m, dtype=pl.Categorical).alias("modality")).select(
                 "row", "modality", "gene_set", "n_genes", "attribution"))
     return out

@@ -1,4 +1,5 @@
-"""Explanation checks every registered fusion head must pass (tests parametrise over ``FUSIONS``).
+"""Explanation checks every registered fusion head (``EXPLAIN_FUSION_CHECKS``) and encoder
+(``check_encoder_attributions``) must pass; tests parametrise over ``FUSIONS`` and ``ENCODERS``.
 
 They run on an untrained network over a small synthetic cohort with three modalities and
 missing ones, so a new head is checked without training or a new test:
@@ -139,6 +140,44 @@ def check_feature_completeness(name: str) -> None:
         deltas.append(np.abs(o["ig_delta"].to_numpy()).max())
     assert deltas[1] < deltas[0] or deltas[1] < 1e-4, (
         f"{name}: IG convergence delta does not shrink with more steps ({deltas[0]:.3g} at 8, {deltas[1]:.3g} at 256)")
+
+
+def check_encoder_attributions(name: str) -> None:
+    """An encoder's declared attributable inputs exist in its example input, attribute to the
+    declared axes, and Integrated Gradients over them adds up (encoders declaring none pass)."""
+    from types import SimpleNamespace
+
+    from mmclin.explain.attributable import attributable_inputs
+    from mmclin.explain.features import integrated_gradients, reduce_attribution
+    from mmclin.explain.targets import resolve_target
+    from mmclin.fusion.concat import ConcatFusion
+    from mmclin.registry import ENCODERS
+    from mmclin.training.model import MultimodalNet
+
+    load_builtin_components()
+    torch.manual_seed(0)
+    enc = ENCODERS.get(name).example().eval()
+    decls = attributable_inputs(enc)
+    if not decls:
+        return
+    x = enc.example_input(3)
+    for d in decls:
+        for key in (d.key, d.missing_key, d.valid_key):
+            assert key is None or key in x, f"{name}: declared input {key!r} is not among its inputs {sorted(x)}"
+        if d.layer is not None:
+            enc.get_submodule(d.layer)  # raises naming the missing submodule
+    net = MultimodalNet({"m": enc}, ConcatFusion({"m": enc.output_dim}, d_model=8), torch.nn.Linear(8, 1)).eval()
+    present = {"m": torch.ones(3, dtype=torch.bool)}
+    out = net({"m": x}, present)[0].detach().numpy()
+    tgt = resolve_target(SimpleNamespace(task_name="raw", output_dim=1, problem="regression"), out)
+    parts, attrs, reference, delta = integrated_gradients(net, {"m": x}, present, tgt, np.arange(3), n_steps=16)
+    total = np.zeros(3)
+    for p, a in zip(parts, attrs):
+        red = reduce_attribution(p, a)
+        assert red.dim() == 1 + len(p.decl.axes), f"{name}: {p.decl.key!r} attributions {tuple(red.shape)} vs axes {p.decl.axes}"
+        total += red.reshape(3, -1).sum(1).numpy()
+    np.testing.assert_allclose(total, out[:, 0] - reference.numpy() + delta.numpy(), atol=1e-4,
+                               err_msg=f"{name}: attributions do not add up to output - reference + delta")
 
 
 EXPLAIN_FUSION_CHECKS: list[Callable[[str], None]] = [

@@ -30,6 +30,9 @@ class Explanation:
       ``feature``, ``value`` (numeric, in the column's units) or ``category``, ``missing``,
       ``attribution``. Per subject, all of them add up to ``output - reference - ig_delta``.
     * ``gene_set``: per subject, genomics modality and gene group: the sum over its genes.
+
+    Name columns (``modality``, ``input``, ``feature``, ...) of these per-subject frames are
+    ``pl.Categorical`` (they can hold millions of rows); summaries return plain strings.
     * ``other``: frames of the ``time`` (one row per observation: ``step``, ``variable``, ``time``,
       ``value``), ``time_by_variable`` (per subject and variable: the sum over its observations),
       ``note`` (per note: ``note``, ``time``) and ``patch`` (per patch: ``patch``, ``x``, ``y``,
@@ -65,8 +68,8 @@ class Explanation:
             out = frame.group_by("modality").agg(
                 pl.col("attribution").abs().mean().alias("mean_abs"), pl.col("attribution").mean().alias("mean"),
                 pl.col("attribution").std().alias("std"), pl.col("present").sum().alias("n_present"))
-            return out.with_columns((pl.col("mean_abs") / pl.col("mean_abs").sum()).alias("share")).sort(
-                ["mean_abs", "modality"], descending=[True, False])
+            return out.with_columns((pl.col("mean_abs") / pl.col("mean_abs").sum()).alias("share"),
+                                    pl.col("modality").cast(pl.String)).sort(["mean_abs", "modality"], descending=[True, False])
         keys = SUMMARY_KEYS.get(level)
         if keys is None:
             raise ValueError(f"level {level!r} has no global summary (its rows are per subject: use "
@@ -74,6 +77,8 @@ class Explanation:
         out = frame.group_by(keys).agg(
             pl.col("attribution").abs().mean().alias("mean_abs"), pl.col("attribution").mean().alias("mean"),
             pl.len().alias("n"))
+        # summaries are small: plain strings, so they join with users' own String columns
+        out = out.with_columns([pl.col(k).cast(pl.String) for k in keys if out.schema[k] == pl.Categorical])
         out = out.sort(["mean_abs", *keys], descending=[True, *[False] * len(keys)])
         return out.with_columns(pl.int_range(1, pl.len() + 1).alias("rank"))
 

@@ -121,7 +121,7 @@ def exact_shapley(forward: CoalitionForward, coalitions_per_pass: int = 8) -> tu
     values = []
     for chunk in coalitions.split(coalitions_per_pass):
         rows = chunk.repeat_interleave(b, dim=0)  # coalition j for every subject, then j + 1, ...
-        values.append(forward(rows).double().reshape(len(chunk), b))
+        values.append(forward(rows).double().cpu().reshape(len(chunk), b))
     v = torch.cat(values)  # [2^M, B]
     sizes = coalitions.sum(1).long()
     weight = torch.tensor([math.factorial(s) * math.factorial(n_players - s - 1) / math.factorial(n_players)
@@ -150,4 +150,4 @@ def sampled_shapley(forward: CoalitionForward, n_samples: int, seed: int = 0,
         phi = ShapleyValueSampling(forward).attribute(
             ones, baselines=torch.zeros_like(ones), feature_mask=torch.arange(n_players).unsqueeze(0),
             n_samples=n_samples, perturbations_per_eval=max(1, min(perturbations_per_eval, n_players)))
-    return phi.double(), forward(ones).double(), forward(torch.zeros_like(ones)).double()
+    return phi.double().cpu(), forward(ones).double().cpu(), forward(torch.zeros_like(ones)).double().cpu()

@@ -37,11 +37,10 @@ def env_global_rank() -> int:
 
 
 def env_world_size() -> int:
-    """World size announced by the launcher (``WORLD_SIZE`` or ``SLURM_NTASKS``); 1 otherwise."""
-    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 1
+    """World size set by torchrun or Lightning's launcher (``WORLD_SIZE``); 1 otherwise. SLURM's
+    task count is not used: ``srun -n 4 mmclin tune ...`` starts four independent study workers."""
+    value = os.environ.get("WORLD_SIZE", "")
+    return int(value) if value.isdigit() else 1
 
 
 def current_rank_world() -> tuple[int, int]:
