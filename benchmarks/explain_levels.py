@@ -10,7 +10,8 @@ notes; death depends on a latent severity loading on Lactate, HR, RespRate (+) a
   exactly one of >= 2 notes, is that note the stay's most influential one (``top("note", 1)``)?
   Chance is about 1 / (number of notes).
 * ``static + timeseries`` with signal in the values only: where do the five loading
-  variables rank among the 37 in ``summary("time_by_variable")``?
+  variables rank among the 37 in ``summary("time_by_variable")`` (per-subject sums, which
+  grow with how often a variable is measured) and ``summary("time")`` (per observation)?
 
 Both against a weight-shuffled copy of the same model (Adebayo et al. 2018).
 """
@@ -75,10 +76,11 @@ def main() -> None:
     print(f"static + timeseries: fit {secs:.0f} s, held-out accuracy {clf.score(X, y):.2f}")
     for name, model in (("trained", clf.model_), ("shuffled weights", shuffled_weights(clf.model_))):
         e = explain(model, X, levels=("modality", "time"))
-        s = e.summary("time_by_variable")
-        ranks = {r["variable"]: r["rank"] for r in s.iter_rows(named=True)}
-        print(f"  {name:<16} ranks of the loading variables among {s.height}: "
-              + ", ".join(f"{v} {ranks.get(v, '-')}" for v in LOADING) + f"; top 5: {s['variable'][:5].to_list()}")
+        for level, what in (("time_by_variable", "per-subject sums"), ("time", "per observation")):
+            s = e.summary(level)
+            ranks = {r["variable"]: r["rank"] for r in s.iter_rows(named=True)}
+            print(f"  {name:<16} {what:<16} ranks of the loading variables among {s.height}: "
+                  + ", ".join(f"{v} {ranks.get(v, '-')}" for v in LOADING) + f"; top 5: {s['variable'][:5].to_list()}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ _LAZY = {
     "list_cohorts": "mmclin.datasets",
     "make_synthetic_cohort": "mmclin.datasets",
     "FittedModel": "mmclin.training.core",
+    "run_study": "mmclin.tuning",
 }
 __all__ = sorted(_LAZY)
 

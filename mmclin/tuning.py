@@ -320,7 +320,7 @@ class SearchSpace:
             for v in candidates:
                 v = int(v) if p.type == "int" else v
                 values = {**forced, key: v}
-                active, removed = self.active_keys(values, raw)
+                removed = self.active_keys(values, raw)[1]
                 yield key, v, self.apply(base, values, [k for k in removed if k not in values])
 
 
@@ -488,6 +488,9 @@ class EpochMetricPruning:
 
     The held-out rows are featurized with featurizers fitted on the fold's training rows,
     as ``fit_model`` fits its own (deterministically, so they are the same).
+
+    Shapes:
+        held-out outputs of the current weights ``[N_eval, task.output_dim]`` -> one float per epoch.
     """
 
     def __init__(self, trial: optuna.Trial | None, frame_train: pl.DataFrame, y_train: Any, frame_eval: pl.DataFrame,
@@ -499,7 +502,6 @@ class EpochMetricPruning:
         self.sink, self.timer = sink, timer
         self.fits = 0
         self.table = None
-        self.values: list[tuple[int, float]] = []
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.fits += 1
@@ -539,7 +541,6 @@ class EpochMetricPruning:
                 self.sink({f"val_{self.metric}": float(value)}, epoch)
             if self.trial is None or value is None or not math.isfinite(value) or epoch < self.warmup:
                 return
-            self.values.append((epoch, float(value)))
             self.trial.report(float(value), self.step_offset + epoch)
             prune = self.trial.should_prune()
         finally:
@@ -584,10 +585,12 @@ class _TrialRun:
             self.client.log_batch(self.run_id, metrics=chunk)
 
     def end(self, state: TrialState, error: str | None = None) -> None:
+        from mlflow.entities import RunTag
+
+        tags = [RunTag("mmclin.state", state.name.lower())] + ([RunTag("mmclin.error", error[:4000])] if error else [])
+        chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
         self.flush()
-        self.client.set_tag(self.run_id, "mmclin.state", state.name.lower())
-        if error:
-            self.client.set_tag(self.run_id, "mmclin.error", error[:4000])
+        self.client.log_batch(self.run_id, metrics=chunk, tags=tags)  # one write for the last metrics and the state
         status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(state, "FAILED")
         self.client.set_terminated(self.run_id, status=status)
 
@@ -891,10 +894,12 @@ class StudyRunner:
                 use_score=self.score_is_metric)] if prune else []
             t0 = time.perf_counter()
             before = timer.pruning_eval + timer.machinery_inside
-            fitted = fit_model(f_tr, y_tr, c.modalities, cfg.model, cfg.trainer, cfg.model.task or self.task_config,
-                               id_column=c.id_column or None, epoch_sink=sink, extra_callbacks=callbacks)
-            metrics = fitted.task.metrics(y_va, fitted.predict_outputs(f_va), y_train=y_tr)
-            timer.model += time.perf_counter() - t0 - (timer.pruning_eval + timer.machinery_inside - before)
+            try:  # a pruned fit ends in TrialPruned: its training time still counts as training
+                fitted = fit_model(f_tr, y_tr, c.modalities, cfg.model, cfg.trainer, cfg.model.task or self.task_config,
+                                   id_column=c.id_column or None, epoch_sink=sink, extra_callbacks=callbacks)
+                metrics = fitted.task.metrics(y_va, fitted.predict_outputs(f_va), y_train=y_tr)
+            finally:
+                timer.model += time.perf_counter() - t0 - (timer.pruning_eval + timer.machinery_inside - before)
             rows.append(metrics)
             scores.append(metrics.get(self.metric, math.nan))
             if run:
@@ -907,7 +912,7 @@ class StudyRunner:
             names = sorted({m for r in rows for m in r})
             mean = {f"cv_mean_{m}": float(np.nanmean([r.get(m, math.nan) for r in rows])) for m in names
                     if not np.isnan([r.get(m, math.nan) for r in rows]).all()}
-            run.log({**mean, "objective": value})
+            run.log({**mean, "objective": value})  # written by run.end, with the trial's state
         if not math.isfinite(value):
             raise ValueError(f"{self.metric} is undefined on every fold (NaN)")
         return value
@@ -1006,7 +1011,7 @@ class StudyRunner:
         from mmclin import tracking
         from mmclin.experiment import Experiment
 
-        active, removed = self.space.active_keys(best.params, self.base_dump)
+        removed = self.space.active_keys(best.params, self.base_dump)[1]
         cfg = self.space.apply(self.config, best.params, removed)
         exp = Experiment(cfg)
         exp._cohort = self.cohort  # same frame and split; not loaded twice

@@ -231,7 +231,8 @@ class HashedNotesEncoder(ModalityEncoder):
         self.project = nn.EmbeddingBag(n_features, d_model, mode="sum")
         nn.init.normal_(self.project.weight, std=0.1)
         self.bias = nn.Parameter(torch.zeros(d_model))
-        self.mlp = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(d_model, d_model), nn.LayerNorm(d_model))
+        self.mlp = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(d_model, d_model))
+        self.norm = nn.LayerNorm(d_model)
         self.pool = TimeAttentionPool(d_model)
 
     @classmethod
@@ -242,7 +243,8 @@ class HashedNotesEncoder(ModalityEncoder):
         b, length, k = inputs["term"].shape
         weight = (inputs["weight"] * inputs["term_mask"]).reshape(b * length, k)
         x = self.project(inputs["term"].reshape(b * length, k), per_sample_weights=weight).view(b, length, -1)
-        x = self.mlp(x + self.bias)
+        x = x + self.bias
+        x = self.norm(x + self.mlp(x))  # residual: the linear TF-IDF projection reaches the pooling unchanged
         pooled = self.pool(x, inputs["note_time"], inputs["note_mask"])
         return ModalityTokens(pooled.unsqueeze(1), torch.ones(b, 1, dtype=torch.bool, device=pooled.device))
 

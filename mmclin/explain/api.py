@@ -85,7 +85,7 @@ def explain(
         if lacking:
             encs = {m: type(e).__name__ for m, e in members(net)[0].encoders.items()}
             raise ValueError(f"level(s) {lacking}: no encoder of this model declares attributable inputs of that "
-                             f"level (encoders: {encs}); feature level exists for tabular and genomics encoders")
+                             f"level (encoders: {encs}); docs/explanations.md lists which encoders declare which level")
 
     n_players = len(names)
     shapley = None
@@ -98,7 +98,7 @@ def explain(
     id_column = id_column or fitted.id_column
     ids = frame[id_column] if id_column and id_column in frame.columns else None
     started = time.perf_counter()
-    phi_all, full_all, empty_all, ref_all, delta_all = [], [], [], [], []
+    phi_all, empty_all, ref_all, delta_all = [], [], [], []
     gradient_rows: dict[str, list[pl.DataFrame]] = {}
     with torch.enable_grad():  # IG needs gradients even when called under no_grad
         for start in range(0, n, batch_size):
@@ -106,10 +106,9 @@ def explain(
             b = table.batch(torch.as_tensor(rows)).to(device)
             if shapley is not None:
                 fwd = CoalitionForward(net, b.inputs, b.present, _row_scalar(tgt, rows))
-                phi, full, empty = (exact_shapley(fwd) if shapley == "exact"
-                                    else sampled_shapley(fwd, n_samples, seed=random_state + start))
+                phi, _, empty = (exact_shapley(fwd) if shapley == "exact"
+                                 else sampled_shapley(fwd, n_samples, seed=random_state + start))
                 phi_all.append(phi.cpu())
-                full_all.append(full.cpu())
                 empty_all.append(empty.cpu())
             if gradient_levels:
                 parts, attrs, reference, delta = integrated_gradients(net, b.inputs, b.present, tgt, rows, n_steps,

@@ -33,7 +33,7 @@ def example_cohort(task: str = "survival", n: int = 24, seed: int = 0) -> Any:
 
 
 def untrained_model(cohort: Any, fusion: str, task: str | None = None, ensemble_size: int = 1,
-                    fusion_options: dict | None = None, seed: int = 0) -> Any:
+                    fusion_options: dict | None = None, seed: int = 0, encoder_options: dict | None = None) -> Any:
     """A ``FittedModel`` with freshly initialised weights (featurizers and task fitted on ``cohort``)."""
     from mmclin.config import ComponentConfig, ModelConfig
     from mmclin.training.core import FittedModel, build_net, build_task
@@ -47,7 +47,8 @@ def untrained_model(cohort: Any, fusion: str, task: str | None = None, ensemble_
     featurizers = fit_featurizers(cohort.frame, cohort.modalities)
     task_obj.fit_targets(y)
     options = FUSIONS.get(fusion).example_options() if fusion_options is None else fusion_options
-    model_cfg = ModelConfig(fusion=ComponentConfig(name=fusion, **options), ensemble_size=ensemble_size)
+    model_cfg = ModelConfig(fusion=ComponentConfig(name=fusion, **options), ensemble_size=ensemble_size,
+                            encoders=encoder_options or {})
     encoder_kwargs = {m: f.encoder_kwargs() for m, f in featurizers.items()}
     torch.manual_seed(seed)
     net = build_net(cohort.modalities, encoder_kwargs, model_cfg, task_obj).eval()

@@ -11,9 +11,9 @@ import polars as pl
 
 PLOT_FILES = {"modality": "modality_importance.png", "feature": "feature_importance.png",
               "gene_set": "gene_set_importance.png", "time_by_variable": "variable_importance.png"}
-# what a global summary groups by; levels without an entry (note, patch, time) are per subject: see top()
+# what a global summary groups by; levels without an entry (note, patch) are per subject: see top()
 SUMMARY_KEYS = {"feature": ["modality", "input", "feature"], "gene_set": ["modality", "gene_set"],
-                "time_by_variable": ["modality", "variable"]}
+                "time": ["modality", "variable"], "time_by_variable": ["modality", "variable"]}
 
 
 @dataclass
@@ -58,7 +58,9 @@ class Explanation:
         """Global importance, sorted by ``mean_abs`` (mean |attribution|) descending.
 
         ``modality``: over all subjects (an absent modality counts 0 for that subject), with
-        ``mean``, ``std``, ``share`` = its part of the summed ``mean_abs`` and ``n_present``. ``feature`` /
+        ``mean``, ``std``, ``share`` = its part of the summed ``mean_abs`` and ``n_present``.
+        ``time``: per observation of each variable; ``time_by_variable``: per subject's sum over
+        a variable's observations (frequently measured variables accumulate more). ``feature`` /
         ``gene_set``: over the subjects whose modality is present, with ``rank`` (1 = most important).
         """
         frame = self.frames().get(level)

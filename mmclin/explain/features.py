@@ -60,9 +60,10 @@ def _layer_overrides(modules: dict[tuple[int, str, str], nn.Module]) -> Iterator
             h.remove()
 
 
-def integrated_gradients(net: nn.Module, inputs: dict[str, dict[str, Tensor]], present: dict[str, Tensor],
-                         target: ExplainTarget, rows: np.ndarray, n_steps: int = 50,
-                         method: str = "gausslegendre", levels: tuple[str, ...] | None = None) -> tuple[list[AttributedPart], list[Tensor], Tensor, Tensor]:
+def integrated_gradients(
+    net: nn.Module, inputs: dict[str, dict[str, Tensor]], present: dict[str, Tensor], target: ExplainTarget,
+    rows: np.ndarray, n_steps: int = 50, method: str = "gausslegendre", levels: tuple[str, ...] | None = None,
+) -> tuple[list[AttributedPart], list[Tensor], Tensor, Tensor]:
     """IG for one batch of subjects over every declared input.
 
     Returns ``(parts, attributions, reference_output, delta)``: attribution ``k`` has the shape
