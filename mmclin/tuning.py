@@ -53,6 +53,11 @@ _VOLATILE = ("name", "output_dir", "tracking", "tune.n_trials", "tune.timeout", 
              "trainer.num_nodes", "trainer.precision")
 
 
+def state_name(state: TrialState) -> str:
+    """complete, pruned, failed, running, waiting: the trial states as MLflow tags and tables show them."""
+    return "failed" if state == TrialState.FAIL else state.name.lower()
+
+
 class StudyError(RuntimeError):
     """The study cannot go on (e.g. every recent trial failed); the message says why."""
 
@@ -587,7 +592,7 @@ class _TrialRun:
     def end(self, state: TrialState, error: str | None = None) -> None:
         from mlflow.entities import RunTag
 
-        tags = [RunTag("mmclin.state", state.name.lower())] + ([RunTag("mmclin.error", error[:4000])] if error else [])
+        tags = [RunTag("mmclin.state", state_name(state))] + ([RunTag("mmclin.error", error[:4000])] if error else [])
         chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
         self.flush()
         self.client.log_batch(self.run_id, metrics=chunk, tags=tags)  # one write for the last metrics and the state
@@ -623,7 +628,7 @@ def trials_frame(study: optuna.Study) -> pl.DataFrame:
     rows = []
     for t in study.get_trials(deepcopy=False):
         secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
-        rows.append({"number": t.number, "state": t.state.name.lower(), "value": t.value,
+        rows.append({"number": t.number, "state": state_name(t.state), "value": t.value,
                      "seconds": secs, "baseline": bool(t.user_attrs.get("mmclin.baseline", False)),
                      "retry_of": t.user_attrs.get("mmclin.retry_of"), "error": t.user_attrs.get("mmclin.error"),
                      "params": json.dumps(t.params, sort_keys=True, default=str)})
@@ -833,7 +838,7 @@ class StudyRunner:
                                    "n_tuning_subjects": len(self.train_idx), "n_test_subjects": len(self.test_idx)})
             self._client.update_run(self._parent_id, status="RUNNING")
             self.study.set_user_attr("mmclin.mlflow", {"run_id": self._parent_id, "experiment_id": self._experiment_id,
-                                                       "tracking_uri": self.config.tracking.uri})
+                                                       "tracking_uri": redact(self.config.tracking.uri)})
         self._client.set_tag(self._parent_id, "mmclin.host", HOST)
         self._client.set_tag(self._parent_id, "mmclin.pid", str(os.getpid()))
 
@@ -905,7 +910,8 @@ class StudyRunner:
             if run:
                 t1 = time.perf_counter()
                 run.log({f"fold{k}_{m}": v for m, v in metrics.items()})
-                run.flush()
+                if k < len(self.folds) - 1:  # progress visible per fold; the last fold is written by run.end
+                    run.flush()
                 timer.machinery_inside += time.perf_counter() - t1
         value = float(np.nanmean(scores)) if not np.isnan(scores).all() else math.nan
         if run:
@@ -962,7 +968,7 @@ class StudyRunner:
                 self.echo(f"trial {trial.number}: could not close its MLflow run: {type(err).__name__}: {err}")
         total = time.perf_counter() - t_start
         overhead = total - timer.model - timer.pruning_eval
-        self.timings.append({"number": trial.number, "state": state.name.lower(), "seconds": total,
+        self.timings.append({"number": trial.number, "state": state_name(state), "seconds": total,
                              "model_seconds": timer.model, "pruning_eval_seconds": timer.pruning_eval,
                              "overhead_seconds": overhead, "tell_and_close_seconds": time.perf_counter() - t_tell})
         shown = f"{self.metric}={value:.4f}" if value is not None else (error or "")
@@ -970,7 +976,7 @@ class StudyRunner:
         attrs = trial.user_attrs
         note = " (baseline)" if attrs.get("mmclin.baseline") else (
             f" (retry of {attrs['mmclin.retry_of']})" if attrs.get("mmclin.retry_of") is not None else "")
-        self.echo(f"trial {trial.number:>3}{note} {state.name.lower():<8} {shown[:160]}  [{params}]  {total:.1f} s")
+        self.echo(f"trial {trial.number:>3}{note} {state_name(state):<8} {shown[:160]}  [{params}]  {total:.1f} s")
         self._consecutive_failures = self._consecutive_failures + 1 if state == TrialState.FAIL else 0
         if self._consecutive_failures >= self.tune.max_consecutive_failures:
             raise StudyError(f"{self._consecutive_failures} trials in a row failed; the last one with: {error}")
@@ -1018,7 +1024,8 @@ class StudyRunner:
         self.echo(f"refitting trial {best.number} ({self.metric}={best.value:.4f}) on all {len(self.train_idx)} "
                   f"training subjects; scoring {len(self.test_idx)} test subjects once")
         res = exp.fit(self.output_dir)
-        assert res.predictions.height == len(self.test_idx), "refit scored other subjects than the study's test split"
+        if res.predictions.height != len(self.test_idx):  # Experiment.fit must split exactly as the study did
+            raise StudyError(f"the refit scored {res.predictions.height} subjects, the study held out {len(self.test_idx)}")
         study_dir = self.output_dir / self.config.name / "study"
         study_dir.mkdir(parents=True, exist_ok=True)
         frame = trials_frame(self.study)
@@ -1038,7 +1045,7 @@ class StudyRunner:
                 tracking.log_metrics(res.metrics, prefix="test_")
                 tracking.log_metrics({f"best_cv_{self.metric}": best.value, "best_trial": best.number,
                                       **({f"baseline_cv_{self.metric}": baseline} if baseline is not None else {}),
-                                      **{f"n_{s}": float((frame["state"] == s).sum()) for s in ("complete", "pruned", "fail")}})
+                                      **{f"n_{s}": float((frame["state"] == s).sum()) for s in ("complete", "pruned", "failed")}})
                 mlflow.set_tags({f"best.{k}": str(v)[:500] for k, v in best.params.items()})
                 mlflow.log_artifacts(str(study_dir), "study")
                 tracking.log_frame(res.predictions, "test_predictions.parquet")
