@@ -56,7 +56,6 @@ def test_fit_tracks_run_and_model_then_predict(tmp_path, monkeypatch, capsys):
     p = pl.read_csv(tmp_path / "p.csv")
     assert p.columns == ["patient_id", "risk"] and p.height == 198
     assert main(["predict", f"runs:/{run.info.run_id}", "--tracking-uri", uri, "--data", "gse7390", "--output", str(tmp_path / "p.parquet")]) == 0
-    assert pl.read_parquet(tmp_path / "p.parquet").equals(p.with_columns(pl.col("risk")), null_equal=True) or True
     assert pl.read_parquet(tmp_path / "p.parquet")["risk"].to_list() == pytest.approx(p["risk"].to_list(), rel=1e-5)
 
 

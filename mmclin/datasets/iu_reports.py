@@ -23,7 +23,6 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 from mmclin.cohort import Cohort, ModalitySpec

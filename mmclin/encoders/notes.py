@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 import numpy as np
 import polars as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmclin.batch import ModalityTokens
