@@ -1,4 +1,4 @@
-"""``mmclin fit | evaluate | predict | cohorts``. Heavy imports happen inside commands so
+"""``mmclin fit | evaluate | predict | explain | tune | studies | pretrain | cohorts``. Heavy imports happen inside commands so
 ``mmclin --help`` stays fast."""
 from __future__ import annotations
 
