@@ -155,20 +155,13 @@ def _print_missing_report(name: str, report: Any) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
-    from mmclin.experiment import read_table, resolve_model_path, write_atomic
+    from mmclin.experiment import read_frame_or_cohort, resolve_model_path, write_atomic
     from mmclin.predictions import prediction_frame
     from mmclin.training.core import FittedModel
 
     fitted = FittedModel.load(resolve_model_path(args.model, args.tracking_uri))
-    if Path(args.data).exists():
-        frame, id_col = read_table(args.data), args.id_column
-    else:
-        from mmclin.datasets import load_cohort
-
-        cohort = load_cohort(args.data)
-        frame, id_col = cohort.frame, args.id_column or cohort.id_column
+    frame, id_col = read_frame_or_cohort(args.data, args.id_column)
     preds = prediction_frame(fitted, frame, id_col)
     write_atomic(preds, args.output)
     print(f"wrote {preds.height} predictions to {args.output}")

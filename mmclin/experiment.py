@@ -34,6 +34,16 @@ def read_table(path: str | Path) -> pl.DataFrame:
     raise ValueError(f"data file {str(path)!r}: expected .parquet or .csv/.tsv, got {suffix!r}")
 
 
+def read_frame_or_cohort(data: str, id_column: str | None = None) -> tuple[pl.DataFrame, str | None]:
+    """A one-row-per-subject file, or a built-in cohort's frame (with its id column) when no such file exists."""
+    if Path(data).exists():
+        return read_table(data), id_column
+    from mmclin.datasets import load_cohort
+
+    cohort = load_cohort(data)
+    return cohort.frame, id_column or cohort.id_column
+
+
 def targets_from_frame(frame: pl.DataFrame, columns: list[str], problem: str) -> Any:
     """``y`` from target columns: ``[event, time]`` for survival (scikit-survival layout), one label column otherwise."""
     missing = [c for c in columns if c not in frame.columns]

@@ -42,18 +42,12 @@ def _run_id(model: str, explicit: str | None) -> str | None:
 def cmd_explain(args: argparse.Namespace, print_table: Any) -> int:
     from pathlib import Path
 
-    from mmclin.experiment import read_table, resolve_model_path
+    from mmclin.experiment import read_frame_or_cohort, resolve_model_path
     from mmclin.explain import explain
     from mmclin.training.core import FittedModel
 
     fitted = FittedModel.load(resolve_model_path(args.model, args.tracking_uri))
-    if Path(args.data).exists():
-        frame, id_col = read_table(args.data), args.id_column
-    else:
-        from mmclin.datasets import load_cohort
-
-        cohort = load_cohort(args.data)
-        frame, id_col = cohort.frame, args.id_column or cohort.id_column
+    frame, id_col = read_frame_or_cohort(args.data, args.id_column)
     target: Any = args.target
     if target is not None and fitted.task.task_name == "multitask" and ":" in target:
         target = tuple(target.split(":", 1))
