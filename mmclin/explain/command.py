@@ -40,7 +40,6 @@ def _run_id(model: str, explicit: str | None) -> str | None:
 
 
 def cmd_explain(args: argparse.Namespace, print_table: Any) -> int:
-    from pathlib import Path
 
     from mmclin.experiment import read_frame_or_cohort, resolve_model_path
     from mmclin.explain import explain
