@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="train on the training subjects and score the held-out ones")
     _config_args(p)
     p.add_argument("--output-dir", help="where the model and test predictions go (default: the config's)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoints (<output>/checkpoints) and its MLflow run; "
+                        "ends as the uninterrupted run would have (CPU, same config and data)")
 
     p = sub.add_parser("evaluate", help="cross-validated (--cv K) or hold-out metrics")
     _config_args(p)
@@ -106,6 +109,11 @@ def _ddp_follower(args: argparse.Namespace) -> bool:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    import os
+
+    if args.resume and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ValueError("--resume is not supported for multi-process (DDP) runs yet: every rank would need rank 0's "
+                         "checkpoints; rerun without --resume")
     if _ddp_follower(args):
         return 0
     exp = _experiment(args)
@@ -116,7 +124,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     accelerator, precision = resolve_accelerator(exp.config.trainer)
     print(f"training on {accelerator} ({precision}); {exp.config.model.ensemble_size} ensemble member(s)")
-    res = exp.fit(args.output_dir)
+    res = exp.fit(args.output_dir, resume=args.resume)
     _print_table(f"{exp.config.name}: held-out test metrics ({res.predictions.height} subjects)",
                  [{"metric": k, "value": v} for k, v in res.metrics.items()])
     print(f"model: {res.model_dir}")

@@ -35,6 +35,10 @@ class DataConfig(BaseModel):
     modalities: list[ModalitySpec] | None = None
     test_size: float = Field(0.25, gt=0, lt=1)
     split_seed: int = 0
+    # data root for file paths in the frame (image / slide modalities): relative paths are taken under it and
+    # a path resolving outside it is refused; given to each such modality as options["root"] unless it sets
+    # its own (mmclin.paths.apply_data_root)
+    root: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -69,8 +73,10 @@ class TrainerConfig(BaseModel):
     strategy: str = "auto"  # e.g. "ddp" for several GPUs
     precision: str = "auto"  # "auto": bf16/16-mixed on GPU, 32 on CPU
     num_threads: int | None = Field(1, ge=1)  # torch CPU threads; 1 is as fast on 2 cores and robust
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     progress_bar: bool = True
+    # `mmclin fit`: checkpoint every N epochs (0: never) so `mmclin fit --resume` continues an interrupted run
+    checkpoint_every: int = Field(1, ge=0)
 
 
 class PretrainConfig(BaseModel):

@@ -5,12 +5,14 @@ estimators (``mmclin.training.fit_model``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
@@ -123,6 +125,14 @@ class Experiment:
         return self._cohort
 
     def _load_cohort(self) -> Cohort:
+        from mmclin.paths import apply_data_root
+
+        cohort = self._read_cohort()
+        # file paths of image/slide modalities stay under data.root when one is set
+        cohort.modalities = apply_data_root(cohort.modalities, self.config.data.root)
+        return cohort
+
+    def _read_cohort(self) -> Cohort:
         d = self.config.data
         if d.cohort is not None:
             from mmclin.datasets import load_cohort
@@ -154,35 +164,53 @@ class Experiment:
         return None if g is None else self.cohort.frame[g].to_numpy()
 
     # --- core ---------------------------------------------------------------------------
-    def _fit(self, frame: pl.DataFrame, y: Any, epoch_sink=None):
+    def _fit(self, frame: pl.DataFrame, y: Any, epoch_sink=None, checkpoints=None):
         from mmclin.training.core import fit_model
 
         c = self.cohort
         return fit_model(frame, y, c.modalities, self.config.model, self.config.trainer, self.task_config(),
-                         id_column=c.id_column or None, epoch_sink=epoch_sink)
+                         id_column=c.id_column or None, epoch_sink=epoch_sink, checkpoints=checkpoints)
 
     def _problem(self) -> str:
         from mmclin.training.core import build_task
 
         return build_task(self.task_config()).problem
 
-    def fit(self, output_dir: str | Path | None = None) -> FitResult:
-        """Hold-out fit: train (with a validation carve-out for early stopping) and score on the test subjects."""
+    def fit(self, output_dir: str | Path | None = None, resume: bool = False) -> FitResult:
+        """Hold-out fit: train (with a validation carve-out for early stopping) and score on the test subjects.
+
+        Training checkpoints go to ``<output>/checkpoints`` every ``trainer.checkpoint_every`` epochs
+        and are removed once the model is saved; ``resume`` continues an interrupted run from them
+        (same MLflow run), ending exactly as the uninterrupted run on CPU.
+        """
         from mmclin import tracking
         from mmclin.predictions import prediction_frame
+        from mmclin.training.core import checkpoint_store
         from mmclin.training.splits import holdout_split
 
         cfg, c = self.config, self.cohort
+        if resume and not cfg.trainer.checkpoint_every:
+            raise ValueError("--resume needs checkpoints, but trainer.checkpoint_every is 0 (checkpointing is off)")
         tr, te = holdout_split(c.y, self._problem(), cfg.data.test_size, cfg.data.split_seed, self._groups())
         out = Path(output_dir or cfg.output_dir) / cfg.name
+        _remove_stale_temporaries(out, ["model", "test_predictions.parquet"])
+        store = None
+        if cfg.trainer.checkpoint_every:
+            store = checkpoint_store(out / "checkpoints", c.frame[tr], _take(c.y, tr), c.modalities, cfg.model,
+                                     cfg.trainer, self.task_config(), resume)
         tracking.quiet_mlflow()
-        with tracking.tracked_run(cfg.tracking, cfg.tracking.run_name or f"{cfg.name}-fit", tags={"mmclin.verb": "fit"}) as run:
+        with tracking.tracked_run(cfg.tracking, cfg.tracking.run_name or f"{cfg.name}-fit", tags={"mmclin.verb": "fit"},
+                                  resume_run_id=store.run_id if store is not None and resume else None) as run:
             if run is not None:
+                if store is not None:
+                    store.run_id = run.info.run_id
                 tracking.log_config(cfg, c.frame)
                 tracking.log_metrics({"n_train": len(tr), "n_test": len(te)})
-            fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if run else None)
+            with rows_of_data(tr):
+                fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if run else None, store)
             test_frame = c.frame[te]
-            outputs = fitted.predict_outputs(test_frame)
+            with rows_of_data(te):
+                outputs = fitted.predict_outputs(test_frame)
             metrics = fitted.task.metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
             preds = prediction_frame(fitted, test_frame, c.id_column or None)
             model_dir = fitted.save(out / "model")
@@ -194,6 +222,8 @@ class Experiment:
                 if cfg.tracking.log_model:
                     # no input example: MLflow would store raw patient rows with the model
                     tracking.log_fitted_model(fitted, model_dir)
+        if store is not None:  # the model and predictions are saved: nothing left to resume
+            store.clear()
         return FitResult(metrics, preds, model_dir, run.info.run_id if run else None, fitted, fitted.history)
 
     def evaluate(self, cv: int | None = None, missing_report: bool | dict[str, Any] = False) -> CVResult:
@@ -222,8 +252,10 @@ class Experiment:
                 tracking.log_config(cfg, c.frame)
             for k, (tr, te) in enumerate(splits):
                 with tracking.tracked_run(cfg.tracking, f"fold-{k}", nested=True) as fold_run:
-                    fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if fold_run else None)
-                    outputs = fitted.predict_outputs(c.frame[te])
+                    with rows_of_data(tr):
+                        fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if fold_run else None)
+                    with rows_of_data(te):
+                        outputs = fitted.predict_outputs(c.frame[te])
                     metrics = fitted.task.metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
                     preds = pl.DataFrame({k: np.asarray(v) for k, v in prediction_columns(fitted.task, outputs).items()})
                     oof.append(preds.insert_column(0, pl.Series("fold", [k] * len(te))).insert_column(
@@ -256,6 +288,41 @@ class Experiment:
                 if run is not None:
                     report.log_to_mlflow()
         return CVResult(folds, summary, run.info.run_id if run else None, pl.concat(oof), report)
+
+
+@contextlib.contextmanager
+def rows_of_data(rows: np.ndarray) -> Iterator[None]:
+    """Errors that name ``row N`` of a split's frame (training or test subjects) name the row of the
+    whole data instead, so the row can be found in the user's file."""
+    try:
+        yield
+    except ValueError as err:
+        message = str(err.args[0]) if len(err.args) == 1 else None
+        if message is None:
+            raise
+        renamed = re.sub(r"\brow (\d+)\b", lambda m: f"row {rows[int(m.group(1))]}" if int(m.group(1)) < len(rows)
+                         else m.group(0), message)
+        if renamed == message:
+            raise
+        try:
+            clearer = type(err)(renamed)
+        except Exception:  # an error type with another constructor
+            clearer = ValueError(renamed)
+        raise clearer.with_traceback(err.__traceback__) from None
+
+
+def _remove_stale_temporaries(directory: Path, names: list[str]) -> None:
+    """Temporary files and directories of writes that a kill interrupted (``.<name>.*``; see
+    :func:`write_atomic`, ``FittedModel.save``): never valid output, removed before writing anew."""
+    import shutil
+
+    stale = [p for name in names for p in directory.glob(f".{name}.*")] if directory.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if stale:
+        import logging
+
+        logging.getLogger("mmclin").info("removed %d unfinished temporary file(s) in %s", len(stale), directory)
 
 
 def _nan_stat(series: pl.Series, fn) -> float:

@@ -32,8 +32,11 @@ def _setup(cfg: TrackingConfig) -> str:
 
 @contextlib.contextmanager
 def tracked_run(cfg: TrackingConfig, run_name: str | None = None, nested: bool = False,
-                tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """An MLflow run (or ``None`` when tracking is disabled); failed runs end as FAILED."""
+                tags: dict[str, str] | None = None, resume_run_id: str | None = None) -> Iterator[Any]:
+    """An MLflow run (or ``None`` when tracking is disabled); failed runs end as FAILED.
+
+    ``resume_run_id``: reopen that run (an interrupted run being resumed) when the store still has it.
+    """
     if not cfg.enabled:
         yield None
         return
@@ -43,7 +46,23 @@ def tracked_run(cfg: TrackingConfig, run_name: str | None = None, nested: bool =
     if not nested:
         mark_dead_runs_killed(experiment_id)
     owner = {"mmclin.host": socket.gethostname(), "mmclin.pid": str(os.getpid())}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested, tags={**owner, **(tags or {})}) as run:
+    all_tags = {**owner, **(tags or {})}
+    if resume_run_id is not None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mlflow.MlflowClient().get_run(resume_run_id)
+        except MlflowException:
+            import logging
+
+            logging.getLogger("mmclin").warning("MLflow run %s of the interrupted run is not in %s; logging to a new run",
+                                                resume_run_id, cfg.uri)
+            all_tags["mmclin.resumed_from"] = resume_run_id
+            resume_run_id = None
+        else:
+            all_tags["mmclin.resumed"] = "true"
+    with mlflow.start_run(run_id=resume_run_id, experiment_id=None if resume_run_id else experiment_id,
+                          run_name=None if resume_run_id else run_name, nested=nested, tags=all_tags) as run:
         yield run
 
 

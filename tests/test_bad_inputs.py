@@ -106,3 +106,23 @@ def test_crafted_pickle_instead_of_model_is_refused(tmp_path, fitted_clf):
     (tmp_path / "m" / "mmclin.json").write_text("{not json")
     with pytest.raises(ValueError, match="mmclin.json' is not valid JSON"):
         FittedModel.load(path)
+
+
+@pytest.mark.parametrize("bad_row", [3, 150])
+def test_experiment_errors_name_the_row_of_the_file(tmp_path, bad_row):
+    """The split hands the featurizers training/test frames; their errors still name the file's row."""
+    from mmclin.config import validate_config
+    from mmclin.datasets import make_synthetic_cohort
+    from mmclin.experiment import Experiment
+
+    c = make_synthetic_cohort(160, task="binary", seed=0)
+    col = c.modalities[0].columns[0]
+    frame = c.frame.with_columns(pl.Series("label", c.y)).with_columns(
+        pl.when(pl.int_range(pl.len()) == bad_row).then(float("inf")).otherwise(pl.col(col)).alias(col))
+    frame.write_parquet(tmp_path / "c.parquet")
+    raw = {"name": "rows", "data": {"path": str(tmp_path / "c.parquet"), "target": ["label"],
+                                    "modalities": [m.model_dump() for m in c.modalities]},
+           "model": {"task": {"name": "binary"}}, "trainer": {"max_epochs": 1, "progress_bar": False, "checkpoint_every": 0},
+           "tracking": {"enabled": False}}
+    with pytest.raises(ValueError, match=f"modality 'clinical', column '{col}', row {bad_row}: value inf is not finite"):
+        Experiment(validate_config(raw)).fit(tmp_path / "out")

@@ -117,7 +117,7 @@ def test_image_featurizer_two_views_ragged_and_errors(tmp_path):
     assert b["image"].shape == (2, 2, 1, 32, 32) and b["view"][1].tolist() == [0, 1] and b["mask"].tolist() == [[True, False], [True, True]]
     assert f.encoder_kwargs() == {"size": [32, 32], "n_views": 2}
     bad = frame.with_columns(pl.lit(str(tmp_path / "missing.dcm")).alias("ct"))
-    with pytest.raises(FileNotFoundError, match=r"'rad', row 0.*missing.dcm"):
+    with pytest.raises(FileNotFoundError, match=r"'rad', column 'ct', row 0.*missing.dcm"):
         f.transform(bad)
 
 

@@ -143,7 +143,7 @@ def test_slide_featurizer_errors_name_modality_row_and_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"'wsi'.*'path'.*row 1.*missing.pt"):
         SlideFeaturizer(spec).fit(frame)
     f = SlideFeaturizer(spec).fit(pl.DataFrame({"path": [str(tmp_path / "a.pt"), None]}))
-    with pytest.raises(ValueError, match=r"'wsi', row 0.*6-dim.*expected 4"):
+    with pytest.raises(ValueError, match=r"'wsi', column 'path', row 0.*6-dim.*expected 4"):
         f.transform(pl.DataFrame({"path": [str(tmp_path / "b.pt")]}))
     ragged, present = f.transform(pl.DataFrame({"path": [None, str(tmp_path / "a.pt")]}))
     assert present.tolist() == [False, True] and ragged.lengths.tolist() == [0, 3]

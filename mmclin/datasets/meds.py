@@ -69,6 +69,19 @@ def read_meds(
     data = root / "data" if (root / "data").is_dir() else root
     if not data.exists():
         raise FileNotFoundError(f"MEDS data {str(data)!r} does not exist (expected <root>/data/*.parquet)")
+    # each shard's own schema (parquet metadata only): a shard lacking a column is named, not the folder
+    if data.is_dir():
+        shards = sorted(data.rglob("*.parquet"))
+        if not shards:
+            raise FileNotFoundError(f"MEDS data folder {str(data)!r} holds no .parquet files")
+    else:
+        shards = [data] if data.suffix.lower() in (".parquet", ".pq") else []
+    for shard in shards:
+        cols = pl.read_parquet_schema(shard)
+        lacking = [c for c in ("subject_id", "time", "code", "numeric_value") if c not in cols]
+        if lacking:
+            raise ValueError(f"MEDS events file {str(shard)!r} lacks column(s) {lacking}; it has columns {list(cols)}; "
+                             "MEDS needs subject_id, time, code, numeric_value")
     events = scan_table(str(data) if data.is_dir() else data, "MEDS events")
     schema = events.collect_schema()
     missing = [c for c in ("subject_id", "time", "code", "numeric_value") if c not in schema]

@@ -20,13 +20,14 @@ and discharge summaries (written at discharge) never are. Outcome: ``hospital_ex
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from mmclin.cohort import Cohort, ModalitySpec
-from mmclin.datasets.events import events_to_frame, notes_to_frame, scan_table
+from mmclin.datasets.events import events_to_frame, notes_to_frame, readable_text, scan_table
 
 __all__ = ["read_mimic_iv"]
 
@@ -47,7 +48,8 @@ def _scan(path: Path, what: str, needed: list[str]) -> pl.LazyFrame:
     cols = frame.collect_schema()
     missing = [c for c in needed if c not in cols]
     if missing:
-        raise ValueError(f"{str(path)!r} ({what}) lacks columns {missing}; expected the MIMIC-IV layout with {needed}")
+        raise ValueError(f"{str(path)!r} ({what}) lacks columns {missing}; expected the MIMIC-IV layout with {needed}; "
+                         f"it has columns {list(cols)[:20]}")
     return frame
 
 
@@ -79,6 +81,36 @@ def _measurements(path: Path, dictionary: Path | None, prefix: str, itemids: lis
                      pl.col("valuenum").cast(pl.Float64).alias("numeric_value"))
 
 
+def _text_files_under(root: str | Path) -> list[tuple[str, str]]:
+    files = (p for p in sorted(Path(root).rglob("*")) if p.name.lower().endswith((".csv", ".csv.gz")))
+    return [("MIMIC-IV", str(p)) for p in files]
+
+
+def _named_decode_errors(func: Any) -> Any:
+    """A file that is not UTF-8 is named with its byte offset (see events.readable_text)."""
+    @functools.wraps(func)
+    def wrapper(root: str | Path, *args: Any, **kwargs: Any) -> Any:
+        with readable_text(lambda: _text_files_under(root)):
+            return func(root, *args, **kwargs)
+
+    return wrapper
+
+
+def _check_times(frame: pl.LazyFrame, path: Path, schema: pl.Schema) -> None:
+    """admittime / dischtime must parse in every row, deathtime wherever it is given: a silently
+    null time would move an admission out of the cohort (or its death out of the outcome)."""
+    for c in ("admittime", "dischtime", "deathtime"):
+        parsed = _dt(c, schema[c])
+        bad = parsed.is_null() & (pl.col(c).is_not_null() if c == "deathtime" else pl.lit(True))
+        hit = (frame.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("__row"), pl.col(c), bad.alias("__bad"))
+               .filter("__bad").head(1).collect())
+        if hit.height:
+            value = hit[c][0]
+            what = "is missing" if value is None else f"{str(value)!r} is not a 'YYYY-MM-DD HH:MM:SS' datetime"
+            raise ValueError(f"{str(path)!r} (admissions) row {hit['__row'][0]}: {c} {what}")
+
+
+@_named_decode_errors
 def read_mimic_iv(
     root: str | Path,
     *,
@@ -110,9 +142,11 @@ def read_mimic_iv(
         raise ValueError(f"time_field={time_field!r}: choose 'storetime' or 'charttime'")
     root = Path(root)
     hosp = root / "hosp"
-    adm = _scan(_find(hosp, "admissions"), "admissions",
+    adm_path = _find(hosp, "admissions")
+    adm = _scan(adm_path, "admissions",
                 ["subject_id", "hadm_id", "admittime", "dischtime", "deathtime", "hospital_expire_flag"])
     schema = adm.collect_schema()
+    _check_times(adm, adm_path, schema)
     adm = adm.with_columns(*[_dt(c, schema[c]) for c in ("admittime", "dischtime", "deathtime")])
     pat = _scan(_find(hosp, "patients"), "patients", ["subject_id", "gender", "anchor_age", "anchor_year"])
     cut = pl.col("admittime") + pl.duration(hours=prediction_hours)

@@ -10,6 +10,7 @@ fixed shape, so every image of a modality becomes a same-sized tensor.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,10 @@ def _need(pkg: str) -> ImportError:
 
 
 def _dicom_slice(ds: object, path: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):  # type: ignore[operator]
+        raise ValueError(f"DICOM file {path!r} has no pixel data (no PixelData element; modality "
+                         f"{getattr(ds, 'Modality', '?')!r}, SOP class {getattr(ds, 'SOPClassUID', '?')!s}); "
+                         "expected an image (CT, MR, CR, DX ...), not a report, structure set or truncated file")
     try:
         arr = ds.pixel_array.astype(np.float32)  # type: ignore[attr-defined]
     except Exception as e:
@@ -48,11 +53,26 @@ def _dicom_slice(ds: object, path: str) -> tuple[np.ndarray, tuple[float, float,
     return arr, (dz, dy, dx)
 
 
-def read_image(path: str | Path) -> Volume:
-    """Read a DICOM file, a directory holding one DICOM series, a NIfTI volume, or a PNG/JPEG."""
+def read_image(path: str | Path, root: str | Path | None = None) -> Volume:
+    """Read a DICOM file, a directory holding one DICOM series, a NIfTI volume, or a PNG/JPEG.
+
+    ``root``: a data root; the files of a series directory must then resolve under it too (a
+    symlink inside the directory cannot lead out of it). A corrupt or truncated file raises a
+    ValueError naming it, not the decoding library's error.
+    """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"image {str(p)!r} does not exist")
+    try:
+        return _read_image(p, root)
+    except (ValueError, OSError, ImportError):
+        raise
+    except Exception as e:  # a decoder's own error type (nibabel ImageFileError, pydicom, struct, EOF ...)
+        raise ValueError(f"image {str(p)!r}: cannot read it ({type(e).__name__}: {e}); the file is corrupt, "
+                         "truncated, or not in the format its name says") from e
+
+
+def _read_image(p: Path, root: str | Path | None) -> Volume:
     name = p.name.lower()
     if p.is_dir() or name.endswith((".dcm", ".dicom")):
         try:
@@ -60,14 +80,25 @@ def read_image(path: str | Path) -> Volume:
         except ImportError as e:
             raise _need("pydicom") from e
         files = sorted(p.glob("*")) if p.is_dir() else [p]
-        slices = []
+        slices, skipped = [], []
         for f in files:
+            if p.is_dir() and root is not None:
+                from mmclin.paths import resolve_under_root
+
+                resolve_under_root(f, root, f"DICOM series directory {str(p)!r}")
             if f.is_file():
                 try:
                     slices.append((pydicom.dcmread(f), str(f)))
                 except pydicom.errors.InvalidDicomError:
                     if not p.is_dir():
-                        raise ValueError(f"{str(f)!r} is not a DICOM file") from None
+                        raise ValueError(f"{str(f)!r} is not a DICOM file (no DICOM preamble/header)") from None
+                    skipped.append(f.name)
+                except Exception as e:
+                    raise ValueError(f"DICOM file {str(f)!r}: cannot parse it ({type(e).__name__}: {e}); "
+                                     "the file is corrupt or truncated") from e
+        if skipped and slices:  # e.g. a README or DICOMDIR next to the slices
+            warnings.warn(f"DICOM series directory {str(p)!r}: {len(skipped)} file(s) that are not DICOM were "
+                          f"skipped: {skipped[:5]}", stacklevel=3)
         if not slices:
             raise ValueError(f"DICOM series directory {str(p)!r} holds no DICOM files")
         # order slices along the patient axis (position, else instance number)
@@ -90,8 +121,12 @@ def read_image(path: str | Path) -> Volume:
             import nibabel as nib
         except ImportError as e:
             raise _need("nibabel") from e
-        img = nib.load(str(p))
-        arr = np.asarray(img.dataobj, dtype=np.float32)
+        try:
+            img = nib.load(str(p))
+            arr = np.asarray(img.dataobj, dtype=np.float32)
+        except Exception as e:  # gzip / header / short-read errors from nibabel
+            raise ValueError(f"NIfTI file {str(p)!r}: cannot read it ({type(e).__name__}: {e}); "
+                             "the file is corrupt or truncated") from e
         if arr.ndim == 4:
             arr = arr[..., 0]  # first time point / channel
         if arr.ndim != 3:
@@ -102,7 +137,12 @@ def read_image(path: str | Path) -> Volume:
     if name.endswith(PNG_SUFFIXES):
         from PIL import Image
 
-        arr = np.asarray(Image.open(p).convert("L"), dtype=np.float32)
+        try:
+            with Image.open(p) as im:
+                arr = np.asarray(im.convert("L"), dtype=np.float32)
+        except Exception as e:  # PIL's UnidentifiedImageError / "image file is truncated"
+            raise ValueError(f"image {str(p)!r}: cannot decode it as {p.suffix.lstrip('.').upper()} "
+                             f"({type(e).__name__}: {e}); the file is corrupt, truncated, or not an image") from e
         return Volume(arr[None], (1.0, 1.0, 1.0), "PNG", str(p))
     raise ValueError(f"image {str(p)!r}: unknown format; expected DICOM (.dcm or a series directory), NIfTI (.nii, .nii.gz) or PNG/JPEG")
 

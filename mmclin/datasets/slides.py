@@ -14,27 +14,46 @@ from mmclin.cohort import Cohort, ModalitySpec, to_polars
 
 
 def extract_bags(manifest: Any, bag_dir: str | Path, slide_column: str = "slide_path", settings: Any = None,
-                 backbone: Any = None, bag_column: str = "bag_path") -> pl.DataFrame:
+                 backbone: Any = None, bag_column: str = "bag_path", root: str | Path | None = None) -> pl.DataFrame:
     """Embed every slide of a manifest ``(subject_id, slide_path)`` into a cached bag.
 
-    Returns the manifest with ``bag_column`` added (null where the slide path is null). Slides
-    already embedded with the same settings and backbone are reused; an interrupted run resumes.
+    Returns the manifest with ``bag_column`` added (null where the slide path is null, or where
+    the slide has no tissue patch: a warning names those rows). Slides already embedded with the
+    same settings and backbone are reused; an interrupted run resumes. ``root``: a data root;
+    relative slide paths are taken under it and a path that resolves outside it is refused
+    (:func:`mmclin.paths.resolve_under_root`).
     """
+    import warnings
+
+    from mmclin.paths import resolve_under_root, with_location
     from mmclin.wsi.backbones import make_backbone
-    from mmclin.wsi.bags import extract_bag
+    from mmclin.wsi.bags import NoTissueError, extract_bag
 
     frame = to_polars(manifest)
     if slide_column not in frame.columns:
         raise ValueError(f"manifest lacks column {slide_column!r} (columns: {frame.columns})")
     backbone = make_backbone(backbone)  # built once, shared by all slides
-    paths = []
+    paths: list[str | None] = []
+    empty = []
     for row, p in enumerate(frame[slide_column].to_list()):
         if p is None:
             paths.append(None)
             continue
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"manifest column {slide_column!r}, row {row}: slide {p!r} does not exist")
-        paths.append(str(extract_bag(p, bag_dir, settings, backbone)))
+        where = f"manifest column {slide_column!r}, row {row}"
+        path = resolve_under_root(p, root, where)
+        if not path.is_file():
+            raise FileNotFoundError(f"{where}: slide {p!r} does not exist")
+        try:
+            paths.append(str(extract_bag(path, bag_dir, settings, backbone)))
+        except NoTissueError:
+            empty.append((row, p))
+            paths.append(None)
+        except (ValueError, OSError) as e:
+            raise with_location(e, where) from e
+    if empty:
+        warnings.warn(f"manifest column {slide_column!r}: {len(empty)} slide(s) have no tissue patch and get a null "
+                      f"{bag_column!r} (absent): " + "; ".join(f"row {r} ({f!r})" for r, f in empty[:5])
+                      + (" ..." if len(empty) > 5 else ""), stacklevel=2)
     return frame.with_columns(pl.Series(bag_column, paths, dtype=pl.String))
 
 

@@ -26,12 +26,14 @@ class ImageFeaturizer(Featurizer):
 
     Options (``ModalitySpec.options``): ``size`` (``[H, W]`` for 2-D, ``[D, H, W]`` for 3-D;
     default ``[64, 64]``), ``spacing`` (target mm per pixel/voxel, same length; default: keep
-    the grid), ``ct_window`` (HU, default ``[-1000, 1000]``). Null paths are absent images; a
-    subject with no image has the modality absent.
+    the grid), ``ct_window`` (HU, default ``[-1000, 1000]``), ``root`` (data root: relative paths
+    are taken under it and a path that resolves outside it is refused, see
+    :func:`mmclin.paths.resolve_under_root`). Null paths are absent images; a subject with no
+    image has the modality absent.
     """
 
     kind = "image"
-    option_names = ("size", "spacing", "ct_window")
+    option_names = ("size", "spacing", "ct_window", "root")
 
     def _paths(self, frame: pl.DataFrame) -> list[list[tuple[int, str]]]:
         cols = self.spec.columns
@@ -48,19 +50,25 @@ class ImageFeaturizer(Featurizer):
 
     def _images(self, frame: pl.DataFrame) -> tuple[list[list[tuple[int, np.ndarray]]], Tensor]:
         from mmclin.datasets.radiology import preprocess, read_image
+        from mmclin.paths import option_root, resolve_under_root, with_location
 
         o = self.spec.options
         size = tuple(int(s) for s in o.get("size", (64, 64)))
         spacing = tuple(float(s) for s in o["spacing"]) if o.get("spacing") is not None else None
         window = tuple(float(s) for s in o.get("ct_window", (-1000.0, 1000.0)))
+        root = option_root(o, self.spec.name)
+        cols = self.spec.columns
         rows = []
         for r, items in enumerate(self._paths(frame)):
             out = []
             for view, path in items:
+                where = f"modality {self.spec.name!r}, column {cols[min(view, len(cols) - 1)]!r}, row {r}"
+                file = resolve_under_root(path, root, where)
                 try:
-                    out.append((view, preprocess(read_image(path), size, spacing, window)))  # type: ignore[arg-type]
+                    vol = read_image(file, root=root)
+                    out.append((view, preprocess(vol, size, spacing, window)))  # type: ignore[arg-type]
                 except (ValueError, OSError) as e:
-                    raise type(e)(f"modality {self.spec.name!r}, row {r}: {e}") from e
+                    raise with_location(e, where) from e
             rows.append(out)
         return rows, torch.tensor([bool(x) for x in rows], dtype=torch.bool)
 

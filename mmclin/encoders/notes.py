@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from mmclin.batch import ModalityTokens
 from mmclin.encoders.base import Featurizer, ModalityEncoder
-from mmclin.encoders.irregular_series import TimeEmbedding, check_list_struct, keep_most_recent, list_column_present
+from mmclin.encoders.irregular_series import TimeEmbedding, check_list_struct, keep_most_recent
 from mmclin.registry import ENCODERS, FEATURIZERS
 from mmclin.training.ragged import Ragged, offsets_from_rows
 
@@ -128,7 +128,8 @@ class NotesFeaturizer(Featurizer):
         col = self._column(frame)
         flat = (frame.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("__row"), pl.col(col))
                 .explode(col).filter(pl.col(col).is_not_null()).unnest(col)
-                .with_columns(pl.col("text").fill_null(""), pl.col("time").cast(pl.Float64)))
+                .filter(_has_text(pl.col("text")))  # an empty note is no note (as in notes_to_frame)
+                .with_columns(pl.col("time").cast(pl.Float64)))
         bad = flat.filter(pl.col("time").is_null() | ~pl.col("time").is_finite())
         if bad.height:
             raise ValueError(f"modality {self.spec.name!r}, column {col!r}, row {bad['__row'][0]}: a note has no finite time")
@@ -138,13 +139,22 @@ class NotesFeaturizer(Featurizer):
         return rows[keep], t[keep], flat["text"].filter(pl.Series(keep)).to_list()
 
     def present_rows(self, frame: pl.DataFrame) -> Tensor:
-        return list_column_present(frame, self._column(frame))
+        """Present when the row has at least one note with non-blank text: a row of empty notes is
+        absent (the same rule as :func:`mmclin.datasets.notes_to_frame`), never an all-padding row."""
+        col = self._column(frame)
+        p = frame.select(pl.col(col).list.eval(_has_text(pl.element().struct.field("text"))).list.any()).to_series()
+        return torch.from_numpy(p.fill_null(False).to_numpy().copy())
 
     def fit(self, frame: pl.DataFrame) -> "NotesFeaturizer":
         self.max_notes = int(self.spec.options.get("max_notes", 32))
         if self.max_notes < 1:
             raise ValueError(f"modality {self.spec.name!r}: max_notes must be >= 1, got {self.max_notes}")
-        self.check_present_in_training(frame, self.present_rows(frame))
+        present = self.present_rows(frame)
+        col = self._column(frame)
+        if frame.height and not bool(present.any()) and frame[col].list.len().fill_null(0).sum() > 0:
+            raise ValueError(f"modality {self.spec.name!r}, column {col!r}: every training note has empty or "
+                             "whitespace-only text (an empty note is no note); the modality has no data in training")
+        self.check_present_in_training(frame, present)
         rows, t, texts = self._notes(frame)
         text = self._text_featurizer()
         foreign = sorted(set(self.spec.options) & set(self.option_names) - {"max_notes", *text.option_names})
@@ -182,6 +192,11 @@ class NotesFeaturizer(Featurizer):
 
 
 FEATURIZERS.register("notes")(NotesFeaturizer)
+
+
+def _has_text(text: pl.Expr) -> pl.Expr:
+    """Non-null text with at least one non-whitespace character (null-safe: null -> False)."""
+    return text.is_not_null() & (text.cast(pl.String).str.strip_chars().str.len_chars() > 0).fill_null(False)
 
 
 class TimeAttentionPool(nn.Module):

@@ -8,8 +8,7 @@ and padded per batch, so a table of thousands of bags never pads to the longest 
 """
 from __future__ import annotations
 
-import math
-from pathlib import Path
+import warnings
 from typing import Any
 
 import numpy as np
@@ -31,12 +30,14 @@ class SlideFeaturizer(Featurizer):
     default ``"mmclin_bags"``), ``patch_size``, ``mpp`` / ``magnification``, ``min_tissue``,
     ``backbone`` (a name or ``{"name": ..., ...}``, see :func:`mmclin.wsi.backbones.make_backbone`),
     ``max_patches`` (cap per slide: a seeded random subset of that many patches is kept),
-    ``seed``. A null path means the slide is absent for that subject.
+    ``seed``, ``root`` (data root: relative paths are taken under it and a path that resolves
+    outside it is refused, see :func:`mmclin.paths.resolve_under_root`). A null path means the
+    slide is absent for that subject; so does a slide with no patches (a warning names it).
     """
 
     kind = "slide"
     option_names = ("bag_dir", "patch_size", "mpp", "magnification", "min_tissue", "stride", "thumbnail_size",
-                    "backbone", "max_patches", "seed", "slide_mpp")
+                    "backbone", "max_patches", "seed", "slide_mpp", "root")
 
     def _column(self, frame: pl.DataFrame) -> str:
         if len(self.spec.columns) != 1:
@@ -46,72 +47,121 @@ class SlideFeaturizer(Featurizer):
             raise ValueError(f"modality {self.spec.name!r}, column {col!r}: expected file paths (strings), got {frame.schema[col]}")
         return col
 
+    def _where(self, col: str, row: int) -> str:
+        return f"modality {self.spec.name!r}, column {col!r}, row {row}"
+
     def bag_paths(self, frame: pl.DataFrame) -> list[str | None]:
-        """Each row's bag (slide files are embedded into cached bags first); None where absent."""
-        from mmclin.wsi.bags import extract_bag, is_bag_path
+        """Each row's bag (slide files are embedded into cached bags first); None where absent
+        (a null cell, or a slide on which no tissue patch was found: see :meth:`transform`)."""
+        return self._bag_paths(frame)[0]
+
+    def _bag_paths(self, frame: pl.DataFrame) -> tuple[list[str | None], list[tuple[int, str, str]]]:
+        """``(paths, empty)``; ``empty`` lists ``(row, file, why)`` for slides with no tissue patch."""
+        from mmclin.paths import option_root, resolve_under_root, with_location
+        from mmclin.wsi.bags import NoTissueError, extract_bag, is_bag_path
         from mmclin.wsi.patching import PatchSettings
 
         col = self._column(frame)
         o = self.spec.options
+        root = option_root(o, self.spec.name)
         fields = PatchSettings.__dataclass_fields__
         settings = PatchSettings(**{k: o[k] for k in fields if k in o})
         out: list[str | None] = []
+        empty: list[tuple[int, str, str]] = []
         backbone = None  # built on the first slide file only, then shared by all rows
         for row, p in enumerate(frame[col].to_list()):
             if p is None:
                 out.append(None)
                 continue
-            if not Path(p).exists():
-                raise FileNotFoundError(f"modality {self.spec.name!r}, column {col!r}, row {row}: file {p!r} does not exist")
-            if is_bag_path(p):
-                out.append(p)
-            else:
-                if backbone is None:
-                    from mmclin.wsi.backbones import make_backbone
+            where = self._where(col, row)
+            path = resolve_under_root(p, root, where)
+            if not path.exists():
+                raise FileNotFoundError(f"{where}: file {p!r} does not exist"
+                                        + (f" (looked for {str(path)!r} under the data root)" if root else ""))
+            if is_bag_path(path):
+                if root is not None and path.is_dir():  # a .bag directory: its files cannot be symlinks out either
+                    for member in sorted(path.iterdir()):
+                        resolve_under_root(member, root, f"{where}, bag directory {p!r}")
+                out.append(str(path))
+                continue
+            if backbone is None:
+                from mmclin.wsi.backbones import make_backbone
 
-                    backbone = make_backbone(o.get("backbone"))
-                try:
-                    out.append(str(extract_bag(p, o.get("bag_dir", "mmclin_bags"), settings, backbone,
-                                               mpp=o.get("slide_mpp"))))
-                except (ValueError, OSError) as e:
-                    raise type(e)(f"modality {self.spec.name!r}, column {col!r}, row {row}: {e}") from e
-        return out
+                backbone = make_backbone(o.get("backbone"))
+            try:
+                out.append(str(extract_bag(path, o.get("bag_dir", "mmclin_bags"), settings, backbone,
+                                           mpp=o.get("slide_mpp"))))
+            except NoTissueError as e:
+                empty.append((row, str(p), str(e).split(": ", 1)[-1]))
+                out.append(None)
+            except (ValueError, OSError) as e:
+                raise with_location(e, where) from e
+        return out, empty
 
-    def _load(self, frame: pl.DataFrame) -> tuple[list[Any], Tensor]:
+    def _warn_empty(self, empty: list[tuple[int, str, str]]) -> None:
+        if not empty:
+            return
+        shown = "; ".join(f"row {r} ({f!r}: {why})" for r, f, why in empty[:5])
+        warnings.warn(f"modality {self.spec.name!r}, column {self.spec.columns[0]!r}: {len(empty)} slide(s) have no "
+                      f"patches and are treated as absent for their subjects (as a null path would be): {shown}"
+                      f"{' ...' if len(empty) > 5 else ''}", stacklevel=4)
+
+    def _load(self, frame: pl.DataFrame) -> tuple[list[Any], Tensor, list[tuple[int, str, str]]]:
+        from mmclin.paths import with_location
         from mmclin.wsi.bags import load_bag
 
         bags = []
         cap, seed = self.spec.options.get("max_patches"), int(self.spec.options.get("seed", 0))
-        for row, p in enumerate(self.bag_paths(frame)):
+        paths, empty = self._bag_paths(frame)
+        col = self.spec.columns[0]
+        for row, p in enumerate(paths):
             if p is None:
                 bags.append(None)
                 continue
-            bag = load_bag(p)
+            try:
+                bag = load_bag(p)
+            except (ValueError, OSError) as e:
+                raise with_location(e, self._where(col, row)) from e
             width = getattr(self, "feature_dim", None)
             if width is not None and bag.features.shape[1] != width:
-                raise ValueError(f"modality {self.spec.name!r}, row {row}: bag {p!r} has {bag.features.shape[1]}-dim "
+                raise ValueError(f"{self._where(col, row)}: bag {p!r} has {bag.features.shape[1]}-dim "
                                  f"features, expected {width} (all bags must come from the same backbone)")
-            if len(bag) == 0:
-                raise ValueError(f"modality {self.spec.name!r}, row {row}: bag {p!r} has no patches")
+            if len(bag) == 0:  # e.g. a CLAM bag of a slide without tissue: nothing to attend over
+                empty.append((row, p, "a feature bag with 0 patches"))
+                bags.append(None)
+                continue
             if cap is not None and len(bag) > cap:
                 keep = np.sort(np.random.default_rng([seed, row]).choice(len(bag), int(cap), replace=False))
                 bag.features, bag.coords = bag.features[keep], None if bag.coords is None else bag.coords[keep]
             bags.append(bag)
+        empty.sort()
+        self._warn_empty(empty)
         present = torch.tensor([b is not None for b in bags], dtype=torch.bool)
-        return bags, present
+        return bags, present, empty
 
     def fit(self, frame: pl.DataFrame) -> "SlideFeaturizer":
         self.feature_dim = None
-        bags, present = self._load(frame)
+        bags, present, empty = self._load(frame)
+        if frame.height and not bool(present.any()) and empty:
+            raise ValueError(f"modality {self.spec.name!r}, column {self.spec.columns[0]!r}: no training row has a "
+                             f"slide with patches ({len(empty)} slide(s) have none, e.g. row {empty[0][0]}: "
+                             f"{empty[0][1]!r}); a modality needs data in training")
         self.check_present_in_training(frame, present)
-        dims = {b.features.shape[1] for b in bags if b is not None}
-        if len(dims) > 1:
-            raise ValueError(f"modality {self.spec.name!r}: bags have different feature widths {sorted(dims)}; use one backbone")
-        self.feature_dim = dims.pop()
+        first: dict[int, tuple[int, Any]] = {}  # width -> first (row, file) with it
+        for row, b in enumerate(bags):
+            if b is not None:
+                first.setdefault(int(b.features.shape[1]), (row, str(b.path)))
+        if len(first) > 1:
+            found = ", ".join(f"{w}-dim at row {r} ({f!r})" for w, (r, f) in sorted(first.items()))
+            raise ValueError(f"modality {self.spec.name!r}, column {self.spec.columns[0]!r}: bags have different "
+                             f"feature widths: {found}; all bags must come from one backbone")
+        self.feature_dim = next(iter(first))
         return self
 
     def transform(self, frame: pl.DataFrame) -> tuple[Ragged, Tensor]:
-        bags, present = self._load(frame)
+        """Bags as ragged features. A slide with no patches (no tissue found, or a bag file with 0 rows)
+        is absent for its subject, like a null path, and a warning names the rows and files."""
+        bags, present, _ = self._load(frame)
         lengths = np.array([0 if b is None else len(b) for b in bags], dtype=np.int64)
         offsets = np.zeros(len(bags) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])

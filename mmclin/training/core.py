@@ -9,7 +9,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import polars as pl
@@ -24,6 +24,9 @@ from mmclin.tasks.base import Task
 from mmclin.training.data import TensorTable, batch_loader, featurize, fit_featurizers
 from mmclin.training.model import EnsembleNet, MultimodalNet
 from mmclin.training.splits import validation_split
+
+if TYPE_CHECKING:
+    from mmclin.training.checkpoints import CheckpointStore
 
 FORMAT_VERSION = 1
 log = logging.getLogger("mmclin")
@@ -229,10 +232,16 @@ def fit_model(
     id_column: str | None = None,
     epoch_sink: Callable[[dict[str, float], int], None] | None = None,
     extra_callbacks: list | None = None,
+    checkpoints: "CheckpointStore | None" = None,
 ) -> FittedModel:
     """Fit featurizers on ``frame`` (training rows only), carve a validation split from it for
     early stopping, train with Lightning (``ensemble_size`` times), restore the best epoch,
-    calibrate the task on the training outputs."""
+    calibrate the task on the training outputs.
+
+    ``checkpoints`` (prepared by the caller, see :func:`checkpoint_store`): each member checkpoints
+    every ``trainer.checkpoint_every`` epochs and continues from what the store holds, so an
+    interrupted run resumed on CPU ends exactly as the uninterrupted one would have.
+    """
     frame = to_polars(frame)
     if frame.height == 0:
         raise ValueError("the training frame has no rows")
@@ -258,7 +267,8 @@ def fit_model(
     for k in range(model.ensemble_size):
         sink = epoch_sink if k == 0 or epoch_sink is None else _prefixed(epoch_sink, f"member{k}_")
         net, member_history, best_epoch = _train_member(
-            table, y, task_obj, specs, encoder_kwargs, model, trainer, trainer.seed + k, sink, extra_callbacks)
+            table, y, task_obj, specs, encoder_kwargs, model, trainer, trainer.seed + k, sink, extra_callbacks,
+            checkpoints, k)
         members.append(net)
         history += [{"member": k, **h} for h in member_history] if model.ensemble_size > 1 else member_history
         best_epochs.append(best_epoch)
@@ -272,10 +282,27 @@ def _prefixed(sink: Callable[[dict[str, float], int], None], prefix: str) -> Cal
     return lambda metrics, epoch: sink({f"{prefix}{k}": v for k, v in metrics.items()}, epoch)
 
 
+def checkpoint_store(directory: str | Path, frame: Any, y: Any, modalities: Any, model: ModelConfig,
+                     trainer: TrainerConfig, task: ComponentConfig, resume: bool) -> "CheckpointStore":
+    """A prepared :class:`~mmclin.training.checkpoints.CheckpointStore` for these inputs; with
+    ``resume``, one whose inputs differ is refused."""
+    from mmclin.training.checkpoints import CheckpointStore, training_fingerprint
+
+    # what changes the trained weights; threads, progress bars and devices do not (on CPU)
+    trainer_part = trainer.model_dump(mode="json", exclude={"progress_bar", "num_threads", "checkpoint_every"})
+    parts = {"model": model.model_dump(mode="json"), "trainer": trainer_part, "task": task.model_dump(mode="json"),
+             "modalities": [s.model_dump(mode="json") for s in as_modality_specs(modalities)]}
+    store = CheckpointStore(directory, training_fingerprint(to_polars(frame), y, parts))
+    store.prepare(resume)
+    return store
+
+
 def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str, Any]],
                   model: ModelConfig, trainer: TrainerConfig, seed: int, epoch_sink: Callable | None,
-                  extra_callbacks: list | None) -> tuple[MultimodalNet, list[dict[str, float]], int]:
-    """One Lightning fit: validation carve-out (seeded), early stopping, best epoch restored."""
+                  extra_callbacks: list | None, checkpoints: "CheckpointStore | None" = None,
+                  member: int = 0) -> tuple[MultimodalNet, list[dict[str, float]], int]:
+    """One Lightning fit: validation carve-out (seeded), early stopping, best epoch restored;
+    with ``checkpoints``, resumed from (and saved to) member ``member``'s checkpoints."""
     import lightning.pytorch as L
 
     from mmclin.training.module import BestWeights, MultimodalModule
@@ -283,6 +310,9 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
     L.seed_everything(seed, workers=True, verbose=False)
     train_idx, val_idx = validation_split(y, task.problem, trainer.val_fraction, seed)
     net = build_member(specs, encoder_kwargs, model, task)
+    if checkpoints is not None and (done := checkpoints.load_finished(member, net)) is not None:
+        log.info("ensemble member %d: finished before the interruption, loaded", member)
+        return net.eval(), *done
     if model.pretrained:  # fine-tuning starts from the contrastively pretrained encoders
         from mmclin.pretrain import load_encoder_weights
 
@@ -291,6 +321,21 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
     module.epoch_sink = epoch_sink
     best = BestWeights()
     callbacks: list = [best, *(extra_callbacks or [])]
+    resume_from = None
+    if checkpoints is not None:
+        from mmclin.training.checkpoints import EpochCheckpoint, read_checkpoint
+
+        resume_from = checkpoints.last_checkpoint(member)
+        if resume_from is not None:
+            state = read_checkpoint(resume_from)
+            if state.get("mmclin_stopped"):  # its last epoch had run: finish as on_fit_end would have
+                best.load_state_dict(state["callbacks"][best.state_key])
+                module.load_state_dict(best.state if best.state is not None else state["state_dict"])
+                module.history = list(state["mmclin_history"])
+                return _finish_member(module, best, checkpoints, member)
+            log.info("ensemble member %d: resuming after epoch %d", member, state["epoch"])
+        if trainer.checkpoint_every:
+            callbacks.append(EpochCheckpoint(checkpoints.member_dir(member), trainer.checkpoint_every))
     val_loader = None
     if len(val_idx):
         val_table = table.subset(val_idx)
@@ -310,7 +355,8 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
         # the training loader shards itself across DDP ranks (mmclin.training.distributed); Lightning's
         # replacement would deal out whole batches and repeat them; validation stays whole on every rank
         use_distributed_sampler=False,
-        max_epochs=trainer.max_epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        max_epochs=trainer.max_epochs, callbacks=callbacks, logger=False,
+        enable_checkpointing=any(isinstance(cb, L.callbacks.Checkpoint) for cb in callbacks),
         enable_progress_bar=trainer.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
         deterministic=accelerator != "gpu", limit_val_batches=1.0 if val_loader is not None else 0,
     )
@@ -321,8 +367,17 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")  # val_fraction=0 is a choice  # lightning 2.6 vs torch 2.13 deprecation noise
         train_loader = batch_loader(table.subset(train_idx), trainer.batch_size, True, seed, drop_last, shard=True)
-        pl_trainer.fit(module, train_loader, val_loader)
-    return module.net.cpu().eval(), module.history, best.best_epoch
+        # weights_only: a checkpoint holds tensors and plain containers; nothing in it runs on load
+        pl_trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from, weights_only=True)
+    return _finish_member(module, best, checkpoints, member)
+
+
+def _finish_member(module: Any, best: Any, checkpoints: "CheckpointStore | None",
+                   member: int) -> tuple[MultimodalNet, list[dict[str, float]], int]:
+    net = module.net.cpu().eval()
+    if checkpoints is not None:
+        checkpoints.save_finished(member, net, module.history, best.best_epoch)
+    return net, module.history, best.best_epoch
 
 
 def _take(y: Any, idx: np.ndarray) -> Any:

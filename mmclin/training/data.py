@@ -94,8 +94,16 @@ class _BatchIndexDataset(Dataset):
         return self.table.batch(idx)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's shuffling: a function of (seed, epoch) only, so a run resumed from an
+    epoch-end checkpoint shuffles exactly as the uninterrupted run did."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
 class IndexBatches(Sampler):
-    """Yields index tensors of one batch each: a fresh seeded permutation per epoch when shuffling.
+    """Yields index tensors of one batch each: a permutation per epoch seeded by (seed, epoch) when shuffling.
+
+    Lightning calls :meth:`set_epoch` before each epoch; used on its own, each pass counts as the next epoch.
 
     With ``shard=True`` and an initialised process group of several ranks (Lightning DDP),
     each rank yields its own disjoint slice of every global step (see
@@ -105,11 +113,20 @@ class IndexBatches(Sampler):
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
                  shard: bool = False) -> None:
         self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
-        self.shard = shard
-        self.generator = torch.Generator().manual_seed(seed)
+        self.shard, self.seed = shard, seed
+        self.epoch: int | None = None  # set by Lightning; None: count passes
+        self._passes = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __iter__(self) -> Iterator[Tensor]:
-        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        epoch = self._passes if self.epoch is None else self.epoch
+        self._passes += 1
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
+        else:
+            order = torch.arange(self.n)
         rank, world = current_rank_world() if self.shard else (0, 1)
         if world > 1:  # every rank drew the same permutation: take this rank's slice of each step
             yield from shard_batches(order, self.batch_size, rank, world, self.drop_last)

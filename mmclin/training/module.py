@@ -23,7 +23,9 @@ class MultimodalModule(pl_.LightningModule):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.modality_dropout = modality_dropout
+        self.seed = seed
         self.dropout_rng = torch.Generator().manual_seed(seed)
+        self._rng_states: dict[str, Tensor] | None = None  # after the last training batch; see on_train_batch_start
         self.history: list[dict[str, float]] = []
         self._train_loss_sum: Tensor | None = None
         self._train_batches = 0
@@ -53,6 +55,30 @@ class MultimodalModule(pl_.LightningModule):
         self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
         self._train_batches += 1
         return loss
+
+    def on_train_batch_start(self, batch: ModalityBatch, batch_idx: int) -> None:
+        # the random streams of training (modality dropout, nn.Dropout) continue at each epoch's first batch
+        # from where the previous epoch's training left them; the states travel in checkpoints, so a resumed
+        # run draws exactly what the uninterrupted one drew (loader iterators draw from the global generator
+        # at moments that differ between the two)
+        if batch_idx == 0 and self._rng_states is not None:
+            torch.set_rng_state(self._rng_states["torch"])
+            self.dropout_rng.set_state(self._rng_states["modality_dropout"])
+
+    def on_train_batch_end(self, outputs: Any, batch: ModalityBatch, batch_idx: int) -> None:
+        self._rng_states = {"torch": torch.get_rng_state(), "modality_dropout": self.dropout_rng.get_state()}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmclin_history"] = list(self.history)
+        checkpoint["mmclin_rng_states"] = self._rng_states
+        # a checkpoint of the run's last epoch: resuming from it must not train another epoch
+        max_epochs = self.trainer.max_epochs
+        last_epoch = max_epochs is not None and 0 < max_epochs <= self.current_epoch + 1
+        checkpoint["mmclin_stopped"] = bool(self.trainer.should_stop or last_epoch)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = list(checkpoint.get("mmclin_history", []))
+        self._rng_states = checkpoint.get("mmclin_rng_states")
 
     def on_train_epoch_end(self) -> None:
         # Lightning runs validation before this hook, so val_loss of this epoch is known here
@@ -103,3 +129,10 @@ class BestWeights(pl_.Callback):
     def on_fit_end(self, trainer: pl_.Trainer, module: pl_.LightningModule) -> None:
         if self.state is not None:
             module.load_state_dict(self.state)
+
+    # saved in epoch checkpoints, so a resumed run knows the best epoch so far
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "state": self.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch, self.state = state["best"], state["best_epoch"], state["state"]

@@ -41,6 +41,14 @@ BAG_SUFFIX = ".bag"
 FORMAT_VERSION = 1
 
 
+class NoTissueError(ValueError):
+    """A slide on which the tissue mask keeps no patch: there is nothing to embed.
+
+    The slide featurizer treats such a slide as absent for its subject (with a warning); called
+    directly, :func:`extract_bag` raises it.
+    """
+
+
 @dataclass
 class Bag:
     """A slide's patch features.
@@ -104,7 +112,7 @@ def extract_bag(slide: str | Path, bag_dir: str | Path, settings: PatchSettings 
         mask = tissue_mask(thumb)
         grid = patch_grid(reader, mask, settings)
         if len(grid) == 0:
-            raise ValueError(f"slide {str(slide)!r}: no patch has >= {settings.min_tissue:.0%} tissue "
+            raise NoTissueError(f"slide {str(slide)!r}: no patch has >= {settings.min_tissue:.0%} tissue "
                              f"({int(mask.sum())} tissue pixels on a {mask.shape} thumbnail); lower min_tissue or check the slide")
         partial = bag_dir / f"{key}.partial"
         partial.mkdir(exist_ok=True)
@@ -166,10 +174,52 @@ def load_bag(path: str | Path) -> Bag:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"feature bag {str(path)!r} does not exist")
+    try:
+        feats, coords, meta = _read_bag(path)
+    except (ValueError, ImportError):
+        raise
+    except Exception as e:  # a codec / unpickling / HDF5 error: name the file and what it should be
+        import pickle
+
+        if isinstance(e, pickle.UnpicklingError):  # torch's own text advises weights_only=False: unsafe on data files
+            detail = "UnpicklingError: .pt bags are read with torch.load(weights_only=True), tensors and plain containers only"
+        else:
+            detail = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        raise ValueError(f"feature bag {str(path)!r}: cannot read it ({detail}); "
+                         f"the file is corrupt or not a {_expected(path.name.lower())}") from e
+    feats = np.asarray(feats)
+    if feats.ndim == 3 and feats.shape[0] == 1:  # some pipelines save [1, N, D]
+        feats = feats[0]
+    if feats.ndim != 2:
+        raise ValueError(f"feature bag {str(path)!r}: features must be [N, D], got shape {feats.shape}")
+    if coords is not None:
+        coords = np.asarray(coords).reshape(-1, 2).astype(np.int64)
+        if coords.shape[0] != feats.shape[0]:
+            raise ValueError(f"feature bag {str(path)!r}: {feats.shape[0]} feature rows but {coords.shape[0]} coords")
+    if not np.isfinite(feats).all():
+        raise ValueError(f"feature bag {str(path)!r}: features contain NaN or inf")
+    return Bag(feats.astype(np.float32, copy=False), coords, meta, path)
+
+
+_FORMATS = {BAG_SUFFIX: "mmclin .bag directory (features.safetensors + meta.json)", ".safetensors": "safetensors file",
+            ".h5": "CLAM-style HDF5 file", ".hdf5": "CLAM-style HDF5 file",
+            ".pt": "torch file (a tensor [N, D] or a dict with 'features')", ".pth": "torch file (a tensor [N, D] or a dict with 'features')"}
+
+
+def _expected(name: str) -> str:
+    return next((v for k, v in _FORMATS.items() if name.endswith(k)), "feature bag")
+
+
+def _read_bag(path: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """``(features, coords or None, meta)`` as stored, per format; shapes are checked by the caller."""
     name = path.name.lower()
     coords = None
     meta: dict[str, Any] = {}
     if name.endswith(BAG_SUFFIX):
+        missing = [f for f in ("features.safetensors", "meta.json") if not (path / f).is_file()]
+        if missing:
+            raise ValueError(f"feature bag {str(path)!r}: an mmclin .bag directory needs {missing} "
+                             "(an interrupted copy, or not an mmclin bag)")
         from safetensors.numpy import load_file
 
         data = load_file(str(path / "features.safetensors"))
@@ -208,15 +258,4 @@ def load_bag(path: str | Path) -> Bag:
             raise ValueError(f"feature bag {str(path)!r}: expected a tensor [N, D] or a dict, got {type(obj).__name__}")
     else:
         raise ValueError(f"{str(path)!r} is not a feature bag; expected a .bag directory, .h5, .pt or .safetensors")
-    feats = np.asarray(feats)
-    if feats.ndim == 3 and feats.shape[0] == 1:  # some pipelines save [1, N, D]
-        feats = feats[0]
-    if feats.ndim != 2:
-        raise ValueError(f"feature bag {str(path)!r}: features must be [N, D], got shape {feats.shape}")
-    if coords is not None:
-        coords = np.asarray(coords).reshape(-1, 2).astype(np.int64)
-        if coords.shape[0] != feats.shape[0]:
-            raise ValueError(f"feature bag {str(path)!r}: {feats.shape[0]} feature rows but {coords.shape[0]} coords")
-    if not np.isfinite(feats).all():
-        raise ValueError(f"feature bag {str(path)!r}: features contain NaN or inf")
-    return Bag(feats.astype(np.float32, copy=False), coords, meta, path)
+    return feats, coords, meta

@@ -65,7 +65,11 @@ class SlideReader:
                 import openslide
             except ImportError as e:  # pragma: no cover
                 raise _missing("openslide-python and openslide-bin", "wsi") from e
-            self._slide = openslide.OpenSlide(str(self.path))
+            try:
+                self._slide = openslide.OpenSlide(str(self.path))
+            except Exception as e:
+                raise ValueError(f"slide file {str(self.path)!r}: openslide cannot open it ({e}); "
+                                 "expected a whole-slide image format openslide reads") from e
             mpp_key = "openslide.mpp-x"
         else:
             raise ValueError(f"backend must be 'tiffslide' or 'openslide', got {self.backend!r}")
@@ -100,16 +104,26 @@ class SlideReader:
 
     def read(self, x: int, y: int, level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 array ``[h, w, 3]``; ``(x, y)`` in level-0 pixels, ``size=(w, h)`` at ``level``."""
-        if self.backend == "tiffslide":
-            arr = self._slide.read_region((int(x), int(y)), level, size, as_array=True)
-        else:
-            arr = np.asarray(self._slide.read_region((int(x), int(y)), level, size))
+        try:
+            if self.backend == "tiffslide":
+                arr = self._slide.read_region((int(x), int(y)), level, size, as_array=True)
+            else:
+                arr = np.asarray(self._slide.read_region((int(x), int(y)), level, size))
+        except Exception as e:  # a codec error from deep in the backend: say which file and region
+            raise self._corrupt(f"region x={x}, y={y}, level {level}, size {tuple(size)}", e) from e
         return np.ascontiguousarray(arr[..., :3])
+
+    def _corrupt(self, what: str, e: Exception) -> ValueError:
+        return ValueError(f"slide file {str(self.path)!r}: cannot decode the {what} ({type(e).__name__}: {e}); "
+                          "the file is probably truncated or corrupt (re-copy or re-export it)")
 
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:
         """RGB uint8 ``[h, w, 3]`` whose longer side is at most ``max_size``, aspect preserved."""
-        img = self._slide.get_thumbnail((max_size, max_size))
-        return np.asarray(img.convert("RGB"))
+        try:
+            img = self._slide.get_thumbnail((max_size, max_size))
+            return np.asarray(img.convert("RGB"))
+        except Exception as e:
+            raise self._corrupt("thumbnail", e) from e
 
     def close(self) -> None:
         self._slide.close()

@@ -1,0 +1,172 @@
+"""Resumable training: a Lightning checkpoint per ensemble member, replaced atomically at each
+epoch end, and each finished member's weights, under one directory tied to the run's inputs.
+
+Layout (``<output>/checkpoints`` for ``mmclin fit``)::
+
+    store.json                   fingerprint of config + data, MLflow run id
+    member0/final.safetensors    a finished member (weights) + final.json (history, best epoch)
+    member1/last.ckpt            the member in progress, at its last finished epoch + last.json
+
+Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain containers only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+
+log = logging.getLogger("mmclin")
+
+LAST, LAST_META, FINAL, FINAL_META, STORE = "last.ckpt", "last.json", "final.safetensors", "final.json", "store.json"
+
+
+def write_bytes_atomic(path: Path, write: Any) -> None:
+    """``write(tmp_path)`` then rename over ``path``: a kill leaves the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+
+
+def training_fingerprint(frame: Any, y: Any, parts: dict[str, Any]) -> str:
+    """SHA-256 of the training rows, the targets and the settings that shape training (``parts``, JSON)."""
+    from mmclin.tracking import frame_fingerprint
+
+    h = hashlib.sha256(frame_fingerprint(frame).encode())
+    for key in sorted(y) if isinstance(y, dict) else [None]:
+        arr = np.asarray(y[key] if key is not None else y)
+        h.update(str(arr.dtype).encode() + arr.tobytes())
+    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+class CheckpointStore:
+    """Where the members of one training run keep their progress; see the module docstring."""
+
+    def __init__(self, root: str | Path, fingerprint: str) -> None:
+        self.root, self.fingerprint = Path(root), fingerprint
+
+    def prepare(self, resume: bool) -> None:
+        """``resume``: keep what an interrupted run of the same inputs left (refuse a different run's);
+        otherwise start clean, removing any earlier checkpoints (said, at WARNING)."""
+        store = self.root / STORE
+        if resume and store.exists():
+            found = json.loads(store.read_text()).get("fingerprint")
+            if found != self.fingerprint:
+                raise ValueError(
+                    f"--resume: the checkpoints in {str(self.root)!r} were written by a run with a different config or "
+                    "different data, so resuming would not give the uninterrupted run's result; run without --resume to "
+                    "start over (this removes them), or restore the original config and data")
+            stale = [p for p in self.root.rglob(".*") if p.is_file()]
+            for p in stale:  # temporary files of a write that was killed midway
+                p.unlink()
+            done = [k for k in range(1000) if (self.member_dir(k) / FINAL).exists()]
+            log.info("resuming from %s: %d member(s) finished%s", self.root, len(done),
+                     f", {len(stale)} unfinished temporary file(s) removed" if stale else "")
+            return
+        if resume:
+            log.warning("--resume: no checkpoints in %s; training from the start", self.root)
+        elif self.root.exists() and any(self.root.iterdir()):
+            log.warning("removing checkpoints of an earlier, unfinished run in %s (pass --resume to continue it instead)",
+                        self.root)
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True)
+        write_json_atomic(store, {"fingerprint": self.fingerprint})
+
+    @property
+    def run_id(self) -> str | None:
+        store = self.root / STORE
+        return json.loads(store.read_text()).get("mlflow_run_id") if store.exists() else None
+
+    @run_id.setter
+    def run_id(self, value: str) -> None:
+        write_json_atomic(self.root / STORE, {"fingerprint": self.fingerprint, "mlflow_run_id": value})
+
+    def member_dir(self, k: int) -> Path:
+        return self.root / f"member{k}"
+
+    def last_checkpoint(self, k: int) -> Path | None:
+        path = self.member_dir(k) / LAST
+        return path if path.exists() else None
+
+    def save_finished(self, k: int, net: torch.nn.Module, history: list[dict[str, float]], best_epoch: int) -> None:
+        from safetensors.torch import save_file
+
+        d = self.member_dir(k)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {n: t.detach().cpu().contiguous() for n, t in net.state_dict().items()}
+        write_bytes_atomic(d / FINAL, lambda tmp: save_file(state, tmp))
+        write_json_atomic(d / FINAL_META, {"history": history, "best_epoch": best_epoch})
+        for name in (LAST, LAST_META):  # the member's epoch checkpoint is superseded
+            (d / name).unlink(missing_ok=True)
+
+    def load_finished(self, k: int, net: torch.nn.Module) -> tuple[list[dict[str, float]], int] | None:
+        """Load member ``k``'s finished weights into ``net``; ``(history, best_epoch)``, or None when not finished."""
+        from safetensors.torch import load_file
+
+        d = self.member_dir(k)
+        if not (d / FINAL).exists() or not (d / FINAL_META).exists():
+            return None
+        net.load_state_dict(load_file(str(d / FINAL)))
+        meta = json.loads((d / FINAL_META).read_text())
+        return meta["history"], int(meta["best_epoch"])
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling refused or a damaged file
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read safely ({type(err).__name__}: {err}); "
+                         "remove the checkpoints directory and train from the start") from None
+
+
+class EpochCheckpoint(Checkpoint):
+    """Replace ``last.ckpt`` atomically at the end of every ``every``-th epoch (and at the last one).
+
+    A :class:`~lightning.pytorch.callbacks.Checkpoint`, so Lightning runs it after early stopping
+    has decided whether this epoch is the last.
+    """
+
+    def __init__(self, directory: Path, every: int = 1) -> None:
+        self.directory, self.every = Path(directory), every
+
+    def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+        epoch = trainer.current_epoch
+        if (epoch + 1) % self.every and not trainer.should_stop and epoch + 1 < (trainer.max_epochs or 0):
+            return
+        if trainer.is_global_zero:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        target = self.directory / LAST
+        fd, tmp = tempfile.mkstemp(prefix=f".{LAST}.", suffix=".tmp", dir=self.directory) if trainer.is_global_zero else (None, None)
+        if fd is not None:
+            os.close(fd)
+        tmp = trainer.strategy.broadcast(tmp)
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)  # every rank joins; rank 0 writes
+            if trainer.is_global_zero:
+                os.replace(tmp, target)
+                write_json_atomic(self.directory / LAST_META, {"epoch": epoch, "history": module.history})
+        except BaseException:
+            if trainer.is_global_zero:
+                Path(tmp).unlink(missing_ok=True)
+            raise
