@@ -30,10 +30,25 @@ def read_table(path: str | Path) -> pl.DataFrame:
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
-        return pl.read_parquet(path)
-    if suffix in (".csv", ".tsv"):
-        return pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema_length=10000)
-    raise ValueError(f"data file {str(path)!r}: expected .parquet or .csv/.tsv, got {suffix!r}")
+        frame = pl.read_parquet(path)
+    elif suffix in (".csv", ".tsv"):
+        sep = "\t" if suffix == ".tsv" else ","
+        try:
+            frame = pl.read_csv(path, separator=sep, infer_schema_length=10000)
+        except pl.exceptions.NoDataError:
+            raise ValueError(f"data file {str(path)!r} is empty") from None
+        if frame.width == 1:  # one column holding separators: the file uses another one
+            other = next((name for ch, name in (("\t", "tabs"), (";", "semicolons"), (",", "commas"))
+                          if ch != sep and ch in frame.columns[0]), None)
+            if other:
+                fix = "name it .tsv" if other == "tabs" else "convert it to comma-separated CSV or parquet"
+                raise ValueError(f"data file {str(path)!r} has one column {frame.columns[0][:60]!r}...: its fields seem "
+                                 f"separated by {other}, not {'tabs' if sep == chr(9) else 'commas'}; {fix}")
+    else:
+        raise ValueError(f"data file {str(path)!r}: expected .parquet or .csv/.tsv, got {suffix!r}")
+    if frame.height == 0:
+        raise ValueError(f"data file {str(path)!r} has a header but no rows")
+    return frame
 
 
 def read_frame_or_cohort(data: str, id_column: str | None = None) -> tuple[pl.DataFrame, str | None]:
@@ -130,7 +145,19 @@ class Experiment:
         cohort = self._read_cohort()
         # file paths of image/slide modalities stay under data.root when one is set
         cohort.modalities = apply_data_root(cohort.modalities, self.config.data.root)
+        self._check_targets(cohort)
         return cohort
+
+    def _check_targets(self, cohort: Cohort) -> None:
+        """Bad targets fail before any split or training, naming the row of the whole data."""
+        from mmclin.training.core import build_task
+
+        task = build_task(self.config.model.task or ComponentConfig(name=DEFAULT_TASK[cohort.task]))
+        try:
+            task.check_targets(cohort.y)
+        except ValueError as err:
+            where = f" in {cohort.source!r}" if cohort.source else ""
+            raise ValueError(f"target column(s) {cohort.target_columns}{where}: {err}") from None
 
     def _read_cohort(self) -> Cohort:
         d = self.config.data
@@ -211,7 +238,7 @@ class Experiment:
             test_frame = c.frame[te]
             with rows_of_data(te):
                 outputs = fitted.predict_outputs(test_frame)
-            metrics = fitted.task.metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
+                metrics = fitted.task.metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
             preds = prediction_frame(fitted, test_frame, c.id_column or None)
             model_dir = fitted.save(out / "model")
             write_atomic(preds, out / "test_predictions.parquet")
@@ -256,7 +283,7 @@ class Experiment:
                         fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if fold_run else None)
                     with rows_of_data(te):
                         outputs = fitted.predict_outputs(c.frame[te])
-                    metrics = fitted.task.metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
+                        metrics = fitted.task.metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
                     preds = pl.DataFrame({k: np.asarray(v) for k, v in prediction_columns(fitted.task, outputs).items()})
                     oof.append(preds.insert_column(0, pl.Series("fold", [k] * len(te))).insert_column(
                         0, c.frame[c.id_column][te] if c.id_column else pl.Series("row", te)))

@@ -126,3 +126,44 @@ def test_experiment_errors_name_the_row_of_the_file(tmp_path, bad_row):
            "tracking": {"enabled": False}}
     with pytest.raises(ValueError, match=f"modality 'clinical', column '{col}', row {bad_row}: value inf is not finite"):
         Experiment(validate_config(raw)).fit(tmp_path / "out")
+
+
+def _write(frame, path, how):
+    if how == "tabs":
+        frame.write_csv(path, separator="\t")
+    elif how == "semicolons":
+        frame.write_csv(path, separator=";")
+    elif how == "header only":
+        frame.head(0).write_csv(path)
+    else:
+        frame.write_csv(path)
+
+
+DATA_FILE_CASES = [
+    ("header-only CSV", "header only", "binary", lambda f: f, "data file '.*c.csv' has a header but no rows"),
+    ("tab-separated .csv", "tabs", "binary", lambda f: f, "its fields seem separated by tabs, not commas; name it .tsv"),
+    ("semicolon CSV", "semicolons", "binary", lambda f: f, "its fields seem separated by semicolons"),
+    ("label missing in the test rows", "csv", "binary",
+     lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 7).then(None).otherwise(pl.col("label")).alias("label")),
+     r"target column\(s\) \['label'\] in '.*c.csv': binary target is missing at row 7"),
+    ("text survival event", "csv", "cox",
+     lambda f: f.with_columns(pl.when(pl.col("label") == 1).then(pl.lit("dead")).otherwise(pl.lit("alive")).alias("label"),
+                              pl.lit(3.0).alias("time")),
+     r"target column\(s\) \['label', 'time'\] in '.*c.csv': 'event' must be 0/1 or bool; row \d+ has '(alive|dead)'"),
+]
+
+
+@pytest.mark.parametrize("case,how,task,edit,message", DATA_FILE_CASES, ids=[c[0] for c in DATA_FILE_CASES])
+def test_bad_data_files_fail_before_training(tmp_path, case, how, task, edit, message):
+    from mmclin.config import validate_config
+    from mmclin.datasets import make_synthetic_cohort
+    from mmclin.experiment import Experiment
+
+    c = make_synthetic_cohort(60, task="binary", seed=0)
+    _write(edit(c.frame.with_columns(pl.Series("label", c.y))), tmp_path / "c.csv", how)
+    raw = {"name": "bad", "data": {"path": str(tmp_path / "c.csv"), "target": ["label", "time"] if task == "cox" else ["label"],
+                                   "modalities": [m.model_dump() for m in c.modalities]},
+           "model": {"task": {"name": task}}, "tracking": {"enabled": False}}
+    with pytest.raises(ValueError, match=message):
+        Experiment(validate_config(raw)).fit(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written

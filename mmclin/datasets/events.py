@@ -343,18 +343,20 @@ def _prepare(
         raise ValueError("relative_to='window_start' needs window= or window_start=")
 
     dated = ev.filter(pl.col(id_column).is_not_null() & pl.col(time_column).is_not_null())
-    joined = dated.join(key_frame, on=id_column, how="inner")
-    # what the join and the window leave out, counted for the report (collected with the result)
-    orphans = dated.join(key_frame.select(id_column).unique(), on=id_column, how="anti").select(
-        pl.len().alias("orphan_events"), pl.col(id_column).n_unique().alias("orphan_ids"))
+    # one left join (cached) serves both the events kept and the counts of those left out: events of ids
+    # not in the subjects frame have no subject row; the others are counted against their row's window
+    linked = dated.join(key_frame, on=id_column, how="left").cache()
+    orphan = pl.col(_ROW).is_null()
     cut_key = [id_column, "__cut"] if "__cut" in key_frame.collect_schema() else [id_column]
     dups = key_frame.select((pl.len() - pl.struct(cut_key).n_unique()).alias("duplicate_rows"))
     t = pl.col(time_column)
-    excluded = joined.select(
+    counts = linked.select(
+        orphan.sum().alias("orphan_events"), pl.col(id_column).filter(orphan).n_unique().alias("orphan_ids"),
         ((t > pl.col("__cut")).sum() if prediction_time is not None else pl.lit(0)).alias("after_cutoff"),
         ((t < pl.col("__start")).sum() if (window is not None or window_start is not None) else pl.lit(0))
         .alias("before_start"))
-    stats = pl.concat([orphans, dups, excluded], how="horizontal")
+    stats = pl.concat([counts, dups], how="horizontal")
+    joined = linked.filter(~orphan)
     # the cutoff and the window are applied here, BEFORE any aggregation
     if prediction_time is not None:
         joined = joined.filter(pl.col(time_column) <= pl.col("__cut"))
