@@ -164,10 +164,11 @@ def _print_missing_report(name: str, report: Any) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
 
-    from mmclin.experiment import read_frame_or_cohort, resolve_model_path, write_atomic
+    from mmclin.experiment import check_output_name, read_frame_or_cohort, resolve_model_path, write_atomic
     from mmclin.predictions import prediction_frame
     from mmclin.training.core import FittedModel
 
+    check_output_name(args.output)
     fitted = FittedModel.load(resolve_model_path(args.model, args.tracking_uri))
     frame, id_col = read_frame_or_cohort(args.data, args.id_column)
     preds = prediction_frame(fitted, frame, id_col)

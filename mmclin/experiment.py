@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,11 +15,15 @@ from typing import Any, Iterator
 import numpy as np
 import polars as pl
 
-from mmclin.cohort import Cohort, ModalitySpec, check_unique_ids
+from mmclin.cohort import Cohort, check_unique_ids
 from mmclin.config import ComponentConfig, ExperimentConfig, load_config
 
 DEFAULT_TASK = {"survival": "cox", "binary": "binary", "multiclass": "multiclass", "multilabel": "multilabel",
                 "regression": "regression"}
+
+
+TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv")
+OUTPUT_SUFFIXES = (".parquet", ".pq", ".csv")
 
 
 def read_table(path: str | Path) -> pl.DataFrame:
@@ -53,8 +55,8 @@ def read_table(path: str | Path) -> pl.DataFrame:
 
 def read_frame_or_cohort(data: str, id_column: str | None = None) -> tuple[pl.DataFrame, str | None]:
     """A one-row-per-subject file, or a built-in cohort's frame (with its id column) when no such file exists."""
-    if Path(data).exists():
-        return read_table(data), id_column
+    if Path(data).exists() or Path(data).suffix.lower() in TABLE_SUFFIXES or "/" in data:
+        return read_table(data), id_column  # a file name: a missing one is reported as such
     from mmclin.datasets import load_cohort
 
     cohort = load_cohort(data)
@@ -78,24 +80,21 @@ def targets_from_frame(frame: pl.DataFrame, columns: list[str], problem: str) ->
     return frame[columns[0]].to_numpy()
 
 
+def check_output_name(path: str | Path) -> Path:
+    """A predictions file name mmclin can write (checked before any work is done)."""
+    path = Path(path)
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"output {str(path)!r}: expected a .parquet or .csv file name")
+    return path
+
+
 def write_atomic(frame: pl.DataFrame, path: str | Path) -> Path:
     """Write parquet/CSV to a temp file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.suffix.lower() == ".csv":
-            frame.write_csv(tmp)
-        elif path.suffix.lower() in (".parquet", ".pq"):
-            frame.write_parquet(tmp)
-        else:
-            raise ValueError(f"output {str(path)!r}: expected a .parquet or .csv file name")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from mmclin.atomic import write_file_atomic
+
+    path = check_output_name(path)
+    suffix = path.suffix.lower()
+    return write_file_atomic(path, frame.write_csv if suffix == ".csv" else frame.write_parquet)
 
 
 @dataclass
@@ -373,8 +372,14 @@ def resolve_model_path(model: str, tracking_uri: str | None = None) -> Path:
 
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
+        from mlflow.exceptions import MlflowException
+
         run_id = model[len("runs:/"):].split("/")[0] if model.startswith("runs:/") else model
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model"))
+        try:
+            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model"))
+        except MlflowException as err:
+            raise FileNotFoundError(f"model {model!r}: no model of MLflow run {run_id} in {mlflow.get_tracking_uri()!r} "
+                                    f"({err.message.splitlines()[0]}); pass --tracking-uri where the run was logged") from None
     raise FileNotFoundError(f"model {model!r} is neither a model directory nor an MLflow run (runs:/<run_id>)")
 
 

@@ -10,8 +10,6 @@ featurizers from it; any fusion head can then be fine-tuned.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,22 +123,16 @@ class PretrainedEncoders:
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
 
+        from mmclin.atomic import atomic_directory
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_directory(path) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}, str(tmp / WEIGHTS))
             meta = {"format_version": PRETRAIN_FORMAT, "objective": self.objective, "negative_sampling": self.negative_sampling,
                     "dim": self.dim, "modalities": [s.model_dump(mode="json") for s in self.specs],
                     "featurizers": {m: f.state_dict() for m, f in self.featurizers.items()},
                     "encoder_kwargs": self.encoder_kwargs, "options": self.options, "history": self.history}
             (tmp / META).write_text(json.dumps(meta, indent=1, default=_json_default))
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

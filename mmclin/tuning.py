@@ -1026,19 +1026,21 @@ class StudyRunner:
         res = exp.fit(self.output_dir)
         if res.predictions.height != len(self.test_idx):  # Experiment.fit must split exactly as the study did
             raise StudyError(f"the refit scored {res.predictions.height} subjects, the study held out {len(self.test_idx)}")
+        from mmclin.atomic import atomic_directory
+
         study_dir = self.output_dir / self.config.name / "study"
-        study_dir.mkdir(parents=True, exist_ok=True)
-        frame = trials_frame(self.study)
-        frame.write_parquet(study_dir / "trials.parquet")
         best_raw = cfg.model_dump(mode="json")
         best_raw["tracking"] = self.config.tracking.model_dump(mode="json")
         best_raw["trainer"]["progress_bar"] = self.config.trainer.progress_bar
         best_raw["tune"] = None
-        (study_dir / "best_config.yaml").write_text(config_to_yaml(validate_config(best_raw)))
-        (study_dir / "best_params.json").write_text(json.dumps(best.params, indent=1, default=str))
-        notes = save_study_plots(self.study, study_dir)
-        if notes:
-            (study_dir / "plots_not_drawn.json").write_text(json.dumps(notes, indent=1))
+        frame = trials_frame(self.study)
+        with atomic_directory(study_dir) as tmp:  # the study's files appear together or not at all
+            frame.write_parquet(tmp / "trials.parquet")
+            (tmp / "best_config.yaml").write_text(config_to_yaml(validate_config(best_raw)))
+            (tmp / "best_params.json").write_text(json.dumps(best.params, indent=1, default=str))
+            notes = save_study_plots(self.study, tmp)
+            if notes:
+                (tmp / "plots_not_drawn.json").write_text(json.dumps(notes, indent=1))
         baseline = _baseline_value(self.study)
         if self._parent_id is not None:
             with mlflow.start_run(run_id=self._parent_id):

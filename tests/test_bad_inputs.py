@@ -167,3 +167,33 @@ def test_bad_data_files_fail_before_training(tmp_path, case, how, task, edit, me
     with pytest.raises(ValueError, match=message):
         Experiment(validate_config(raw)).fit(tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+CLI_CASES = [
+    ("data file missing", ["--data", "nothere.csv", "--output", "p.parquet"], "data file 'nothere.csv' does not exist"),
+    ("output of unknown type", ["--data", "gse7390", "--output", "p.txt"], "output 'p.txt': expected a .parquet or .csv"),
+    ("model is not a directory", None, "model 'nope' is neither a model directory nor an MLflow run"),
+    ("unknown MLflow run", "runs:/0123456789abcdef0123456789abcdef",
+     "no model of MLflow run 0123456789abcdef0123456789abcdef in 'sqlite:///.*x.db'"),
+]
+
+
+@pytest.mark.parametrize("case,args,message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_predict_verb_bad_arguments(tmp_path, monkeypatch, capsys, fitted_clf, case, args, message):
+    """Exit status 2 and one line naming what is wrong; no traceback, no output file."""
+    import re
+
+    from mmclin.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    model = str(fitted_clf[1].save(tmp_path / "model"))
+    if args is None:
+        argv = ["predict", "nope", "--data", "gse7390", "--output", "p.parquet"]
+    elif isinstance(args, str):
+        argv = ["predict", args, "--data", "gse7390", "--output", "p.parquet", "--tracking-uri", f"sqlite:///{tmp_path / 'x.db'}"]
+    else:
+        argv = ["predict", model, *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert not list(tmp_path.glob("p.*"))

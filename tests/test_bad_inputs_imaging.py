@@ -34,6 +34,14 @@ def _noise(n: int) -> bytes:
     return np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
 
 
+def _noise_file(name, size):
+    """A fixture maker: ``size`` random bytes saved as ``name``."""
+    def make(t):
+        (t / name).write_bytes(_noise(size))
+        return t / name
+    return make
+
+
 def _tissue_tiff(path):
     """A small pyramidal TIFF: pink tissue-like noise on white glass."""
     rng = np.random.default_rng(0)
@@ -46,9 +54,7 @@ def _tissue_tiff(path):
 # Each writer makes one bad input in tmp_path and returns its path; it sits in row 1 of the
 # 'slide' column, after a good bag in row 0, so the message must name row 1.
 
-def _corrupt_svs(t):
-    (t / "rand.svs").write_bytes(_noise(5000))
-    return t / "rand.svs"
+_corrupt_svs = _noise_file("rand.svs", 5000)
 
 
 def _truncated_tif(t):
@@ -79,19 +85,13 @@ def _pt_without_features(t):
     return t / "clam.pt"
 
 
-def _corrupt_h5(t):
-    (t / "rand.h5").write_bytes(_noise(300))
-    return t / "rand.h5"
+_corrupt_h5 = _noise_file("rand.h5", 300)
 
 
-def _corrupt_pt(t):
-    (t / "rand.pt").write_bytes(_noise(300))
-    return t / "rand.pt"
+_corrupt_pt = _noise_file("rand.pt", 300)
 
 
-def _corrupt_safetensors(t):
-    (t / "rand.safetensors").write_bytes(_noise(300))
-    return t / "rand.safetensors"
+_corrupt_safetensors = _noise_file("rand.safetensors", 300)
 
 
 def _incomplete_bag_dir(t):
@@ -245,14 +245,10 @@ def _truncated_dicom(t):
     return t / "trunc.dcm"
 
 
-def _random_dicom(t):
-    (t / "rand.dcm").write_bytes(_noise(2000))
-    return t / "rand.dcm"
+_random_dicom = _noise_file("rand.dcm", 2000)
 
 
-def _random_nifti(t):
-    (t / "rand.nii").write_bytes(_noise(1000))
-    return t / "rand.nii"
+_random_nifti = _noise_file("rand.nii", 1000)
 
 
 def _truncated_nifti_gz(t):
@@ -262,9 +258,7 @@ def _truncated_nifti_gz(t):
     return t / "trunc.nii.gz"
 
 
-def _random_png(t):
-    (t / "rand.png").write_bytes(_noise(500))
-    return t / "rand.png"
+_random_png = _noise_file("rand.png", 500)
 
 
 def _truncated_png(t):
@@ -279,9 +273,7 @@ def _nifti_2d(t):
     return t / "flat.nii"
 
 
-def _unknown_format(t):
-    (t / "scan.raw").write_bytes(_noise(64))
-    return t / "scan.raw"
+_unknown_format = _noise_file("scan.raw", 64)
 
 
 RAD_ROW1 = r"modality 'rad', column 'ct', row 1: "

@@ -1,7 +1,6 @@
 """The result of ``explain``: tidy frames, global summaries, plots, an HTML report, MLflow logging."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,24 +123,25 @@ class Explanation:
         return html_report(self, Path(path), top, images)
 
     def save(self, directory: str | Path, top: int = 20) -> dict[str, Path]:
-        """Write every frame as parquet, one PNG per summarised level, ``report.html`` and ``info.json``."""
+        """Write every frame as parquet, one PNG per summarised level, ``report.html`` and ``info.json``
+        (each file atomically)."""
+        from mmclin.atomic import write_file_atomic, write_json_atomic
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         written: dict[str, Path] = {}
         for name, frame in self.frames().items():
-            frame.write_parquet(directory / f"{name}.parquet")
-            written[name] = directory / f"{name}.parquet"
+            written[name] = write_file_atomic(directory / f"{name}.parquet", frame.write_parquet)
         images = {}
         for level, fname in PLOT_FILES.items():
             if self.frames().get(level) is not None:
                 import matplotlib.pyplot as plt
 
-                plt.close(self.plot(level, directory / fname, top))
-                images[level] = written[f"{level}_png"] = directory / fname
-        written["report"] = self.to_html(directory / "report.html", images=images)
-        (directory / "info.json").write_text(json.dumps({**self.info, "completeness": self.completeness()},
-                                                        indent=1, default=str))
-        written["info"] = directory / "info.json"
+                path = write_file_atomic(directory / fname, lambda tmp: plt.close(self.plot(level, tmp, top)))
+                images[level] = written[f"{level}_png"] = path
+        written["report"] = write_file_atomic(directory / "report.html", lambda tmp: self.to_html(tmp, images=images))
+        written["info"] = write_json_atomic(directory / "info.json", {**self.info, "completeness": self.completeness()},
+                                            default=str)
         return written
 
     def log_to_mlflow(self, run_id: str | None = None, artifact_path: str = "explanations", top: int = 20,

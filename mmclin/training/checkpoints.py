@@ -24,25 +24,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
+from mmclin.atomic import write_file_atomic, write_json_atomic
+
 log = logging.getLogger("mmclin")
 
 LAST, LAST_META, FINAL, FINAL_META, STORE = "last.ckpt", "last.json", "final.safetensors", "final.json", "store.json"
-
-
-def write_bytes_atomic(path: Path, write: Any) -> None:
-    """``write(tmp_path)`` then rename over ``path``: a kill leaves the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
 def training_fingerprint(frame: Any, y: Any, parts: dict[str, Any]) -> str:
@@ -112,7 +98,7 @@ class CheckpointStore:
         d = self.member_dir(k)
         d.mkdir(parents=True, exist_ok=True)
         state = {n: t.detach().cpu().contiguous() for n, t in net.state_dict().items()}
-        write_bytes_atomic(d / FINAL, lambda tmp: save_file(state, tmp))
+        write_file_atomic(d / FINAL, lambda tmp: save_file(state, tmp))
         write_json_atomic(d / FINAL_META, {"history": history, "best_epoch": best_epoch})
         for name in (LAST, LAST_META):  # the member's epoch checkpoint is superseded
             (d / name).unlink(missing_ok=True)

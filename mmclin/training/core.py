@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +11,6 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import polars as pl
 import torch
-from torch import nn
 
 from mmclin.cohort import ModalitySpec, as_modality_specs, check_unique_ids, to_polars
 from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig
@@ -140,10 +136,10 @@ class FittedModel:
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
 
+        from mmclin.atomic import atomic_directory
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_directory(path) as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"))
             meta = {
@@ -158,10 +154,6 @@ class FittedModel:
                 "id_column": self.id_column,
             }
             (tmp / "mmclin.json").write_text(json.dumps(meta, indent=1, default=_json_default))
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod
@@ -209,17 +201,6 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished directory into place; an existing one is swapped out, then removed."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def fit_model(
