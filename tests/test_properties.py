@@ -79,3 +79,48 @@ def test_frame_to_batch_round_trip(data, perm):
         for k, t in table.inputs[m].items():
             assert torch.equal(permuted.inputs[m][k], t[order])
         assert torch.equal(permuted.present[m], table.present[m][order])
+
+
+@st.composite
+def event_frames(draw):
+    """Subjects with no list, an empty list or up to 12 events; times encode the subject (i * 100 + j)."""
+    n = draw(st.integers(2, 25))
+    lengths = draw(st.lists(st.one_of(st.none(), st.integers(0, 12)), min_size=n, max_size=n))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    cells = []
+    for i, k in enumerate(lengths):
+        if k is None:
+            cells.append(None)
+            continue
+        times = rng.permutation(k) + 100.0 * i  # unordered within a subject
+        cells.append([{"time": float(t), "code": f"c{rng.integers(0, 3)}",
+                       "value": None if rng.random() < 0.2 else float(rng.normal())} for t in times])
+    dtype = pl.List(pl.Struct({"time": pl.Float64, "code": pl.String, "value": pl.Float64}))
+    return pl.DataFrame({"ev": pl.Series(cells, dtype=dtype)}), lengths, draw(st.integers(1, 8))
+
+
+@SETTINGS
+@given(event_frames(), st.permutations(range(25)), st.integers(1, 25))
+def test_event_lists_to_batch(data, perm, batch_size):
+    frame, lengths, max_events = data
+    if not any(lengths):
+        return  # nothing to fit on: the user gets an error (tests/test_bad_inputs_events.py)
+    spec = ModalitySpec(name="labs", kind="irregular_series", columns=["ev"], options={"max_events": max_events})
+    feats = fit_featurizers(frame, [spec])
+    table = featurize(frame, feats)  # validates
+    f = feats["labs"]
+    assert table.present["labs"].tolist() == [bool(k) for k in lengths]  # no list or an empty one: absent
+    order = torch.tensor([p for p in perm if p < frame.height])
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = table.batch(idx)
+        batch.validate()
+        padded = batch.inputs["labs"]
+        for b, i in enumerate(idx.tolist()):
+            kept = min(lengths[i] or 0, max_events)
+            mask = padded["mask"][b]
+            assert int(mask.sum()) == kept and bool(mask[:kept].all())
+            times = padded["time"][b][mask].double().numpy() * f.time_scale + f.time_shift
+            # this subject's most recent events, in time order, and nobody else's
+            expected = 100.0 * i + np.arange((lengths[i] or 0) - kept, lengths[i] or 0)
+            np.testing.assert_allclose(times, expected, atol=1e-5 * max(1.0, abs(f.time_scale)))
