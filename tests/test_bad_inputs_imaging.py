@@ -354,3 +354,13 @@ def test_slide_reader_names_the_file_and_region_of_a_tile_it_cannot_decode(tmp_p
         with pytest.raises(ValueError, match=r"slide file '.*trunc.tif': cannot decode the region x=192, y=192, level 0, "
                                              r"size \(64, 64\) \(.*\); the file is probably truncated or corrupt"):
             r.read(192, 192, 0, (64, 64))
+
+
+def test_4d_nifti_uses_the_first_volume_and_says_so(tmp_path):
+    from mmclin.datasets.radiology import read_image
+
+    vol = np.stack([np.full((4, 5, 6), float(k), np.float32) for k in range(3)], axis=-1)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "bold.nii.gz")
+    with pytest.warns(UserWarning, match=r"bold.nii.gz' holds 3 volumes .* only the first is used"):
+        out = read_image(tmp_path / "bold.nii.gz")
+    assert out.array.shape == (6, 5, 4) and float(out.array.max()) == 0.0

@@ -127,8 +127,12 @@ def _read_image(p: Path, root: str | Path | None) -> Volume:
         except Exception as e:  # gzip / header / short-read errors from nibabel
             raise ValueError(f"NIfTI file {str(p)!r}: cannot read it ({type(e).__name__}: {e}); "
                              "the file is corrupt or truncated") from e
-        if arr.ndim == 4:
-            arr = arr[..., 0]  # first time point / channel
+        if arr.ndim == 4 and arr.shape[3] == 1:
+            arr = arr[..., 0]
+        elif arr.ndim == 4:  # a time series or several channels: one volume is used, and that is said
+            warnings.warn(f"NIfTI file {str(p)!r} holds {arr.shape[3]} volumes (shape {arr.shape}); only the first "
+                          "is used (split the file to use another)", stacklevel=2)
+            arr = arr[..., 0]
         if arr.ndim != 3:
             raise ValueError(f"NIfTI file {str(p)!r}: expected a 3-D volume, got shape {arr.shape}")
         zooms = img.header.get_zooms()[:3]
