@@ -265,6 +265,21 @@ def cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_progress_messages() -> None:
+    """mmclin's INFO lines (resuming from a checkpoint, events excluded before aggregation, ...) on stderr:
+    counts and paths only, never values (tests/test_log_privacy.py)."""
+    import logging
+
+    logger = logging.getLogger("mmclin")
+    if not any(getattr(h, "_mmclin_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler._mmclin_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
@@ -272,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate_cleanly)
     args = build_parser().parse_args(argv)
+    _show_progress_messages()
     handler = {"fit": cmd_fit, "evaluate": cmd_evaluate, "predict": cmd_predict, "cohorts": cmd_cohorts,
                "pretrain": cmd_pretrain, "explain": cmd_explain, "tune": cmd_tune, "studies": cmd_studies}[args.command]
     try:

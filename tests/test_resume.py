@@ -182,3 +182,14 @@ def test_checkpoint_that_is_a_pickle_is_refused(tmp_path, small):
     with pytest.raises(ValueError, match="cannot be read safely"):
         fit_model(c.frame, c.y, c.modalities, checkpoints=store, **SMALL)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_fingerprint_of_text_labels_is_the_same_in_another_process():
+    """Text labels come as object arrays; their hash must not depend on memory addresses."""
+    import subprocess
+
+    code = ("import numpy as np, polars as pl; from mmclin.training.checkpoints import training_fingerprint; "
+            "y = np.array(['yes', 'no', 'yes'], dtype=object); "
+            "print(training_fingerprint(pl.DataFrame({'a': [1, 2, 3]}), y, {'k': 1}))")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
+    assert len(runs) == 1

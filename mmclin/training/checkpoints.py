@@ -38,7 +38,9 @@ def training_fingerprint(frame: Any, y: Any, parts: dict[str, Any]) -> str:
     h = hashlib.sha256(frame_fingerprint(frame).encode())
     for key in sorted(y) if isinstance(y, dict) else [None]:
         arr = np.asarray(y[key] if key is not None else y)
-        h.update(str(arr.dtype).encode() + arr.tobytes())
+        # object arrays (text labels) hold pointers: hash their values, which are the same in every process
+        data = "\x1f".join(map(repr, arr.tolist())).encode() if arr.dtype == object else arr.tobytes()
+        h.update(str(arr.dtype).encode() + data)
     h.update(json.dumps(parts, sort_keys=True, default=str).encode())
     return h.hexdigest()
 

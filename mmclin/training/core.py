@@ -327,7 +327,7 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
     accelerator, precision = resolve_accelerator(trainer)
     # Lightning's INFO lines (device summary, advertising tips) are noise in a CLI table; we report the device ourselves
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    log.info("training on %s with precision %s", accelerator, precision)
+    log.debug("training on %s with precision %s", accelerator, precision)  # the CLI prints it once per run
     # drop_last avoids a lone 1-sample batch (Cox loss / batch statistics are undefined there)
     drop_last = len(train_idx) % trainer.batch_size == 1
     pl_trainer = L.Trainer(
