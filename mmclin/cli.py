@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -265,19 +267,22 @@ def cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_progress_messages() -> None:
-    """mmclin's INFO lines (resuming from a checkpoint, events excluded before aggregation, ...) on stderr:
-    counts and paths only, never values (tests/test_log_privacy.py)."""
-    import logging
-
+@contextlib.contextmanager
+def _progress_messages() -> Iterator[None]:
+    """mmclin's INFO lines (resuming from a checkpoint, events excluded before aggregation, ...) on stderr
+    while a command runs: counts and paths only, never values (tests/test_log_privacy.py)."""
     logger = logging.getLogger("mmclin")
-    if not any(getattr(h, "_mmclin_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        handler._mmclin_cli = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-    if logger.level == logging.NOTSET:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    if level == logging.NOTSET:
         logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,11 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate_cleanly)
     args = build_parser().parse_args(argv)
-    _show_progress_messages()
     handler = {"fit": cmd_fit, "evaluate": cmd_evaluate, "predict": cmd_predict, "cohorts": cmd_cohorts,
                "pretrain": cmd_pretrain, "explain": cmd_explain, "tune": cmd_tune, "studies": cmd_studies}[args.command]
     try:
-        return handler(args)
+        with _progress_messages():
+            return handler(args)
     except (ValueError, KeyError, FileNotFoundError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"mmclin {args.command}: error: {msg}", file=sys.stderr)
