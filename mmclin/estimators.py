@@ -125,11 +125,23 @@ class _MultimodalBase(BaseEstimator):
         )
         return model, trainer, ComponentConfig(name=task_name, **(self.task_options or {}))
 
-    def fit(self, X: Any, y: Any) -> "_MultimodalBase":
-        from mmclin.training.core import fit_model
+    def fit(self, X: Any, y: Any, checkpoint_dir: str | None = None, resume: bool = False) -> "_MultimodalBase":
+        """Train on ``X`` (one row per subject) and ``y``.
 
+        ``checkpoint_dir``: checkpoint every epoch there (removed once the fit succeeds);
+        ``resume=True`` continues an interrupted fit of the same data and parameters from it,
+        ending exactly as the uninterrupted fit would have on CPU (docs/reliability.md).
+        """
+        from mmclin.training.core import checkpoint_store, fit_model
+
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs the checkpoint_dir of the interrupted fit")
         model, trainer, task = self._configs(y)
-        self.model_ = fit_model(X, y, self.modalities, model, trainer, task, id_column=self.id_column)
+        store = None if checkpoint_dir is None else checkpoint_store(
+            checkpoint_dir, X, y, self.modalities, model, trainer, task, resume)
+        self.model_ = fit_model(X, y, self.modalities, model, trainer, task, id_column=self.id_column, checkpoints=store)
+        if store is not None:
+            store.clear()
         self.task_ = self.model_.task
         self.history_ = self.model_.history
         self.n_features_in_ = sum(len(s.columns) for s in self.model_.specs)
@@ -223,8 +235,8 @@ class MultimodalClassifier(ClassifierMixin, _MultimodalBase):
             return "multilabel"
         return "binary" if len(np.unique(arr[~_isnull(arr)])) <= 2 else "multiclass"
 
-    def fit(self, X: Any, y: Any) -> "MultimodalClassifier":
-        super().fit(X, y)
+    def fit(self, X: Any, y: Any, checkpoint_dir: str | None = None, resume: bool = False) -> "MultimodalClassifier":
+        super().fit(X, y, checkpoint_dir, resume)
         if hasattr(self.task_, "classes_"):
             self.classes_ = np.asarray(self.task_.classes_)
         return self

@@ -193,3 +193,22 @@ def test_fingerprint_of_text_labels_is_the_same_in_another_process():
             "print(training_fingerprint(pl.DataFrame({'a': [1, 2, 3]}), y, {'k': 1}))")
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
     assert len(runs) == 1
+
+
+def test_estimator_fit_resumes_from_its_checkpoint_dir(tmp_path, boring_binary):
+    from mmclin import MultimodalClassifier
+
+    c = boring_binary
+    params = dict(modalities=c.modalities, max_epochs=4, batch_size=32, patience=None, num_threads=1, random_state=0)
+    ref = MultimodalClassifier(**params).fit(c.frame, c.y)
+    with pytest.raises(RuntimeError, match="crash"):
+        fit_model(c.frame, c.y, c.modalities, *MultimodalClassifier(**params)._configs(c.y),
+                  checkpoints=checkpoint_store(tmp_path / "ck", c.frame, c.y, c.modalities,
+                                               *MultimodalClassifier(**params)._configs(c.y), resume=False),
+                  extra_callbacks=[_Crash("epoch_end", 0, 2)])
+    assert (tmp_path / "ck" / "member0" / "last.ckpt").exists()
+    resumed = MultimodalClassifier(**params).fit(c.frame, c.y, checkpoint_dir=tmp_path / "ck", resume=True)
+    np.testing.assert_array_equal(resumed.predict_proba(c.frame), ref.predict_proba(c.frame))
+    assert resumed.history_ == ref.history_ and not (tmp_path / "ck").exists()
+    with pytest.raises(ValueError, match="resume=True needs the checkpoint_dir"):
+        MultimodalClassifier(**params).fit(c.frame, c.y, resume=True)
