@@ -152,14 +152,17 @@ class _MultimodalBase(BaseEstimator):
         return self.model_.predict_outputs(X)
 
     def predict(self, X: Any) -> np.ndarray:
-        return self.task_.predict(self._outputs(X))
+        outputs = self._outputs(X)  # first: an unfitted estimator raises NotFittedError
+        return self.task_.predict(outputs)
 
     def score(self, X: Any, y: Any) -> float:
-        return float(self.task_.score(self.task_.check_targets(y), self._outputs(X)))
+        outputs = self._outputs(X)
+        return float(self.task_.score(self.task_.check_targets(y), outputs))
 
     def metrics(self, X: Any, y: Any, y_train: Any = None) -> dict[str, float]:
         """All the task's metrics (e.g. Harrell's and Uno's C, integrated Brier score)."""
-        return self.task_.metrics(self.task_.check_targets(y), self._outputs(X), y_train=y_train)
+        outputs = self._outputs(X)
+        return self.task_.metrics(self.task_.check_targets(y), outputs, y_train=y_train)
 
     def predict_per_step(self, X: Any) -> Any:
         """Predictions after every step of a sequential fusion head (``sequential_modular``):
@@ -215,7 +218,8 @@ class MultimodalSurvivalModel(_MultimodalBase):
 
     def predict_survival_function(self, X: Any, times: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """``(times, S)`` with ``S[i, j]`` = P(T_i > times[j])."""
-        return self.task_.survival_function(self._outputs(X), times)
+        outputs = self._outputs(X)
+        return self.task_.survival_function(outputs, times)
 
     def predict_cumulative_hazard_function(self, X: Any, times: Any = None) -> tuple[np.ndarray, np.ndarray]:
         t, s = self.predict_survival_function(X, times)
@@ -242,7 +246,8 @@ class MultimodalClassifier(ClassifierMixin, _MultimodalBase):
         return self
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        return self.task_.predict_proba(self._outputs(X))
+        outputs = self._outputs(X)
+        return self.task_.predict_proba(outputs)
 
 
 class MultimodalRegressor(RegressorMixin, _MultimodalBase):

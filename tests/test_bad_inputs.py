@@ -197,3 +197,18 @@ def test_predict_verb_bad_arguments(tmp_path, monkeypatch, capsys, fitted_clf, c
     err = capsys.readouterr().err
     assert re.search(message, err) and "Traceback" not in err, err
     assert not list(tmp_path.glob("p.*"))
+
+
+@pytest.mark.parametrize("method", ["predict", "predict_proba", "score", "metrics"])
+def test_unfitted_estimator_raises_not_fitted(boring_binary, method):
+    from sklearn.exceptions import NotFittedError
+
+    clf = MultimodalClassifier(modalities=boring_binary.modalities)
+    args = (boring_binary.frame, boring_binary.y) if method in ("score", "metrics") else (boring_binary.frame,)
+    with pytest.raises(NotFittedError):
+        getattr(clf, method)(*args)
+
+
+def test_binary_training_targets_of_one_class(boring_binary):
+    with pytest.raises(ValueError, match=r"binary training targets hold one class only \(\[0\] in all 160 rows\)"):
+        MultimodalClassifier(modalities=boring_binary.modalities, **FAST).fit(boring_binary.frame, np.zeros(160, int))

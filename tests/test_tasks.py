@@ -224,7 +224,9 @@ def test_binary_labels_probabilities_and_undefined_metrics() -> None:
     assert one_class["accuracy"] == pytest.approx(2 / 3) and task.score(["yes"] * 3, outputs) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match=r"row 1 is 'maybe'"):
         task.encode(["no", "maybe"])
-    assert TASKS.create("binary").fit_targets(np.zeros(4, dtype=int)).classes_.tolist() == [0, 1]
+    assert TASKS.create("binary").fit_targets(np.array([1, 1, 1, 0])).classes_.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="one class only"):  # nothing to learn to tell apart
+        TASKS.create("binary").fit_targets(np.zeros(4, dtype=int))
 
 
 def test_binary_loss_is_bce() -> None:

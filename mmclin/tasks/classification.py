@@ -160,6 +160,9 @@ class BinaryTask(_LabelTask):
     def fit_targets(self, y: Any) -> "BinaryTask":
         arr = self.check_targets(y)
         classes = np.unique(arr)
+        if len(classes) < 2:  # e.g. a filter that kept only the controls: nothing to tell apart
+            raise ValueError(f"binary training targets hold one class only ({classes.tolist()} in all {len(arr)} rows); "
+                             "training needs rows of both classes")
         if set(classes.tolist()) <= {0, 1}:
             classes = np.array([0, 1], dtype=arr.dtype if arr.dtype != object else None)
         if len(classes) != 2:
