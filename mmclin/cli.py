@@ -106,16 +106,14 @@ def _ddp_follower(args: argparse.Namespace) -> bool:
     args.no_tracking = True
     exp = _experiment(args)
     with tempfile.TemporaryDirectory(prefix="mmclin-rank-") as tmp:
-        exp.fit(tmp) if args.command == "fit" else exp.evaluate(args.cv)
+        if args.command == "fit":  # resuming: the same checkpoints as rank 0, read only
+            exp.fit(tmp, resume=args.resume, follow_checkpoints_of=args.output_dir or exp.config.output_dir)
+        else:
+            exp.evaluate(args.cv)
     return True
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    import os
-
-    if args.resume and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        raise ValueError("--resume is not supported for multi-process (DDP) runs yet: every rank would need rank 0's "
-                         "checkpoints; rerun without --resume")
     if _ddp_follower(args):
         return 0
     exp = _experiment(args)

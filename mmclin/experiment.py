@@ -202,12 +202,14 @@ class Experiment:
 
         return build_task(self.task_config()).problem
 
-    def fit(self, output_dir: str | Path | None = None, resume: bool = False) -> FitResult:
+    def fit(self, output_dir: str | Path | None = None, resume: bool = False,
+            follow_checkpoints_of: str | Path | None = None) -> FitResult:
         """Hold-out fit: train (with a validation carve-out for early stopping) and score on the test subjects.
 
         Training checkpoints go to ``<output>/checkpoints`` every ``trainer.checkpoint_every`` epochs
         and are removed once the model is saved; ``resume`` continues an interrupted run from them
-        (same MLflow run), ending exactly as the uninterrupted run on CPU.
+        (same MLflow run), ending exactly as the uninterrupted run on CPU. ``follow_checkpoints_of``:
+        the output directory of DDP rank 0, whose checkpoints a rank > 0 resumes from without writing.
         """
         from mmclin import tracking
         from mmclin.predictions import prediction_frame
@@ -222,8 +224,10 @@ class Experiment:
         _remove_stale_temporaries(out, ["model", "test_predictions.parquet"])
         store = None
         if cfg.trainer.checkpoint_every:
-            store = checkpoint_store(out / "checkpoints", c.frame[tr], _take(c.y, tr), c.modalities, cfg.model,
-                                     cfg.trainer, self.task_config(), resume)
+            follow = follow_checkpoints_of is not None and resume
+            where = Path(follow_checkpoints_of) / cfg.name if follow else out
+            store = checkpoint_store(where / "checkpoints", c.frame[tr], _take(c.y, tr), c.modalities, cfg.model,
+                                     cfg.trainer, self.task_config(), resume, read_only=follow)
         tracking.quiet_mlflow()
         with tracking.tracked_run(cfg.tracking, cfg.tracking.run_name or f"{cfg.name}-fit", tags={"mmclin.verb": "fit"},
                                   resume_run_id=store.run_id if store is not None and resume else None) as run:

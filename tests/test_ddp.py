@@ -2,10 +2,12 @@
 by torchrun) train the same model as one process at twice the batch size."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,3 +113,81 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path, monkeypatch):
     assert np.abs(out["ddp"] - out["single16"]).max() > 1e-2  # really two shards of 16, not one process of 16
     for a, b in zip(models["ddp"].history, models["single32"].history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5) and a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+
+
+def _descendants(pid):
+    """Every process below ``pid`` (from /proc: Linux)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _torchrun(tmp_path, *args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmclin.cli",
+         "fit", "ddp.yaml", "--set", "trainer.strategy=ddp", "--set", "trainer.devices=2", *args],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _finish(proc, timeout=240):
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s: {stderr[-2000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    return stdout
+
+
+@pytest.mark.slow
+def test_torchrun_killed_halfway_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Both ranks SIGKILLed mid-training; `--resume` (rank 1 reads rank 0's checkpoints) ends as the uninterrupted run."""
+    import json
+    import time
+
+    import polars as pl
+
+    from mmclin.datasets import make_synthetic_cohort
+
+    monkeypatch.chdir(tmp_path)
+    c = make_synthetic_cohort(n_subjects=2000, task="regression", seed=3)
+    c.frame.write_parquet(tmp_path / "cohort.parquet")
+    cfg = {"name": "ddp", "data": {"path": str(tmp_path / "cohort.parquet"), "id_column": c.id_column, "target": ["target"],
+                                   "modalities": [m.model_dump(mode="json") for m in c.modalities], "test_size": 0.2},
+           "model": {"task": {"name": "regression"}, "fusion": {"name": "concat", "d_model": 16, "dropout": 0.1},
+                     "modality_dropout": 0.2},
+           "trainer": {"max_epochs": 6, "batch_size": 16, "patience": None, "device": "cpu", "progress_bar": False},
+           "tracking": {"enabled": False}}
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
+    _finish(_torchrun(tmp_path, "--output-dir", "whole"))
+    proc = _torchrun(tmp_path, "--output-dir", "killed")
+    progress = tmp_path / "killed" / "ddp" / "checkpoints" / "member0" / "last.json"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed halfway"
+        try:
+            if json.loads(progress.read_text())["epoch"] >= 2:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.01)
+    for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun starts each worker in a session of its own
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.communicate()
+    assert not (tmp_path / "killed" / "ddp" / "model").exists()
+    _finish(_torchrun(tmp_path, "--output-dir", "killed", "--resume"))
+    whole, resumed = (pl.read_parquet(tmp_path / d / "ddp" / "test_predictions.parquet") for d in ("whole", "killed"))
+    assert resumed.equals(whole)
+    history = [json.loads((tmp_path / d / "ddp" / "model" / "mmclin.json").read_text())["history"] for d in ("whole", "killed")]
+    assert history[0] == history[1] and len(history[0]) == 6
+    assert not (tmp_path / "killed" / "ddp" / "checkpoints").exists()

@@ -46,15 +46,20 @@ def training_fingerprint(frame: Any, y: Any, parts: dict[str, Any]) -> str:
 
 
 class CheckpointStore:
-    """Where the members of one training run keep their progress; see the module docstring."""
+    """Where the members of one training run keep their progress; see the module docstring.
 
-    def __init__(self, root: str | Path, fingerprint: str) -> None:
-        self.root, self.fingerprint = Path(root), fingerprint
+    ``read_only``: the view of a DDP rank > 0 resuming with rank 0, which alone writes and removes.
+    """
+
+    def __init__(self, root: str | Path, fingerprint: str, read_only: bool = False) -> None:
+        self.root, self.fingerprint, self.read_only = Path(root), fingerprint, read_only
 
     def prepare(self, resume: bool) -> None:
         """``resume``: keep what an interrupted run of the same inputs left (refuse a different run's);
         otherwise start clean, removing any earlier checkpoints (said, at WARNING)."""
         store = self.root / STORE
+        if self.read_only and not resume:
+            raise ValueError("a read-only checkpoint store can only resume")
         if resume and store.exists():
             found = json.loads(store.read_text()).get("fingerprint")
             if found != self.fingerprint:
@@ -62,12 +67,16 @@ class CheckpointStore:
                     f"--resume: the checkpoints in {str(self.root)!r} were written by a run with a different config or "
                     "different data, so resuming would not give the uninterrupted run's result; run without --resume to "
                     "start over (this removes them), or restore the original config and data")
+            if self.read_only:
+                return
             stale = [p for p in self.root.rglob(".*") if p.is_file()]
             for p in stale:  # temporary files of a write that was killed midway
                 p.unlink()
             done = [k for k in range(1000) if (self.member_dir(k) / FINAL).exists()]
             log.info("resuming from %s: %d member(s) finished%s", self.root, len(done),
                      f", {len(stale)} unfinished temporary file(s) removed" if stale else "")
+            return
+        if self.read_only:
             return
         if resume:
             log.warning("--resume: no checkpoints in %s; training from the start", self.root)
@@ -85,6 +94,8 @@ class CheckpointStore:
 
     @run_id.setter
     def run_id(self, value: str) -> None:
+        if self.read_only:
+            return
         write_json_atomic(self.root / STORE, {"fingerprint": self.fingerprint, "mlflow_run_id": value})
 
     def member_dir(self, k: int) -> Path:
@@ -97,13 +108,14 @@ class CheckpointStore:
     def save_finished(self, k: int, net: torch.nn.Module, history: list[dict[str, float]], best_epoch: int) -> None:
         from safetensors.torch import save_file
 
+        if self.read_only:
+            return
         d = self.member_dir(k)
         d.mkdir(parents=True, exist_ok=True)
         state = {n: t.detach().cpu().contiguous() for n, t in net.state_dict().items()}
         write_file_atomic(d / FINAL, lambda tmp: save_file(state, tmp))
         write_json_atomic(d / FINAL_META, {"history": history, "best_epoch": best_epoch})
-        for name in (LAST, LAST_META):  # the member's epoch checkpoint is superseded
-            (d / name).unlink(missing_ok=True)
+        # last.ckpt stays until clear(): a DDP rank > 0 may still be about to read it (final.* wins when both exist)
 
     def load_finished(self, k: int, net: torch.nn.Module) -> tuple[list[dict[str, float]], int] | None:
         """Load member ``k``'s finished weights into ``net``; ``(history, best_epoch)``, or None when not finished."""
@@ -117,7 +129,8 @@ class CheckpointStore:
         return meta["history"], int(meta["best_epoch"])
 
     def clear(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not self.read_only:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

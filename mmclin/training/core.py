@@ -264,16 +264,17 @@ def _prefixed(sink: Callable[[dict[str, float], int], None], prefix: str) -> Cal
 
 
 def checkpoint_store(directory: str | Path, frame: Any, y: Any, modalities: Any, model: ModelConfig,
-                     trainer: TrainerConfig, task: ComponentConfig, resume: bool) -> "CheckpointStore":
+                     trainer: TrainerConfig, task: ComponentConfig, resume: bool,
+                     read_only: bool = False) -> "CheckpointStore":
     """A prepared :class:`~mmclin.training.checkpoints.CheckpointStore` for these inputs; with
-    ``resume``, one whose inputs differ is refused."""
+    ``resume``, one whose inputs differ is refused (``read_only``: a DDP rank > 0's view)."""
     from mmclin.training.checkpoints import CheckpointStore, training_fingerprint
 
     # what changes the trained weights; threads, progress bars and devices do not (on CPU)
     trainer_part = trainer.model_dump(mode="json", exclude={"progress_bar", "num_threads", "checkpoint_every"})
     parts = {"model": model.model_dump(mode="json"), "trainer": trainer_part, "task": task.model_dump(mode="json"),
              "modalities": [s.model_dump(mode="json") for s in as_modality_specs(modalities)]}
-    store = CheckpointStore(directory, training_fingerprint(to_polars(frame), y, parts))
+    store = CheckpointStore(directory, training_fingerprint(to_polars(frame), y, parts), read_only)
     store.prepare(resume)
     return store
 
