@@ -76,21 +76,14 @@ def test_rank_from_launcher_environment(monkeypatch):
 def test_torchrun_two_cpu_processes_match_one_process(tmp_path, monkeypatch):
     """Mean-reduced loss (regression MSE), dropout off: 2 ranks x batch 16 take the same steps
     as 1 process x batch 32, so weights, history and predictions agree to float precision."""
-    from mmclin.datasets import make_synthetic_cohort
     from mmclin.training.core import FittedModel
 
     monkeypatch.chdir(tmp_path)
-    c = make_synthetic_cohort(n_subjects=160, task="regression", seed=3)
-    c.frame.write_parquet(tmp_path / "cohort.parquet")
-    cfg = {"name": "ddp", "data": {"path": str(tmp_path / "cohort.parquet"), "id_column": c.id_column, "target": ["target"],
-                                   "modalities": [m.model_dump(mode="json") for m in c.modalities], "test_size": 0.2},
-           "model": {"task": {"name": "regression"}, "fusion": {"name": "concat", "d_model": 16, "dropout": 0.0},
-                     "encoders": {"clinical": {"d_model": 8, "n_layers": 1, "n_heads": 2, "dropout": 0.0},
-                                  "genes": {"d_model": 8, "n_layers": 1, "dropout": 0.0}}},
-           "trainer": {"max_epochs": 4, "batch_size": 32, "val_fraction": 0.2, "patience": None, "device": "cpu",
-                       "progress_bar": False, "seed": 0},
-           "tracking": {"enabled": False}}
-    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
+    c = _write_regression_config(
+        tmp_path, 160, {"fusion": {"name": "concat", "d_model": 16, "dropout": 0.0},
+                        "encoders": {"clinical": {"d_model": 8, "n_layers": 1, "n_heads": 2, "dropout": 0.0},
+                                     "genes": {"d_model": 8, "n_layers": 1, "dropout": 0.0}}},
+        {"max_epochs": 4, "batch_size": 32, "val_fraction": 0.2, "seed": 0})
     # torchrun --standalone: a free local port for the rendezvous; own session, so a hang is killed whole
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmclin.cli",
@@ -113,6 +106,21 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path, monkeypatch):
     assert np.abs(out["ddp"] - out["single16"]).max() > 1e-2  # really two shards of 16, not one process of 16
     for a, b in zip(models["ddp"].history, models["single32"].history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5) and a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+
+
+def _write_regression_config(tmp_path, n_subjects, model, trainer):
+    """``ddp.yaml`` over a synthetic regression cohort written beside it; returns the cohort."""
+    from mmclin.datasets import make_synthetic_cohort
+
+    c = make_synthetic_cohort(n_subjects=n_subjects, task="regression", seed=3)
+    c.frame.write_parquet(tmp_path / "cohort.parquet")
+    cfg = {"name": "ddp", "data": {"path": str(tmp_path / "cohort.parquet"), "id_column": c.id_column, "target": ["target"],
+                                   "modalities": [m.model_dump(mode="json") for m in c.modalities], "test_size": 0.2},
+           "model": {"task": {"name": "regression"}, **model},
+           "trainer": {"patience": None, "device": "cpu", "progress_bar": False, **trainer},
+           "tracking": {"enabled": False}}
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
+    return c
 
 
 def _descendants(pid):
@@ -156,18 +164,9 @@ def test_torchrun_killed_halfway_resumes_to_the_uninterrupted_result(tmp_path, m
 
     import polars as pl
 
-    from mmclin.datasets import make_synthetic_cohort
-
     monkeypatch.chdir(tmp_path)
-    c = make_synthetic_cohort(n_subjects=2000, task="regression", seed=3)
-    c.frame.write_parquet(tmp_path / "cohort.parquet")
-    cfg = {"name": "ddp", "data": {"path": str(tmp_path / "cohort.parquet"), "id_column": c.id_column, "target": ["target"],
-                                   "modalities": [m.model_dump(mode="json") for m in c.modalities], "test_size": 0.2},
-           "model": {"task": {"name": "regression"}, "fusion": {"name": "concat", "d_model": 16, "dropout": 0.1},
-                     "modality_dropout": 0.2},
-           "trainer": {"max_epochs": 6, "batch_size": 16, "patience": None, "device": "cpu", "progress_bar": False},
-           "tracking": {"enabled": False}}
-    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
+    _write_regression_config(tmp_path, 2000, {"fusion": {"name": "concat", "d_model": 16, "dropout": 0.1},
+                                              "modality_dropout": 0.2}, {"max_epochs": 6, "batch_size": 16})
     _finish(_torchrun(tmp_path, "--output-dir", "whole"))
     proc = _torchrun(tmp_path, "--output-dir", "killed")
     progress = tmp_path / "killed" / "ddp" / "checkpoints" / "member0" / "last.json"
