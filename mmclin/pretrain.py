@@ -121,13 +121,12 @@ class PretrainedEncoders:
         return retrieval_metrics(retrieval_scores(queries, cand, self.objective), index, ks)
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         from mmclin.atomic import atomic_directory
+        from mmclin.weights import save_weights
 
         path = Path(path)
         with atomic_directory(path) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}, str(tmp / WEIGHTS))
+            save_weights(self.net, tmp / WEIGHTS)
             meta = {"format_version": PRETRAIN_FORMAT, "objective": self.objective, "negative_sampling": self.negative_sampling,
                     "dim": self.dim, "modalities": [s.model_dump(mode="json") for s in self.specs],
                     "featurizers": {m: f.state_dict() for m, f in self.featurizers.items()},
@@ -137,9 +136,8 @@ class PretrainedEncoders:
 
     @classmethod
     def load(cls, path: str | Path) -> "PretrainedEncoders":
-        from safetensors.torch import load_file
-
         from mmclin.registry import FEATURIZERS, load_builtin_components
+        from mmclin.weights import read_weights
 
         path = Path(path)
         if not (path / META).exists():
@@ -154,11 +152,7 @@ class PretrainedEncoders:
         specs = [ModalitySpec(**s) for s in meta["modalities"]]
         featurizers = {s.name: FEATURIZERS.get(s.kind)(s).load_state_dict(meta["featurizers"][s.name]) for s in specs}
         net = ContrastiveNet(build_encoders(specs, meta["encoder_kwargs"], meta["options"]), meta["dim"])
-        try:
-            state = load_file(str(path / WEIGHTS))
-        except Exception as err:  # safetensors raises its own types for foreign or damaged files
-            raise ValueError(f"{str(path / WEIGHTS)!r} is not a readable safetensors file ({type(err).__name__}: {err})") from None
-        net.load_state_dict(state)
+        net.load_state_dict(read_weights(path / WEIGHTS))
         return cls(specs, featurizers, net.eval(), meta["encoder_kwargs"], meta["options"], meta["objective"],
                    meta["negative_sampling"], meta["dim"], meta.get("history", []))
 

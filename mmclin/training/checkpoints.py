@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from mmclin.atomic import write_file_atomic, write_json_atomic
+from mmclin.weights import read_weights, save_weights
 
 log = logging.getLogger("mmclin")
 
@@ -72,7 +71,7 @@ class CheckpointStore:
             stale = [p for p in self.root.rglob(".*") if p.is_file()]
             for p in stale:  # temporary files of a write that was killed midway
                 p.unlink()
-            done = [k for k in range(1000) if (self.member_dir(k) / FINAL).exists()]
+            done = list(self.root.glob(f"member*/{FINAL}"))
             log.info("resuming from %s: %d member(s) finished%s", self.root, len(done),
                      f", {len(stale)} unfinished temporary file(s) removed" if stale else "")
             return
@@ -106,25 +105,20 @@ class CheckpointStore:
         return path if path.exists() else None
 
     def save_finished(self, k: int, net: torch.nn.Module, history: list[dict[str, float]], best_epoch: int) -> None:
-        from safetensors.torch import save_file
-
         if self.read_only:
             return
         d = self.member_dir(k)
         d.mkdir(parents=True, exist_ok=True)
-        state = {n: t.detach().cpu().contiguous() for n, t in net.state_dict().items()}
-        write_file_atomic(d / FINAL, lambda tmp: save_file(state, tmp))
+        write_file_atomic(d / FINAL, lambda tmp: save_weights(net, tmp))
         write_json_atomic(d / FINAL_META, {"history": history, "best_epoch": best_epoch})
         # last.ckpt stays until clear(): a DDP rank > 0 may still be about to read it (final.* wins when both exist)
 
     def load_finished(self, k: int, net: torch.nn.Module) -> tuple[list[dict[str, float]], int] | None:
         """Load member ``k``'s finished weights into ``net``; ``(history, best_epoch)``, or None when not finished."""
-        from safetensors.torch import load_file
-
         d = self.member_dir(k)
         if not (d / FINAL).exists() or not (d / FINAL_META).exists():
             return None
-        net.load_state_dict(load_file(str(d / FINAL)))
+        net.load_state_dict(read_weights(d / FINAL))
         meta = json.loads((d / FINAL_META).read_text())
         return meta["history"], int(meta["best_epoch"])
 
@@ -151,23 +145,21 @@ class EpochCheckpoint(Checkpoint):
     def __init__(self, directory: Path, every: int = 1) -> None:
         self.directory, self.every = Path(directory), every
 
+    @staticmethod
+    def _is_final(trainer: Any) -> bool:
+        """This epoch ends the run (early stopping or max_epochs): resuming from it must not train another."""
+        max_epochs = trainer.max_epochs
+        return bool(trainer.should_stop or (max_epochs is not None and 0 < max_epochs <= trainer.current_epoch + 1))
+
+    def on_save_checkpoint(self, trainer: Any, module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmclin_stopped"] = self._is_final(trainer)
+
     def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
-        epoch = trainer.current_epoch
-        if (epoch + 1) % self.every and not trainer.should_stop and epoch + 1 < (trainer.max_epochs or 0):
+        if (trainer.current_epoch + 1) % self.every and not self._is_final(trainer):
             return
-        if trainer.is_global_zero:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        target = self.directory / LAST
-        fd, tmp = tempfile.mkstemp(prefix=f".{LAST}.", suffix=".tmp", dir=self.directory) if trainer.is_global_zero else (None, None)
-        if fd is not None:
-            os.close(fd)
-        tmp = trainer.strategy.broadcast(tmp)
-        try:
-            trainer.save_checkpoint(tmp, weights_only=False)  # every rank joins; rank 0 writes
-            if trainer.is_global_zero:
-                os.replace(tmp, target)
-                write_json_atomic(self.directory / LAST_META, {"epoch": epoch, "history": module.history})
-        except BaseException:
-            if trainer.is_global_zero:
-                Path(tmp).unlink(missing_ok=True)
-            raise
+        if not trainer.is_global_zero:  # every rank joins the save; only rank 0 writes
+            trainer.save_checkpoint(self.directory / LAST, weights_only=False)
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(self.directory / LAST, lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))
+        write_json_atomic(self.directory / LAST_META, {"epoch": trainer.current_epoch, "history": module.history})

@@ -134,14 +134,12 @@ class FittedModel:
 
     # --- persistence: safetensors + JSON, no pickled code --------------------------------
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         from mmclin.atomic import atomic_directory
+        from mmclin.weights import save_weights
 
         path = Path(path)
         with atomic_directory(path) as tmp:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"))
+            save_weights(self.net, tmp / "model.safetensors")
             meta = {
                 "format_version": FORMAT_VERSION,
                 "modalities": [s.model_dump(mode="json") for s in self.specs],
@@ -158,7 +156,7 @@ class FittedModel:
 
     @classmethod
     def load(cls, path: str | Path, map_location: str = "cpu") -> "FittedModel":
-        from safetensors.torch import load_file
+        from mmclin.weights import read_weights
 
         path = Path(path)
         meta_file = path / "mmclin.json"
@@ -179,13 +177,7 @@ class FittedModel:
         task.load_state_dict(meta["task"]["state"])
         net = build_net(specs, meta["encoder_kwargs"], model_config, task)
         weights = path / "model.safetensors"
-        try:  # safetensors only: weights are data, so a file in its place can never run code on load
-            state = load_file(str(weights), device=map_location)
-        except Exception as err:  # safetensors raises its own error types for foreign or damaged files
-            raise ValueError(
-                f"{str(weights)!r} is not a readable safetensors file ({type(err).__name__}: {err}); mmclin never "
-                "unpickles model files, so pickles or torch.save checkpoints are refused"
-            ) from None
+        state = read_weights(weights, map_location)
         try:
             net.load_state_dict(state)
         except RuntimeError as err:

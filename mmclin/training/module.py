@@ -66,15 +66,12 @@ class MultimodalModule(pl_.LightningModule):
             self.dropout_rng.set_state(self._rng_states["modality_dropout"])
 
     def on_train_batch_end(self, outputs: Any, batch: ModalityBatch, batch_idx: int) -> None:
-        self._rng_states = {"torch": torch.get_rng_state(), "modality_dropout": self.dropout_rng.get_state()}
+        if batch_idx + 1 == self.trainer.num_training_batches:  # the epoch's last training batch
+            self._rng_states = {"torch": torch.get_rng_state(), "modality_dropout": self.dropout_rng.get_state()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmclin_history"] = list(self.history)
         checkpoint["mmclin_rng_states"] = self._rng_states
-        # a checkpoint of the run's last epoch: resuming from it must not train another epoch
-        max_epochs = self.trainer.max_epochs
-        last_epoch = max_epochs is not None and 0 < max_epochs <= self.current_epoch + 1
-        checkpoint["mmclin_stopped"] = bool(self.trainer.should_stop or last_epoch)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("mmclin_history", []))
