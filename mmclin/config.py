@@ -200,8 +200,10 @@ class ExperimentConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not v or any(ch in v for ch in "/\\"):
-            raise ValueError(f"'name' must be a plain name without slashes, got {v!r}")
+        # the name is a directory under output_dir: "." or ".." would be that directory or its parent
+        if not v or any(ch in v for ch in "/\\") or v.strip(".") == "":
+            raise ValueError(f"'name' must be a plain name (a directory under output_dir) without slashes, "
+                             f"not '.' or '..', got {v!r}")
         return v
 
 

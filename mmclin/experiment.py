@@ -6,6 +6,7 @@ estimators (``mmclin.training.fit_model``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ import polars as pl
 
 from mmclin.cohort import Cohort, check_unique_ids
 from mmclin.config import ComponentConfig, ExperimentConfig, load_config
+from mmclin.outputs import new_run_directory, unfinished_run_directory, update_marker
+
+log = logging.getLogger("mmclin")
 
 DEFAULT_TASK = {"survival": "cox", "binary": "binary", "multiclass": "multiclass", "multilabel": "multilabel",
                 "regression": "regression"}
@@ -114,6 +118,7 @@ class CVResult:
     run_id: str | None
     predictions: pl.DataFrame | None = None  # out-of-fold test predictions with their fold
     missing_report: Any = None  # mmclin.robustness.MissingReport over the folds' test sets, when asked for
+    baselines: Any = None  # mmclin.evaluation.baselines.BaselineComparison on the same folds, when asked for
 
 
 class Experiment:
@@ -123,13 +128,14 @@ class Experiment:
         >>> exp.fit().metrics["c_index"]  # doctest: +SKIP
     """
 
-    def __init__(self, config: ExperimentConfig) -> None:
+    def __init__(self, config: ExperimentConfig, overrides: list[str] | None = None) -> None:
         self.config = config
+        self.overrides = list(overrides or [])  # the --set values: they name the MLflow runs
         self._cohort: Cohort | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "Experiment":
-        return cls(load_config(path, overrides))
+        return cls(load_config(path, overrides), overrides)
 
     # --- data ---------------------------------------------------------------------------
     @property
@@ -190,12 +196,13 @@ class Experiment:
         return None if g is None else self.cohort.frame[g].to_numpy()
 
     # --- core ---------------------------------------------------------------------------
-    def _fit(self, frame: pl.DataFrame, y: Any, epoch_sink=None, checkpoints=None):
+    def _fit(self, frame: pl.DataFrame, y: Any, epoch_sink=None, checkpoints=None, progress_label: str | None = None):
         from mmclin.training.core import fit_model
 
         c = self.cohort
         return fit_model(frame, y, c.modalities, self.config.model, self.config.trainer, self.task_config(),
-                         id_column=c.id_column or None, epoch_sink=epoch_sink, checkpoints=checkpoints)
+                         id_column=c.id_column or None, epoch_sink=epoch_sink, checkpoints=checkpoints,
+                         progress_label=progress_label)
 
     def _problem(self) -> str:
         from mmclin.training.core import build_task
@@ -220,20 +227,23 @@ class Experiment:
         if resume and not cfg.trainer.checkpoint_every:
             raise ValueError("--resume needs checkpoints, but trainer.checkpoint_every is 0 (checkpointing is off)")
         tr, te = holdout_split(c.y, self._problem(), cfg.data.test_size, cfg.data.split_seed, self._groups())
-        out = Path(output_dir or cfg.output_dir) / cfg.name
-        _remove_stale_temporaries(out, ["model", "test_predictions.parquet"])
+        out = self._run_directory(Path(output_dir or cfg.output_dir) / cfg.name, resume)
         store = None
         if cfg.trainer.checkpoint_every:
             follow = follow_checkpoints_of is not None and resume
-            where = Path(follow_checkpoints_of) / cfg.name if follow else out
+            where = unfinished_run_directory(Path(follow_checkpoints_of) / cfg.name) if follow else out
+            if where is None:
+                raise ValueError(f"--resume: no unfinished run under {str(Path(follow_checkpoints_of) / cfg.name)!r}")
             store = checkpoint_store(where / "checkpoints", c.frame[tr], _take(c.y, tr), c.modalities, cfg.model,
                                      cfg.trainer, self.task_config(), resume, read_only=follow)
         tracking.quiet_mlflow()
-        with tracking.tracked_run(cfg.tracking, cfg.tracking.run_name or f"{cfg.name}-fit", tags={"mmclin.verb": "fit"},
-                                  resume_run_id=store.run_id if store is not None and resume else None) as run:
+        resume_run_id = (store.run_id if store is not None else None) if resume else None
+        with tracking.tracked_run(cfg.tracking, self.run_name("fit"), tags=self._run_tags("fit", out),
+                                  resume_run_id=resume_run_id) as run:
             if run is not None:
                 if store is not None:
                     store.run_id = run.info.run_id
+                update_marker(out, mlflow_run_id=run.info.run_id)
                 tracking.log_config(cfg, c.frame)
                 tracking.log_metrics({"n_train": len(tr), "n_test": len(te)})
             with rows_of_data(tr):
@@ -254,10 +264,42 @@ class Experiment:
                     tracking.log_fitted_model(fitted, model_dir)
         if store is not None:  # the model and predictions are saved: nothing left to resume
             store.clear()
+        update_marker(out, status="finished")
         return FitResult(metrics, preds, model_dir, run.info.run_id if run else None, fitted, fitted.history)
 
-    def evaluate(self, cv: int | None = None, missing_report: bool | dict[str, Any] = False) -> CVResult:
+    def _run_directory(self, parent: Path, resume: bool) -> Path:
+        """A new run directory under ``parent`` (``outputs/<name>``); with ``resume``, the newest unfinished one."""
+        if resume:
+            found = unfinished_run_directory(parent)
+            if found is not None:
+                _remove_stale_temporaries(found, ["model", "test_predictions.parquet"])
+                return found
+            log.warning("--resume: no unfinished run under %s; training from the start", parent)
+        return new_run_directory(parent, "fit", self.config.name)
+
+    def run_name(self, verb: str) -> str:
+        """The MLflow run name: the config's ``tracking.run_name``, else its name, the verb and the
+        ``--set`` overrides, so that runs of one config with other settings can be told apart."""
+        if self.config.tracking.run_name:
+            return self.config.tracking.run_name
+        changed = [o for o in self.overrides if not o.startswith(("tracking.", "trainer.progress_bar"))]
+        return f"{self.config.name} {verb}" + (f" [{', '.join(changed)}]" if changed else "")
+
+    def _run_tags(self, verb: str, out: Path | None = None) -> dict[str, str]:
+        tags = {"mmclin.verb": verb}
+        if self.overrides:
+            tags["mmclin.overrides"] = " ".join(self.overrides)[:5000]
+        if out is not None:
+            tags["mmclin.output_dir"] = str(out.resolve())
+        return tags
+
+    def evaluate(self, cv: int | None = None, missing_report: bool | dict[str, Any] = False,
+                 baselines: bool | list[str] = False) -> CVResult:
         """Cross-validated metrics with subject-level folds (``cv`` folds), or the hold-out split when ``cv`` is None.
+
+        ``baselines``: True (or a list of names) also fits the classical baselines of
+        :mod:`mmclin.evaluation.baselines` on the same folds and columns, and compares mmclin to the
+        best of them (paired, with a bootstrap confidence interval); logged under ``baselines/``.
 
         ``missing_report``: True (or a dict of :func:`mmclin.robustness.missing_report` options)
         also evaluates each fold's model on its test subjects under every modality subset and
@@ -269,6 +311,10 @@ class Experiment:
 
         cfg, c = self.config, self.cohort
         problem = self._problem()
+        if baselines:
+            from mmclin.evaluation.baselines import check_baselines
+
+            check_baselines(c.modalities, problem, None if baselines is True else list(baselines))
         if cv is None:
             splits = [holdout_split(c.y, problem, cfg.data.test_size, cfg.data.split_seed, self._groups())]
         else:
@@ -276,17 +322,23 @@ class Experiment:
                 raise ValueError(f"--cv must be at least 2, got {cv}")
             splits = list(cv_splits(c.y, problem, cv, cfg.data.split_seed, self._groups()))
         tracking.quiet_mlflow()
-        rows, oof, reports = [], [], []
-        with tracking.tracked_run(cfg.tracking, cfg.tracking.run_name or f"{cfg.name}-cv{cv or 1}", tags={"mmclin.verb": "evaluate"}) as run:
+        rows, oof, reports, fold_scores = [], [], [], []
+        with tracking.tracked_run(cfg.tracking, self.run_name(f"evaluate cv{cv}" if cv else "evaluate"),
+                                  tags=self._run_tags("evaluate")) as run:
             if run is not None:
                 tracking.log_config(cfg, c.frame)
             for k, (tr, te) in enumerate(splits):
                 with tracking.tracked_run(cfg.tracking, f"fold-{k}", nested=True) as fold_run:
                     with rows_of_data(tr):
-                        fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if fold_run else None)
+                        fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if fold_run else None,
+                                           progress_label=f"fold {k + 1}/{len(splits)}" if cv else None)
                     with rows_of_data(te):
                         outputs = fitted.predict_outputs(c.frame[te])
                         metrics = fitted.task.metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
+                    if baselines:
+                        from mmclin.evaluation.baselines import task_scores
+
+                        fold_scores.append(task_scores(fitted.task, outputs))
                     preds = pl.DataFrame({k: np.asarray(v) for k, v in prediction_columns(fitted.task, outputs).items()})
                     oof.append(preds.insert_column(0, pl.Series("fold", [k] * len(te))).insert_column(
                         0, c.frame[c.id_column][te] if c.id_column else pl.Series("row", te)))
@@ -303,7 +355,8 @@ class Experiment:
             summary = pl.DataFrame({
                 "metric": metric_names,
                 "mean": [_nan_stat(folds[m], np.nanmean) for m in metric_names],
-                "std": [_nan_stat(folds[m], np.nanstd) for m in metric_names],
+                "std": [_nan_stat(folds[m], lambda a: np.nanstd(a, ddof=1) if np.isfinite(a).sum() > 1 else np.nan)
+                        for m in metric_names],  # the sample sd over folds, as in the baselines' table
             })
             if run is not None:
                 tracking.log_metrics({f"cv_mean_{r['metric']}": r["mean"] for r in summary.to_dicts()})
@@ -317,7 +370,23 @@ class Experiment:
                 report = MissingReport.concat(reports)
                 if run is not None:
                     report.log_to_mlflow()
-        return CVResult(folds, summary, run.info.run_id if run else None, pl.concat(oof), report)
+            comparison = None
+            if baselines:
+                from mmclin.evaluation.baselines import compare, fit_baselines
+
+                log.info("fitting the classical baselines on the same %d fold(s)", len(splits))
+                fitted_baselines = fit_baselines(c.frame, c.y, c.modalities, problem, splits, cfg.trainer.seed,
+                                                 None if baselines is True else list(baselines))
+                comparison = compare(problem, self._primary_metric(), c.y, splits, fold_scores, fitted_baselines,
+                                     seed=cfg.data.split_seed)
+                if run is not None:
+                    comparison.log_to_mlflow()
+        return CVResult(folds, summary, run.info.run_id if run else None, pl.concat(oof), report, comparison)
+
+    def _primary_metric(self) -> str:
+        from mmclin.training.core import build_task
+
+        return build_task(self.task_config()).primary_metric
 
 
 @contextlib.contextmanager
@@ -367,22 +436,38 @@ def _take(y: Any, idx: np.ndarray) -> Any:
 
 
 def resolve_model_path(model: str, tracking_uri: str | None = None) -> Path:
-    """A model directory, or an MLflow ``runs:/<run_id>`` / run id whose ``model`` artifact is downloaded."""
+    """A model directory, a run directory of ``fit`` (``outputs/<name>/<run>``), a config's output
+    directory (``outputs/<name>``: its newest finished run, said at INFO), or an MLflow
+    ``runs:/<run_id>`` / run id whose ``model`` artifact is downloaded from ``tracking_uri``
+    (default: the store ``fit`` writes, ``sqlite:///mlruns.db``)."""
+    from mmclin.outputs import newest_finished_model, read_marker, run_directories
+
     p = Path(model)
     if p.is_dir():
-        return p
+        if (p / "mmclin.json").exists() or not ((p / "model").is_dir() or run_directories(p)):
+            return p  # a model directory (FittedModel.load reports what is wrong with anything else)
+        if read_marker(p) is not None:
+            if not (p / "model" / "mmclin.json").exists():
+                raise FileNotFoundError(f"run directory {model!r} holds no model: its run did not finish "
+                                        "(mmclin fit --resume continues it)")
+            return p / "model"
+        found = newest_finished_model(p)
+        if found is None:
+            raise FileNotFoundError(f"{model!r} holds no finished run with a model")
+        log.info("using the newest finished run's model: %s", found)
+        return found
     if model.startswith("runs:/") or (len(model) == 32 and all(ch in "0123456789abcdef" for ch in model)):
-        import mlflow
-
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        from mlflow.exceptions import MlflowException
+        from mmclin.tracking import open_store
 
         run_id = model[len("runs:/"):].split("/")[0] if model.startswith("runs:/") else model
+        uri = open_store(tracking_uri)
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
         try:
             return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model"))
         except MlflowException as err:
-            raise FileNotFoundError(f"model {model!r}: no model of MLflow run {run_id} in {mlflow.get_tracking_uri()!r} "
+            raise FileNotFoundError(f"model {model!r}: no model of MLflow run {run_id} in {uri!r} "
                                     f"({err.message.splitlines()[0]}); pass --tracking-uri where the run was logged") from None
     raise FileNotFoundError(f"model {model!r} is neither a model directory nor an MLflow run (runs:/<run_id>)")
 

@@ -15,6 +15,24 @@ from typing import Any, Iterator
 from mmclin.config import ExperimentConfig, TrackingConfig, config_to_yaml
 
 
+DEFAULT_URI = TrackingConfig.model_fields["uri"].default  # where `mmclin fit` records runs by default
+# MLflow 3's UI opens an experiment on its GenAI "Traces" page unless the experiment says it holds models
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def open_store(uri: str | None = None) -> str:
+    """Point MLflow at an existing store to read runs from (default: ``fit``'s, ``sqlite:///mlruns.db``).
+    A SQLite file that does not exist is an error, not a new empty store made by accident."""
+    import mlflow
+
+    uri = uri or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise FileNotFoundError(f"no MLflow store at {uri!r} (mmclin fit writes runs there by default); "
+                                "pass --tracking-uri where the run was logged")
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 def _setup(cfg: TrackingConfig) -> str:
     import mlflow
 
@@ -26,7 +44,9 @@ def _setup(cfg: TrackingConfig) -> str:
             # keep artifacts beside the database, not in whatever directory MLflow defaults to
             db = Path(cfg.uri[len("sqlite:///"):])
             artifact_location = (db.resolve().parent / "mlartifacts").as_uri()
-        return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location)
+        return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+    if "mlflow.experimentKind" not in exp.tags:
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
     return exp.experiment_id
 
 
@@ -168,20 +188,18 @@ def log_frame(frame: Any, name: str) -> None:
     """Log a polars frame as a parquet artifact."""
     import mlflow
 
+    folder, _, base = name.rpartition("/")  # "baselines/folds.parquet": a file in an artifact folder
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
+        path = Path(tmp) / base
         frame.write_parquet(path)
-        mlflow.log_artifact(str(path))
+        mlflow.log_artifact(str(path), artifact_path=folder or None)
 
 
 def log_fitted_model(fitted: Any, model_dir: str | Path, input_example: Any = None) -> None:
     """Log the saved model directory (safetensors + JSON) and an MLflow pyfunc model around it."""
     import mlflow
 
-    import warnings
-
     mlflow.log_artifacts(str(model_dir), artifact_path="model")
-    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
     mlflow.pyfunc.log_model(
         name="pyfunc_model",
         python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: nothing pickled

@@ -976,7 +976,9 @@ class StudyRunner:
         attrs = trial.user_attrs
         note = " (baseline)" if attrs.get("mmclin.baseline") else (
             f" (retry of {attrs['mmclin.retry_of']})" if attrs.get("mmclin.retry_of") is not None else "")
-        self.echo(f"trial {trial.number:>3}{note} {state_name(state):<8} {shown[:160]}  [{params}]  {total:.1f} s")
+        # 1-based "k/N" for where the study is; Optuna's own 0-based number (#) is what `mmclin studies` lists
+        self.echo(f"trial {trial.number + 1:>3}/{self.n_trials} (#{trial.number}){note} {state_name(state):<8} "
+                  f"{shown[:160]}  [{params}]  {total:.1f} s")
         self._consecutive_failures = self._consecutive_failures + 1 if state == TrialState.FAIL else 0
         if self._consecutive_failures >= self.tune.max_consecutive_failures:
             raise StudyError(f"{self._consecutive_failures} trials in a row failed; the last one with: {error}")

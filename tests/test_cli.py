@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 from mmclin.cli import main
+from mmclin.outputs import newest_finished_model, run_directories
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "experiments" / "gse7390_survival.yaml"
@@ -21,6 +22,7 @@ def test_help_is_fast_and_does_not_import_torch():
     assert "fit" in out.stdout and "evaluate" in out.stdout
 
 
+@pytest.mark.slow
 def test_fit_tracks_run_and_model_then_predict(tmp_path, monkeypatch, capsys):
     import mlflow
 
@@ -51,7 +53,7 @@ def test_fit_tracks_run_and_model_then_predict(tmp_path, monkeypatch, capsys):
     preds = pyfunc.predict(frame)
     assert list(preds.columns) == ["patient_id", "risk"] and len(preds) == 5
     # predict from the model directory and from the run
-    model_dir = tmp_path / "out" / "gse7390_survival" / "model"
+    model_dir = newest_finished_model(tmp_path / "out" / "gse7390_survival")
     assert main(["predict", str(model_dir), "--data", "gse7390", "--output", str(tmp_path / "p.csv")]) == 0
     p = pl.read_csv(tmp_path / "p.csv")
     assert p.columns == ["patient_id", "risk"] and p.height == 198
@@ -95,7 +97,7 @@ trainer: {{max_epochs: 2, progress_bar: false}}
 tracking: {{enabled: false}}
 """)
     assert main(["fit", str(cfg), "--output-dir", str(tmp_path / "o")]) == 0
-    preds = pl.read_parquet(tmp_path / "o" / "user" / "test_predictions.parquet")
+    preds = pl.read_parquet(run_directories(tmp_path / "o" / "user")[-1] / "test_predictions.parquet")
     assert preds.columns[0] == c.id_column and "prediction" in preds.columns
 
 

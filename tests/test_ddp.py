@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from mmclin.cli import main
+from mmclin.outputs import newest_finished_model, run_directories
 from mmclin.training.data import IndexBatches
 from mmclin.training.distributed import env_global_rank, n_shard_batches, shard_batches
 
@@ -100,7 +101,7 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path, monkeypatch):
     assert "MEMBER: 2/2" in stdout + stderr and stdout.count("held-out test") == 1  # rank 1 prints nothing
     assert main(["fit", "ddp.yaml", "--output-dir", "single32"]) == 0
     assert main(["fit", "ddp.yaml", "--set", "trainer.batch_size=16", "--output-dir", "single16"]) == 0
-    models = {k: FittedModel.load(tmp_path / k / "ddp" / "model") for k in ("ddp", "single32", "single16")}
+    models = {k: FittedModel.load(newest_finished_model(tmp_path / k / "ddp")) for k in ("ddp", "single32", "single16")}
     out = {k: m.predict_outputs(c.frame) for k, m in models.items()}
     np.testing.assert_allclose(out["ddp"], out["single32"], atol=1e-5)
     assert np.abs(out["ddp"] - out["single16"]).max() > 1e-2  # really two shards of 16, not one process of 16
@@ -169,24 +170,27 @@ def test_torchrun_killed_halfway_resumes_to_the_uninterrupted_result(tmp_path, m
                                               "modality_dropout": 0.2}, {"max_epochs": 6, "batch_size": 16})
     _finish(_torchrun(tmp_path, "--output-dir", "whole"))
     proc = _torchrun(tmp_path, "--output-dir", "killed")
-    progress = tmp_path / "killed" / "ddp" / "checkpoints" / "member0" / "last.json"
     deadline = time.time() + 240
     while time.time() < deadline:
         assert proc.poll() is None, "the run ended before it could be killed halfway"
         try:
+            progress = run_directories(tmp_path / "killed" / "ddp")[-1] / "checkpoints" / "member0" / "last.json"
             if json.loads(progress.read_text())["epoch"] >= 2:
                 break
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, json.JSONDecodeError, IndexError):
             pass
         time.sleep(0.01)
     for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun starts each worker in a session of its own
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.communicate()
-    assert not (tmp_path / "killed" / "ddp" / "model").exists()
+    killed = run_directories(tmp_path / "killed" / "ddp")
+    assert len(killed) == 1 and not (killed[0] / "model").exists()
     _finish(_torchrun(tmp_path, "--output-dir", "killed", "--resume"))
-    whole, resumed = (pl.read_parquet(tmp_path / d / "ddp" / "test_predictions.parquet") for d in ("whole", "killed"))
+    assert run_directories(tmp_path / "killed" / "ddp") == killed  # resumed in place
+    run_dirs = {d: run_directories(tmp_path / d / "ddp")[-1] for d in ("whole", "killed")}
+    whole, resumed = (pl.read_parquet(run_dirs[d] / "test_predictions.parquet") for d in ("whole", "killed"))
     assert resumed.equals(whole)
-    history = [json.loads((tmp_path / d / "ddp" / "model" / "mmclin.json").read_text())["history"] for d in ("whole", "killed")]
+    history = [json.loads((run_dirs[d] / "model" / "mmclin.json").read_text())["history"] for d in ("whole", "killed")]
     assert history[0] == history[1] and len(history[0]) == 6
-    assert not (tmp_path / "killed" / "ddp" / "checkpoints").exists()
+    assert not (run_dirs["killed"] / "checkpoints").exists()

@@ -17,6 +17,7 @@ import yaml
 
 from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig
 from mmclin.datasets import make_synthetic_cohort
+from mmclin.outputs import run_directories
 from mmclin.training.checkpoints import CheckpointStore
 from mmclin.training.core import checkpoint_store, fit_model
 
@@ -60,7 +61,19 @@ def uninterrupted(config_file):
     out = config_file.parent / "uninterrupted"
     stdout = _finished(_fit(config_file, out))
     client = mlflow.MlflowClient(yaml.safe_load(config_file.read_text())["tracking"]["uri"])
-    return out / "resumable", client.get_run(_run_of(stdout)).data.metrics
+    return run_directories(out / "resumable")[-1], client.get_run(_run_of(stdout)).data.metrics
+
+
+def _run_dir(out: Path, proc, timeout=120) -> Path:
+    """The run directory the fit made under ``out/<name>`` (each fit makes its own)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = run_directories(out / "resumable")
+        if found:
+            return found[-1]
+        assert proc.poll() is None, "the fit ended before making its run directory"
+        time.sleep(0.01)
+    pytest.fail(f"no run directory under {out}")
 
 
 def _wait_for_epoch(member_dir: Path, epoch: int, proc, timeout=120):
@@ -81,33 +94,35 @@ def test_sigkill_halfway_then_resume_equals_uninterrupted(config_file, uninterru
     ref_dir, ref_metrics = uninterrupted
     out = config_file.parent / "killed"
     proc = _fit(config_file, out)
+    run_dir = _run_dir(out, proc)
     # member 0 has finished and member 1 is halfway: both ways of resuming are exercised
-    _wait_for_epoch(out / "resumable" / "checkpoints" / "member1", EPOCHS // 2, proc)
+    _wait_for_epoch(run_dir / "checkpoints" / "member1", EPOCHS // 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    checkpoints = out / "resumable" / "checkpoints"
+    checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "member0" / "final.safetensors").exists() and (checkpoints / "member1" / "last.ckpt").exists()
-    assert not (out / "resumable" / "model").exists()
+    assert not (run_dir / "model").exists()
     killed_run = json.loads((checkpoints / "store.json").read_text())["mlflow_run_id"]
-    (out / "resumable" / ".test_predictions.parquet.k1ll3d").write_bytes(b"PAR1 half a file")  # a kill mid-write
+    (run_dir / ".test_predictions.parquet.k1ll3d").write_bytes(b"PAR1 half a file")  # a kill mid-write
 
     stdout = _finished(_fit(config_file, out, "--resume"))
     assert _run_of(stdout) == killed_run  # the same MLflow run, continued
+    assert run_directories(out / "resumable") == [run_dir]  # resumed in place, no new run directory
     client = mlflow.MlflowClient(yaml.safe_load(config_file.read_text())["tracking"]["uri"])
     run = client.get_run(killed_run)
     assert run.info.status == "FINISHED" and run.data.tags["mmclin.resumed"] == "true"
     test_metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
     assert test_metrics and test_metrics == {k: ref_metrics[k] for k in test_metrics}
     ref_preds = pl.read_parquet(ref_dir / "test_predictions.parquet")
-    assert pl.read_parquet(out / "resumable" / "test_predictions.parquet").equals(ref_preds)
+    assert pl.read_parquet(run_dir / "test_predictions.parquet").equals(ref_preds)
     ref_meta = json.loads((ref_dir / "model" / "mmclin.json").read_text())
-    meta = json.loads((out / "resumable" / "model" / "mmclin.json").read_text())
+    meta = json.loads((run_dir / "model" / "mmclin.json").read_text())
     assert meta["history"] == ref_meta["history"] and len(meta["history"]) == 2 * EPOCHS
     # nothing partial or temporary is left: checkpoints are gone once the model is saved
-    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert left == ["resumable/model/mmclin.json", "resumable/model/model.safetensors",
-                    "resumable/test_predictions.parquet"], left
+    left = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+    assert left == ["mmclin-run.json", "model/mmclin.json", "model/model.safetensors", "test_predictions.parquet"], left
+    assert json.loads((run_dir / "mmclin-run.json").read_text())["status"] == "finished"
 
 
 SMALL = dict(model=ModelConfig(fusion={"name": "concat", "dropout": 0.2}, ensemble_size=2, modality_dropout=0.3),
@@ -184,6 +199,7 @@ def test_checkpoint_that_is_a_pickle_is_refused(tmp_path, small):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_fingerprint_of_text_labels_is_the_same_in_another_process():
     """Text labels come as object arrays; their hash must not depend on memory addresses."""
     import subprocess

@@ -219,6 +219,7 @@ def test_study_lock_excludes_another_process_and_leases_tell_dead_from_alive(tmp
 
 
 # --- a whole study, in process --------------------------------------------------------------------
+@pytest.mark.slow
 def test_study_runs_nested_mlflow_runs_refits_once_and_never_sees_test_subjects(tmp_path, mlruns, monkeypatch, capsys):
     import mlflow
 
@@ -241,7 +242,9 @@ def test_study_runs_nested_mlflow_runs_refits_once_and_never_sees_test_subjects(
     assert not set(fold_rows) & set(runner.test_idx) and set(fold_rows) == set(runner.train_idx)
     import polars as pl
 
-    preds = pl.read_parquet(tmp_path / "out" / "tiny" / "test_predictions.parquet")
+    from mmclin.outputs import run_directories
+
+    preds = pl.read_parquet(run_directories(tmp_path / "out" / "tiny")[-1] / "test_predictions.parquet")
     assert sorted(preds["patient_id"].to_list()) == sorted(runner.cohort.frame["patient_id"][runner.test_idx].to_list())
     # MLflow: one parent, one nested run per trial with params, per-epoch metrics and its state
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")

@@ -66,7 +66,14 @@ def load_pbcseq(landmark: float = 365.0) -> Cohort:
         pl.col("age").cast(pl.Float64), pl.col("sex").cast(pl.String), pl.col("trt").cast(pl.Int64).cast(pl.String),
         (pl.col("status") == 2).alias("event"), (pl.col("futime") - landmark).cast(pl.Float64).alias("time"),
     )
-    frame = events_to_frame(visits.select("id", "day", *PBCSEQ_LABS), subjects, name="labs", id_column="id",
+    # visits of the excluded patients are left out here, by design, rather than reported as unknown subjects
+    kept_visits = visits.join(kept.select("id"), on="id", how="semi")
+    if excluded.height:
+        import logging
+
+        logging.getLogger("mmclin").info("pbcseq: %d of %d patients excluded by design (follow-up ended by the day-%g "
+                                         "landmark)", excluded.height, n_all, landmark)
+    frame = events_to_frame(kept_visits.select("id", "day", *PBCSEQ_LABS), subjects, name="labs", id_column="id",
                             time_column="day", layout="wide", value_columns=PBCSEQ_LABS, prediction_time=float(landmark))
     n_visits = int(visits.join(kept.select("id"), on="id").filter(pl.col("day") <= landmark).height)
     frame = frame.select("patient_id", "age", "sex", "trt", "labs", "event", "time")

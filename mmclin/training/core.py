@@ -206,6 +206,7 @@ def fit_model(
     epoch_sink: Callable[[dict[str, float], int], None] | None = None,
     extra_callbacks: list | None = None,
     checkpoints: "CheckpointStore | None" = None,
+    progress_label: str | None = None,
 ) -> FittedModel:
     """Fit featurizers on ``frame`` (training rows only), carve a validation split from it for
     early stopping, train with Lightning (``ensemble_size`` times), restore the best epoch,
@@ -214,6 +215,7 @@ def fit_model(
     ``checkpoints`` (prepared by the caller, see :func:`checkpoint_store`): each member checkpoints
     every ``trainer.checkpoint_every`` epochs and continues from what the store holds, so an
     interrupted run resumed on CPU ends exactly as the uninterrupted one would have.
+    ``progress_label``: where this fit sits in a longer job (``"fold 3/5"``), shown with the progress.
     """
     frame = to_polars(frame)
     if frame.height == 0:
@@ -238,10 +240,13 @@ def fit_model(
     encoder_kwargs = {m: f.encoder_kwargs() for m, f in featurizers.items()}
     members, history, best_epochs = [], [], []
     for k in range(model.ensemble_size):
-        sink = epoch_sink if k == 0 or epoch_sink is None else _prefixed(epoch_sink, f"member{k}_")
+        # members of an ensemble log member0_train_loss, member1_train_loss, ...; a single model train_loss
+        sink = epoch_sink if model.ensemble_size == 1 or epoch_sink is None else _prefixed(epoch_sink, f"member{k}_")
+        label = " · ".join(([progress_label] if progress_label else [])
+                           + ([f"member {k + 1}/{model.ensemble_size}"] if model.ensemble_size > 1 else [])) or "training"
         net, member_history, best_epoch = _train_member(
             table, y, task_obj, specs, encoder_kwargs, model, trainer, trainer.seed + k, sink, extra_callbacks,
-            checkpoints, k)
+            checkpoints, k, label)
         members.append(net)
         history += [{"member": k, **h} for h in member_history] if model.ensemble_size > 1 else member_history
         best_epochs.append(best_epoch)
@@ -274,7 +279,7 @@ def checkpoint_store(directory: str | Path, frame: Any, y: Any, modalities: Any,
 def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str, Any]],
                   model: ModelConfig, trainer: TrainerConfig, seed: int, epoch_sink: Callable | None,
                   extra_callbacks: list | None, checkpoints: "CheckpointStore | None" = None,
-                  member: int = 0) -> tuple[MultimodalNet, list[dict[str, float]], int]:
+                  member: int = 0, progress_label: str = "training") -> tuple[MultimodalNet, list[dict[str, float]], int]:
     """One Lightning fit: validation carve-out (seeded), early stopping, best epoch restored;
     with ``checkpoints``, resumed from (and saved to) member ``member``'s checkpoints."""
     import lightning.pytorch as L
@@ -295,6 +300,10 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
     module.epoch_sink = epoch_sink
     best = BestWeights()
     callbacks: list = [best, *(extra_callbacks or [])]
+    if trainer.progress_bar:
+        from mmclin.training.progress import EpochProgress
+
+        callbacks.append(EpochProgress(progress_label, trainer.max_epochs))
     resume_from = None
     if checkpoints is not None:
         from mmclin.training.checkpoints import EpochCheckpoint, read_checkpoint
@@ -331,7 +340,7 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
         use_distributed_sampler=False,
         max_epochs=trainer.max_epochs, callbacks=callbacks, logger=False,
         enable_checkpointing=any(isinstance(cb, L.callbacks.Checkpoint) for cb in callbacks),
-        enable_progress_bar=trainer.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         deterministic=accelerator != "gpu", limit_val_batches=1.0 if val_loader is not None else 0,
     )
     with warnings.catch_warnings():

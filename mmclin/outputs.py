@@ -1,0 +1,94 @@
+"""Run output directories: every run writes into a new directory of its own, which proves that mmclin made it.
+
+Layout (``mmclin fit``; the studies' refit too)::
+
+    outputs/<config name>/<YYYYmmdd-HHMMSS>[-N]/
+        mmclin-run.json          the ownership marker: verb, config name, MLflow run id, status
+        model/                   the saved model (when the run finished)
+        test_predictions.parquet
+        checkpoints/             while the run is in progress (``mmclin fit --resume`` continues it)
+
+A second fit never replaces the first one's model, as a second MLflow run never replaces the
+first's artifacts; two fits started at the same second get two directories (exclusive ``mkdir``).
+mmclin writes, replaces and removes files only inside directories that carry its marker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from mmclin.atomic import write_json_atomic
+
+RUN_MARKER = "mmclin-run.json"
+
+
+def new_run_directory(parent: str | Path, verb: str, config_name: str) -> Path:
+    """A fresh ``parent/<timestamp>[-N]`` directory with its ownership marker (status ``running``)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in range(1, 10_000):
+        directory = parent / (stamp if k == 1 else f"{stamp}-{k}")
+        try:
+            directory.mkdir()  # exclusive: a concurrent run with the same stamp takes the next name
+        except FileExistsError:
+            continue
+        write_json_atomic(directory / RUN_MARKER, {
+            "verb": verb, "config": config_name, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "host": socket.gethostname(), "pid": os.getpid(), "mlflow_run_id": None})
+        return directory
+    raise RuntimeError(f"could not create a new run directory under {str(parent)!r}")  # pragma: no cover
+
+
+def read_marker(directory: str | Path) -> dict[str, Any] | None:
+    """The marker of a run directory mmclin made, or None when ``directory`` is not one."""
+    path = Path(directory) / RUN_MARKER
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and "status" in marker else None
+
+
+def update_marker(directory: str | Path, **fields: Any) -> None:
+    marker = read_marker(directory)
+    if marker is None:
+        raise ValueError(f"{str(directory)!r} is not a run directory of mmclin (no {RUN_MARKER})")
+    write_json_atomic(Path(directory) / RUN_MARKER, {**marker, **fields})
+
+
+def run_directories(parent: str | Path) -> list[Path]:
+    """mmclin's run directories under ``parent``, oldest first (their names sort by time)."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    return sorted((d for d in parent.iterdir() if d.is_dir() and read_marker(d) is not None), key=_order)
+
+
+def _order(directory: Path) -> tuple[str, int]:
+    """``<date>-<time>`` then the counter ``-N`` of runs started in the same second."""
+    date, _, rest = directory.name.partition("-")
+    clock, _, k = rest.partition("-")
+    return f"{date}{clock}", int(k) if k.isdigit() else 1
+
+
+def unfinished_run_directory(parent: str | Path) -> Path | None:
+    """The newest run directory whose run did not finish and left checkpoints (what ``--resume`` continues)."""
+    for directory in reversed(run_directories(parent)):
+        if read_marker(directory).get("status") != "finished" and (directory / "checkpoints").is_dir():
+            return directory
+    return None
+
+
+def newest_finished_model(parent: str | Path) -> Path | None:
+    """``<run>/model`` of the newest finished run under ``parent`` (a config's output directory)."""
+    for directory in reversed(run_directories(parent)):
+        if read_marker(directory).get("status") == "finished" and (directory / "model").is_dir():
+            return directory / "model"
+    return None

@@ -1,0 +1,66 @@
+"""Progress of training that says where a long job is: ``fold 3/5 · member 2/5 · epoch 12/60``.
+
+Lightning's own bar counts batches within an epoch from 0 ("Epoch 39/59", "1/1 0.00it/s" when an
+epoch is one batch, as for the Cox loss over a whole cohort); here the unit is the epoch, numbered
+from 1, with the context of the job around it. On a terminal it is one live line per member; in a
+log (not a TTY) it is one line per finished member.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+import lightning.pytorch as L
+
+
+class EpochProgress(L.Callback):
+    """``label``: where this fit sits in the job (e.g. ``"fold 3/5 · member 2/5"``)."""
+
+    def __init__(self, label: str, max_epochs: int, stream: TextIO | None = None) -> None:
+        self.label = label
+        self.max_epochs = max_epochs
+        self.stream = stream or sys.stderr
+        self._bar: Any = None
+        self._start = 0.0
+        self._last: dict[str, float] = {}
+
+    def _live(self) -> bool:
+        return bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        self._start = time.perf_counter()
+        if self._live():
+            from tqdm.auto import tqdm
+
+            # the rate is per epoch; tqdm's "it/s" over sub-second epochs reads as noise, the elapsed time does not
+            self._bar = tqdm(total=self.max_epochs, initial=trainer.current_epoch, desc=self.label, unit="epoch",
+                             file=self.stream, leave=False, dynamic_ncols=True,
+                             bar_format="{desc} · epoch {n_fmt}/{total_fmt} |{bar:20}| {elapsed}{postfix}")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        metrics = trainer.callback_metrics
+        self._last = {k: float(metrics[k]) for k in ("train_loss", "val_loss") if k in metrics}
+        if self._bar is not None:
+            self._bar.set_postfix_str(" ".join(f"{k} {v:.3f}" for k, v in self._last.items()), refresh=False)
+            self._bar.update(1)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        epochs = trainer.current_epoch
+        stopped = " (early stop)" if trainer.should_stop and epochs < self.max_epochs else ""
+        best = next((cb.best_epoch for cb in trainer.callbacks if hasattr(cb, "best_epoch")), -1)
+        parts = [f"{self.label}: {epochs}/{self.max_epochs} epochs{stopped}"]
+        if best >= 0:
+            parts.append(f"best epoch {best + 1}")
+        parts += [f"{k} {v:.3f}" for k, v in self._last.items()]
+        parts.append(f"{time.perf_counter() - self._start:.1f} s")
+        print(", ".join(parts), file=self.stream, flush=True)
