@@ -188,6 +188,33 @@ class _MultimodalBase(BaseEstimator):
         options.setdefault("num_threads", self.num_threads)
         return explain(self.model_, X, **options)
 
+    def compare_to_baselines(self, X: Any, y: Any, cv: int = 5, groups: Any = None, baselines: list[str] | None = None,
+                             split_seed: int = 0) -> Any:
+        """Cross-validate a fresh clone of this estimator on ``cv`` subject-level folds and fit the classical
+        baselines (:mod:`mmclin.evaluation.baselines`) on the same folds and columns: a
+        :class:`~mmclin.evaluation.baselines.BaselineComparison` (``.table()``, ``.summary_line()``) with
+        mmclin's paired difference to the best baseline. This estimator itself is left as it is."""
+        from sklearn.base import clone
+
+        from mmclin.cohort import as_modality_specs, to_polars
+        from mmclin.evaluation.baselines import check_baselines, compare, fit_baselines, task_scores
+        from mmclin.training.core import build_task
+        from mmclin.training.splits import cv_splits
+
+        frame = to_polars(X)
+        task = build_task(self._configs(y)[2])
+        y_checked = task.check_targets(y)
+        specs = as_modality_specs(self.modalities)
+        check_baselines(specs, task.problem, baselines)
+        splits = list(cv_splits(y_checked, task.problem, cv, split_seed, None if groups is None else np.asarray(groups)))
+        scores = []
+        for tr, te in splits:
+            member = clone(self).fit(frame[tr], task.take_rows(y_checked, tr))
+            scores.append(task_scores(member.task_, member.model_.predict_outputs(frame[te])))
+        fitted = fit_baselines(frame, y_checked, specs, task.problem, splits,
+                               0 if self.random_state is None else int(self.random_state), baselines)
+        return compare(task.problem, task.primary_metric, y_checked, splits, scores, fitted, seed=split_seed)
+
     def save(self, path: str) -> str:
         check_is_fitted(self, "model_")
         return str(self.model_.save(path))

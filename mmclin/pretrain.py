@@ -48,6 +48,7 @@ def build_encoders(specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str
 def encoder_options(spec: ModalitySpec, options: dict[str, dict[str, Any]]) -> dict[str, Any]:
     opts = {**spec.options, **options.get(spec.name, {})}
     opts.pop("groups", None)  # consumed by the featurizer
+    opts.pop("feature_labels", None)  # display names for explanations only
     from mmclin.registry import FEATURIZERS
 
     for key in getattr(FEATURIZERS.get(spec.kind), "option_names", ()) if spec.kind in FEATURIZERS else ():

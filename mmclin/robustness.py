@@ -187,50 +187,84 @@ class MissingReport:
 
     def plot(self, path: str | Path | None = None) -> Any:
         """A matplotlib ``Figure``: the primary metric per subset (left) and per shift scenario
-        (right), mean with standard-deviation bars; written to ``path`` (PNG, SVG, PDF) if given."""
+        (right), mean with standard-deviation bars; written to ``path`` (PNG, SVG, PDF) if given.
+
+        For a metric with a chance level (C-index, AUROC: 0.5; :func:`chance_level`) a dotted line
+        marks it, bars start from it (a bar to the left / below is worse than chance) and the
+        axis spans ``min(0.4, lowest - margin)`` to the highest value; the legend sits below
+        both panels, covering nothing."""
         from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
 
         s = self.summary()
         metric = self.primary_metric
+        chance = chance_level(metric)
         sub, shift = s["subsets"], s["shift"]
-        fig = Figure(figsize=(12, max(3.5, 0.32 * sub.height + 1.5)))
+        fig = Figure(figsize=(12, max(4.0, 0.32 * sub.height + 2.2)), layout="constrained")
         ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.2]})
+        base = 0.0 if chance is None else chance
         y = np.arange(sub.height)[::-1]
-        ax1.barh(y, sub[metric].fill_nan(None).fill_null(0).to_numpy(), xerr=sub[f"{metric}_std"].fill_nan(None).fill_null(0).to_numpy(),
-                 color="#4c72b0", capsize=2)
+        vals1 = sub[metric].fill_nan(None).fill_null(base).to_numpy()
+        errs1 = sub[f"{metric}_std"].fill_nan(None).fill_null(0).to_numpy()
+        ax1.barh(y, vals1 - base, left=base, xerr=errs1 if errs1.any() else None, color="#4c72b0", capsize=2)
         ax1.set_yticks(y, [f"{n} (n={int(k)})" for n, k in zip(sub["subset"], sub["n_subjects"])], fontsize=8)
         ax1.set_xlabel(metric)
         ax1.set_title("modalities given (others hidden)")
+        handles: list[Any] = []
         full = sub.filter(pl.col("n_modalities") == len(self.modalities))
         if full.height:
             ax1.axvline(float(full[metric][0]), color="k", ls="--", lw=0.8)
+            handles.append(Line2D([], [], color="k", ls="--", lw=0.8, label="all modalities given / as observed"))
         observed = shift.filter(pl.col("mechanism") == OBSERVED)
         rest = shift.filter(pl.col("mechanism") != OBSERVED)
         hidden = [h for h in [*self.modalities, ALL] if h in set(rest["hidden"].to_list())]
         mechs = [m for m in MECHANISMS if m in set(rest["mechanism"].to_list())]
         width = 0.8 / max(1, len(mechs))
         colors = {"mcar": "#55a868", "mar": "#dd8452", "mnar": "#c44e52"}
+        words = {"mcar": "MCAR: hidden completely at random", "mar": "MAR: depends on the prediction from the other data",
+                 "mnar": "MNAR: depends on the outcome (sicker lose it more)"}
         for j, mech in enumerate(mechs):
             part = {r["hidden"]: r for r in rest.filter(pl.col("mechanism") == mech).to_dicts()}
-            vals = [part[h][metric] if h in part else np.nan for h in hidden]
-            errs = [part[h][f"{metric}_std"] if h in part else 0.0 for h in hidden]
-            ax2.bar(np.arange(len(hidden)) + (j - (len(mechs) - 1) / 2) * width, vals, width, yerr=errs,
-                    label=mech.upper(), color=colors[mech], capsize=2)
+            vals = np.array([part[h][metric] if h in part and part[h][metric] is not None else np.nan for h in hidden], dtype=float)
+            errs = np.nan_to_num(np.asarray([(part[h][f"{metric}_std"] or 0.0) if h in part else 0.0 for h in hidden], dtype=float))
+            ax2.bar(np.arange(len(hidden)) + (j - (len(mechs) - 1) / 2) * width, vals - base, width, bottom=base,
+                    yerr=errs if errs.any() else None, color=colors[mech], capsize=2)
+            handles.append(Patch(color=colors[mech], label=words[mech]))
         if observed.height:
-            ax2.axhline(float(observed[metric][0]), color="k", ls="--", lw=0.8, label="as observed")
+            ax2.axhline(float(observed[metric][0]), color="k", ls="--", lw=0.8)
+            if not full.height:
+                handles.append(Line2D([], [], color="k", ls="--", lw=0.8, label="as observed"))
         ax2.set_xticks(np.arange(len(hidden)), [f"hide {h}" for h in hidden], fontsize=8)
         ax2.set_ylabel(metric)
         frac = rest["fraction"][0] if rest.height else float("nan")
         ax2.set_title(f"missingness shift: {frac:.0%} of holders lose it")
-        if mechs or observed.height:
-            ax2.legend(fontsize=8)
-        finite = [v for v in [*rest[metric].to_list(), *observed[metric].to_list()] if v is not None and math.isfinite(v)]
-        if finite:
-            lo, hi = min(finite), max(finite)
+
+        def span(values: list[Any], errors: list[Any]) -> tuple[float, float] | None:
+            pairs = [(float(v), float(e or 0.0)) for v, e in zip(values, errors)
+                     if v is not None and math.isfinite(v) and (e is None or math.isfinite(e))]
+            if not pairs:
+                return None
+            return min(v - e for v, e in pairs), max(v + e for v, e in pairs)
+
+        sub_span = span(sub[metric].to_list(), sub[f"{metric}_std"].to_list())
+        shift_span = span([*rest[metric].to_list(), *observed[metric].to_list()],
+                          [*rest[f"{metric}_std"].to_list(), *observed[f"{metric}_std"].to_list()])
+        if chance is not None:
+            for ax, axis_span, line in ((ax1, sub_span, ax1.axvline), (ax2, shift_span, ax2.axhline)):
+                line(chance, color="#555", ls=":", lw=1.2, label=f"chance ({chance:g})")
+                both = [v for v in (axis_span or ()) if v is not None]
+                lo = min(CHANCE_AXIS_FLOOR, min(both, default=chance) - 0.03)
+                hi = min(1.0, max([*both, chance]) + 0.03)
+                (ax.set_xlim if ax is ax1 else ax.set_ylim)(max(0.0, lo), hi)
+            handles.append(Line2D([], [], color="#555", ls=":", lw=1.2, label=f"chance ({chance:g})"))
+        elif shift_span is not None:
+            lo, hi = shift_span
             pad = max(0.02, 0.5 * (hi - lo))
             ax2.set_ylim(lo - pad, hi + pad)
+        if handles:
+            fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), fontsize=8, frameon=False)
         fig.suptitle(f"missing-modality report ({metric}, {'higher' if self.greater_is_better else 'lower'} is better)")
-        fig.tight_layout()
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig
@@ -257,6 +291,20 @@ class MissingReport:
             scenario = r["mechanism"] if r["mechanism"] == OBSERVED else f"{r['mechanism']}/{_metric_key(r['hidden'])}"
             values[f"{prefix}/shift/{scenario}/{metric}"] = r[metric]
         mlflow.log_metrics({k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)})
+
+
+# metrics whose value for a model that ranks at random is known: a line marks it on the plots
+CHANCE = {"c_index": 0.5, "uno_c": 0.5, "mean_auc": 0.5, "auroc": 0.5}
+CHANCE_AXIS_FLOOR = 0.4  # a metric with a chance level: its axis starts at min(0.4, lowest - margin)
+
+
+def chance_level(metric: str) -> float | None:
+    """The chance level of ``metric`` (``c_index``, ``auroc``, ``death/auroc``, ``auroc/<label>``: 0.5),
+    or None for metrics without one (``r2``, ``log_loss``, ...)."""
+    for part in metric.split("/"):
+        if part in CHANCE:
+            return CHANCE[part]
+    return None
 
 
 def _metric_key(name: str) -> str:

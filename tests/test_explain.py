@@ -1,6 +1,7 @@
 """Explanations: sanity on planted signal, completeness, every fusion head, survival targets,
 reports, MLflow and the CLI verb."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import polars as pl
 import pytest
 import torch
 
+from conftest import encoder_params
 from mmclin import MultimodalClassifier, MultimodalRegressor, MultimodalSurvivalModel, make_synthetic_cohort
 from mmclin.explain import Explanation, explain
 from mmclin.explain.checks import EXPLAIN_FUSION_CHECKS, check_encoder_attributions, example_cohort, untrained_model
@@ -36,7 +38,7 @@ def _declares_inputs(name: str) -> bool:
     return bool(attributable_inputs(ENCODERS.get(name).example()))
 
 
-@pytest.mark.parametrize("encoder", [n for n in ENCODERS.names() if _declares_inputs(n)])
+@pytest.mark.parametrize("encoder", encoder_params(ENCODERS.names(), keep=_declares_inputs))  # notes_hf: skipped without transformers
 def test_encoder_attributions_add_up(encoder):
     check_encoder_attributions(encoder)
 
@@ -148,7 +150,7 @@ def test_survival_risk_and_horizon_targets(boring_survival):
         _, s = model.predict_survival_function(c.frame, times=[horizon])
         np.testing.assert_allclose(surv.outputs["output"].to_numpy(), s[:, 0], rtol=1e-4, atol=1e-5)
         assert surv.completeness()["modality_max_error"] < 1e-5
-        assert f"S(t={horizon:g} | x)" in surv.info["target"]
+        assert f"S({horizon:g} time units | x)" in surv.info["target"]  # the model does not know the unit
         # survival falls as risk rises: attributions to the risk and to S(t) point opposite ways overall
         both = risk.modality.join(surv.modality, on=["row", "modality"], suffix="_s").filter(pl.col("present"))
         assert np.corrcoef(both["attribution"], both["attribution_s"])[0, 1] < 0
@@ -239,11 +241,12 @@ def test_plots_html_and_files(tmp_path):
     for key in ("modality_png", "feature_png"):
         assert written[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = written["report"].read_text()
-    assert html.count("data:image/png;base64,") == 2 and "training mean" in html and "Shapley" in html
+    assert html.count("data:image/png;base64,") == 3 and "training mean" in html and "Shapley" in html  # + patients
     assert pl.read_parquet(written["modality"]).equals(expl.modality)
     assert {"target", "completeness", "baselines"} <= set(json.loads(written["info"].read_text()))
 
 
+@pytest.mark.slow
 def test_cli_explain_logs_to_the_fit_run(tmp_path, monkeypatch, capsys):
     import mlflow
 
@@ -258,7 +261,8 @@ def test_cli_explain_logs_to_the_fit_run(tmp_path, monkeypatch, capsys):
     assert main(["explain", f"runs:/{run.info.run_id}", "--data", "gse7390", "--tracking-uri", uri,
                  "--output-dir", str(tmp_path / "ex"), "--horizon", "1825", "--n-steps", "16"]) == 0
     out = capsys.readouterr().out
-    assert "S(t=1825 | x)" in out and "modality_png" in out and "clinical" in out
+    assert "S(1825 days | x)" in out and "1825 days (5.0 years)" in out and "clinical" in out  # the cohort's unit
+    assert f"{tmp_path / 'ex' / 'report.html'}  report" in out and f"{tmp_path / 'ex' / 'modality_importance.png'}" in out
     assert (tmp_path / "ex" / "report.html").exists() and (tmp_path / "ex" / "feature_importance.png").exists()
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "explanations")}
     assert {"explanations/report.html", "explanations/modality_importance.png", "explanations/modality.parquet"} <= arts
@@ -266,7 +270,7 @@ def test_cli_explain_logs_to_the_fit_run(tmp_path, monkeypatch, capsys):
     assert set(shares) == {"explain_share_clinical", "explain_share_genes"} and sum(shares.values()) == pytest.approx(1.0)
     feats = pl.read_parquet(tmp_path / "ex" / "feature.parquet")
     assert feats.columns[:2] == ["row", "patient_id"] and feats["row"].n_unique() == 198
-    model_dir = tmp_path / "out" / "gse7390_survival" / "model"
+    model_dir = tmp_path / "out" / "gse7390_survival"  # the config's output directory: its newest finished run
     assert main(["explain", str(model_dir), "--data", "gse7390", "--levels", "feature", "--horizon", "1", "--output-dir",
                  str(tmp_path / "ex2")]) == 2
     assert "before the first" in capsys.readouterr().err
@@ -340,3 +344,186 @@ def test_patch_level_with_attention_and_coordinates():
     s = frame.group_by("row").agg(pl.col("attribution").sum()).sort("row")["attribution"].to_numpy()
     expected = (out[[0, 1, 3], 0] - reference.numpy()[[0, 1, 3]] + delta.numpy()[[0, 1, 3]])
     np.testing.assert_allclose(s, expected, atol=1e-4)
+
+
+# --- the report, for a clinical reader ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def survival_explanation():
+    """An untrained Cox model on 40 synthetic subjects, explained at a horizon (fast)."""
+    c = example_cohort(n=40)
+    fitted = untrained_model(c, "concat")
+    horizon = float(np.round(np.median(c.y["time"])))
+    return c, fitted, horizon, explain(fitted, c.frame, horizon=horizon, n_steps=8)
+
+
+def _sections(html: str) -> dict[str, int]:
+    return {name: html.index(f"<section id='{name}'>") for name in ("findings", "cohort", "patients", "methods")}
+
+
+def test_report_puts_findings_first_with_direction_and_the_time_unit(tmp_path, survival_explanation):
+    from mmclin.explain.targets import horizon_text
+
+    c, fitted, horizon, expl = survival_explanation
+    html = expl.save(tmp_path / "days", time_unit="days")["report"].read_text()
+    at = _sections(html)
+    assert at["findings"] < at["cohort"] < at["patients"] < at["methods"]
+    findings = html[at["findings"]:at["cohort"]]
+    assert "accounts for" in findings and ("raises" in findings or "lowers" in findings)
+    assert horizon_text(horizon, "days") in html and not re.search(r"\bt=\d", html)
+    assert "survival probability" in html[:at["findings"]]  # what is explained, in words, before anything else
+    methods = html[at["methods"]:]
+    assert "Shapley" in methods and "Integrated Gradients" in methods and "add up to" in methods
+    assert "Gauss-Legendre" not in html[:at["methods"]] and "convergence delta" not in html  # jargon: methods only
+    # the direction of effect in the summary table, and the bars coloured by it
+    s = expl.summary("feature")
+    assert {"corr", "direction"} <= set(s.columns) and "direction of effect" in html
+    from mmclin.explain.report import LOWERS, NEUTRAL, RAISES
+
+    fig = expl.plot("feature")
+    colours = {matplotlib_hex(p.get_facecolor()) for p in fig.axes[0].patches}
+    assert colours <= {RAISES, LOWERS, NEUTRAL} and len(colours) > 1
+    # without a unit: "time units", never a bare number
+    plain = expl.save(tmp_path / "unknown")["report"].read_text()
+    assert f"{horizon:g} time units" in plain and "unit was not given" in plain
+
+
+def matplotlib_hex(rgba) -> str:
+    from matplotlib.colors import to_hex
+
+    return to_hex(rgba)
+
+
+def test_direction_of_effect_follows_the_planted_coefficients(planted):
+    a, c, est, expl = planted
+    informative = c.extra["informative_columns"][a]  # coefficients 1, -0.8, 0.6
+    d = {r["feature"]: r for r in expl.direction("feature").iter_rows(named=True)}
+    assert [d[f]["direction"] for f in informative] == ["higher raises", "higher lowers", "higher raises"]
+    assert d[informative[0]]["corr"] > 0.5 and d[informative[1]]["corr"] < -0.5
+    f = expl.feature.filter((pl.col("feature") == informative[1]) & ~pl.col("missing"))
+    assert d[informative[1]]["corr"] == pytest.approx(np.corrcoef(f["value"], f["attribution"])[0, 1], abs=1e-9)
+    cats = expl.direction("feature").filter(pl.col("corr").is_null())  # the categorical columns
+    if cats.height:
+        assert cats["direction"].str.contains("' raises|' lowers").all()
+
+
+def test_report_per_patient_view_names_the_patients(tmp_path, survival_explanation):
+    c, fitted, horizon, expl = survival_explanation
+    o = expl.outputs.sort("output")
+    lowest, highest = o[c.id_column][0], o[c.id_column][-1]
+    html = expl.save(tmp_path / "auto")["report"].read_text()
+    patients = html[_sections(html)["patients"]:_sections(html)["methods"]]
+    assert lowest in patients and highest in patients and "highest prediction" in patients
+    assert "data:image/png;base64," in patients and (tmp_path / "auto" / "patients.png").exists()
+    chosen = [c.frame[c.id_column][3], c.frame[c.id_column][7]]
+    html = expl.save(tmp_path / "chosen", patients=chosen)["report"].read_text()
+    patients = html[_sections(html)["patients"]:_sections(html)["methods"]]
+    assert all(p in patients for p in chosen) and "requested" in patients
+    # each chosen patient's signed contributions: modality table and top features
+    row = expl.modality.filter(pl.col(c.id_column) == chosen[0])
+    assert all(m in patients for m in row["modality"].cast(pl.String))
+    with pytest.raises(ValueError, match="not among the explained subjects"):
+        expl.save(tmp_path / "bad", patients=["nobody"])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_labels_show_in_the_report_and_plots_probe_ids_are_named(tmp_path, survival_explanation):
+    c, fitted, horizon, expl = survival_explanation
+    top = expl.summary("feature")["feature"][0]
+    labelled = expl.with_display(labels={top: "ESR1"})
+    assert labelled.label(top) == f"ESR1 ({top})" and expl.label(top) == top  # the original is unchanged
+    html = labelled.save(tmp_path / "ex")["report"].read_text()
+    assert f"ESR1 ({top})" in html
+    ticks = [t.get_text() for t in labelled.plot("feature").axes[0].get_yticklabels()]
+    assert any(f"ESR1 ({top})" in t for t in ticks)
+    assert json.loads((tmp_path / "ex" / "info.json").read_text())["feature_labels"] == {top: "ESR1"}
+    # probe-set ids without gene symbols: the report says what they are and makes none up
+    from dataclasses import replace
+
+    probes = {f: f"X{200000 + k}_at" for k, f in enumerate(expl.feature["feature"].cast(pl.String).unique().sort())}
+    as_probes = replace(expl, feature=expl.feature.with_columns(
+        pl.col("feature").cast(pl.String).replace_strict(probes).cast(pl.Categorical)))
+    html = as_probes.to_html(tmp_path / "probes.html").read_text()
+    assert "Affymetrix probe set ids" in html and "no gene symbols were given" in html
+
+
+def test_save_leaves_only_this_runs_files_and_never_deletes_foreign_ones(tmp_path, survival_explanation):
+    from mmclin.atomic import ForeignFilesError
+    from mmclin.explain.explanation import MARKER
+
+    c, fitted, horizon, expl = survival_explanation
+    out = tmp_path / "explanations"
+    expl.save(out)
+    assert (out / "feature.parquet").exists() and (out / MARKER).exists()
+    modality_only = explain(fitted, c.frame, levels="modality")
+    written = modality_only.save(out)
+    assert not (out / "feature.parquet").exists() and not (out / "feature_importance.png").exists()  # stale: gone
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, *(p.name for p in written.values())])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left behind
+    (out / "my_notes.txt").write_text("mine")
+    with pytest.raises(ForeignFilesError, match=f"{out} holds files mmclin explain did not write \\(my_notes.txt\\)"):
+        expl.save(out)
+    assert (out / "my_notes.txt").read_text() == "mine" and (out / "modality.parquet").exists()
+    assert not (out / "feature.parquet").exists()  # nothing of the refused run was written either
+    mine = tmp_path / "someone_elses"
+    mine.mkdir()
+    (mine / "data.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="did not write"):
+        expl.save(mine)
+    assert (mine / "data.csv").read_text() == "a,b"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert expl.save(empty)["report"].exists()  # an empty directory holds nothing to lose
+    # written before the marker existed: recognised by its names and info.json, replaced; with a file of yours, kept
+    (empty / MARKER).unlink()
+    modality_only.save(empty)
+    assert not (empty / "feature.parquet").exists()
+    (empty / MARKER).unlink()
+    (empty / "cohort.parquet").write_bytes(b"mine")
+    with pytest.raises(ValueError, match="did not write"):
+        expl.save(empty)
+    assert (empty / "cohort.parquet").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_saved_explanation_follows_the_umask(tmp_path, survival_explanation, umask, file_mode, dir_mode):
+    import os
+    import stat
+
+    c, fitted, horizon, expl = survival_explanation
+    old = os.umask(umask)
+    try:
+        written = expl.save(tmp_path / "ex")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ex").stat().st_mode) == dir_mode
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ex").iterdir()}
+    assert set(modes.values()) == {file_mode} and len(modes) == len(written) + 1
+
+
+def test_cli_explain_says_what_it_wrote_and_refuses_a_foreign_directory(tmp_path, capsys, survival_explanation):
+    from mmclin.cli import main
+
+    c, fitted, horizon, expl = survival_explanation
+    model_dir = fitted.save(tmp_path / "model")
+    data = tmp_path / "subjects.parquet"
+    c.frame.write_parquet(data)
+    gene = next(m for m in c.modalities if m.name == "genes").columns[0]
+    (tmp_path / "labels.csv").write_text(f"column,symbol\n{gene},TP53\n")
+    out = tmp_path / "ex"
+    ids = c.frame[c.id_column].to_list()
+    args = ["explain", str(model_dir), "--data", str(data), "--output-dir", str(out), "--no-tracking", "--n-steps", "4",
+            "--horizon", f"{horizon:g}", "--time-unit", "days", "--patients", f"{ids[0]},{ids[1]}",
+            "--labels", str(tmp_path / "labels.csv")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "explaining the cox model's predictions for 40 subjects" in printed
+    for name in ("report.html", "modality_importance.png", "feature_importance.png", "patients.png", "outputs.parquet",
+                 "modality.parquet", "feature.parquet", "info.json"):
+        assert f"{out / name}  " in printed and (out / name).exists()
+    html = (out / "report.html").read_text()
+    assert f"TP53 ({gene})" in html and f"{horizon:g} days" in html and ids[0] in html and ids[1] in html
+    (out / "mine.txt").write_text("keep me")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmclin explain: error: {out} holds files") and err.count("\n") == 1
+    assert (out / "mine.txt").read_text() == "keep me" and (out / "report.html").exists()

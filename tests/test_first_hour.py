@@ -260,3 +260,21 @@ def test_evaluate_baselines_from_the_cli_on_the_same_folds(tmp_path, monkeypatch
     assert np.mean(mm) == pytest.approx(run.data.metrics["cv_mean_c_index"])  # the same folds as mmclin's own table
     assert main(["evaluate", str(QUICKSTART), "--cv", "3", *FAST, "--no-tracking", "--baselines", "coxnett"]) == 2
     assert "unknown ['coxnett']" in capsys.readouterr().err
+
+
+def test_estimators_compare_to_baselines_on_the_same_folds():
+    from mmclin import MultimodalClassifier
+    from mmclin.datasets import make_synthetic_cohort
+    from mmclin.training.splits import cv_splits
+
+    c = make_synthetic_cohort(n_subjects=160, task="binary", seed=0)
+    model = MultimodalClassifier(modalities=c.modalities, max_epochs=5, random_state=0)
+    cmp = model.compare_to_baselines(c.frame, c.y, cv=3)
+    assert not hasattr(model, "model_")  # the estimator itself stays unfitted
+    table = {r["model"]: r for r in cmp.table().to_dicts()}
+    assert set(table) == {"mmclin", "logistic_l2", "gradient_boosting"} and cmp.metric == "auroc"
+    splits = list(cv_splits(c.y, "binary", 3, 0))
+    assert cmp.folds.filter(pl.col("model") == "mmclin").height == len(splits)
+    assert table["logistic_l2"]["mean"] > 0.6  # the planted signal is there for a linear model to find
+    assert cmp.ci_low <= cmp.difference <= cmp.ci_high
+    assert cmp.columns == [col for m in c.modalities if m.kind in ("tabular", "genomics") for col in m.columns]

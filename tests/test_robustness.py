@@ -128,6 +128,8 @@ def test_cli_evaluate_missing_report_logs_table_and_plot_to_mlflow(tmp_path, mon
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "clinical+genes" in out and "mnar" in out and "(all)" in out
+    plot = Path("outputs") / "gse7390_survival" / "missing_report.png"  # beside fit's outputs, and said where
+    assert f"missing-modality plot: {plot}" in out and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("gse7390_survival")
     run = client.search_runs([exp.experiment_id], "tags.`mmclin.verb` = 'evaluate'")[0]
@@ -148,3 +150,64 @@ def test_survival_report_uses_training_targets(boring_survival):
     assert report.primary_metric == "c_index"
     full = report.subsets.filter(pl.col("n_modalities") == 2).row(0, named=True)
     assert full["uno_c"] == pytest.approx(model.metrics(c.frame[110:], c.y[110:], y_train=c.y[:110])["uno_c"])
+
+
+def _drawn(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    return fig.canvas.get_renderer()
+
+
+def _chance_lines(ax, vertical: bool) -> list:
+    return [ln for ln in ax.lines if ln.get_linestyle() == ":" and
+            set(np.asarray(ln.get_xdata() if vertical else ln.get_ydata(), dtype=float)) == {0.5}]
+
+
+def test_plot_has_a_chance_line_an_axis_near_the_data_and_a_legend_that_covers_nothing(fitted_three):
+    c, clf, tr, te = fitted_three
+    report = clf.missing_report(c.frame[te], c.y[te], n_repeats=2)
+    fig = report.plot()
+    ax1, ax2 = fig.axes
+    s = report.summary()
+    sub = s["subsets"]["auroc"].to_numpy()
+    shift = s["shift"]["auroc"].to_numpy()
+    lo, hi = ax1.get_xlim()
+    assert 0 < lo <= min(0.4, sub.min()) and max(sub.max(), 0.5) <= hi <= 1.0  # not from 0: from near the data
+    lo, hi = ax2.get_ylim()
+    assert 0 < lo <= min(0.4, shift.min()) and shift.max() <= hi <= 1.0
+    assert len(_chance_lines(ax1, vertical=True)) == 1 and len(_chance_lines(ax2, vertical=False)) == 1
+    renderer = _drawn(fig)
+    assert len(fig.legends) == 1 and not ax1.get_legend() and not ax2.get_legend()
+    legend = fig.legends[0].get_window_extent(renderer)
+    bars = [p.get_window_extent(renderer) for ax in (ax1, ax2) for p in ax.patches]
+    assert bars and not any(legend.overlaps(b) for b in bars)
+    assert not any(legend.overlaps(ax.get_window_extent(renderer)) for ax in (ax1, ax2))  # outside the data area
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "chance (0.5)" in labels and any(t.startswith("MNAR") for t in labels)
+
+
+def _report(metric: str, values: list[float]) -> MissingReport:
+    """A two-modality report with the given metric values (subsets a+b, a, b; then observed, MCAR a/b/(all))."""
+    subsets = pl.DataFrame({"fold": [0] * 3, "subset": ["a+b", "a", "b"], "n_modalities": [2, 1, 1],
+                            "a": [True, True, False], "b": [True, False, True], "n_subjects": [50] * 3, metric: values[:3]})
+    shift = pl.DataFrame({"fold": [0] * 4, "mechanism": ["none", "mcar", "mcar", "mcar"], "hidden": ["", "a", "b", ALL],
+                          "fraction": [0.0, 0.5, 0.5, 0.5], "repeat": [0] * 4, "n_hidden": [0, 10, 10, 20],
+                          "n_subjects": [50] * 4, metric: values[3:7]})
+    return MissingReport(subsets, shift, ["a", "b"], metric, metric != "log_loss")
+
+
+def test_plot_axis_reaches_below_chance_and_no_chance_line_without_a_chance_level():
+    from mmclin.robustness import chance_level
+
+    assert chance_level("c_index") == chance_level("death/auroc") == chance_level("auroc/label") == 0.5
+    assert chance_level("r2") is None and chance_level("log_loss") is None
+    fig = _report("c_index", [0.62, 0.3, 0.58, 0.62, 0.55, 0.35, 0.5]).plot()
+    ax1, ax2 = fig.axes
+    assert ax1.get_xlim()[0] < 0.3 and ax2.get_ylim()[0] < 0.35  # a worse-than-chance subset stays in view
+    bars = sorted(ax1.patches, key=lambda p: p.get_width())
+    assert bars[0].get_x() == pytest.approx(0.5) and bars[0].get_width() == pytest.approx(0.3 - 0.5)  # from chance, leftwards
+    fig = _report("r2", [0.31, 0.12, 0.2, 0.31, 0.25, 0.18, 0.1]).plot()
+    assert not any(ln.get_linestyle() == ":" for ax in fig.axes for ln in ax.lines)
+    _drawn(fig)
+    assert "chance" not in " ".join(t.get_text() for t in fig.legends[0].get_texts())

@@ -11,11 +11,16 @@ Attributions are additive, so the scalar is chosen on a scale where adding up ma
 | ``multilabel`` | logit of a label (default: each subject's most probable label) | |
 | ``regression`` | the prediction in the target's own units | |
 | ``multitask`` | a sub-task's scalar (``target="key"`` or ``("key", class)``; default: the first key) | |
+
+Times are in the training times' unit: ``time_unit`` ("days", "months", ...) names it in the
+descriptions ("S(1825 days | x)"); unknown (``None``), they say "time units".
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable
+
+import re
 
 import numpy as np
 import torch
@@ -36,7 +41,7 @@ class ExplainTarget:
     columns: Callable[[Tensor], Tensor]
     index: np.ndarray
     labels: list[str]  # name of each column (class, label, or the scalar's name)
-    description: str  # what is explained, for reports: "log-risk (cox)", "S(t=1825 | x) (cox)"
+    description: str  # what is explained, for reports: "log-risk (cox)", "S(1825 days | x), ... (cox)"
 
     def label_of_rows(self) -> list[str]:
         return [self.labels[int(k)] for k in self.index]
@@ -47,9 +52,43 @@ class ExplainTarget:
         return values.gather(1, idx.reshape(-1, 1)).squeeze(1)
 
 
-def resolve_target(task: Task, outputs: np.ndarray, target: Any = None, horizon: float | None = None) -> ExplainTarget:
+TIME_UNITS = "time units"  # what a time is measured in when nobody said
+# a time is also given in a larger unit for readers: unit -> (units per larger unit, larger unit, from how many units)
+_LARGER = {"days": (365.25, "years", 365), "day": (365.25, "years", 365), "d": (365.25, "years", 365),
+           "weeks": (52.18, "years", 52), "months": (12.0, "years", 12), "hours": (24.0, "days", 48), "h": (24.0, "days", 48)}
+
+
+def time_text(t: float, unit: str | None = None) -> str:
+    """A time with its unit: ``1825 days``; ``1825 time units`` when the unit is not known."""
+    return f"{t:g} {unit or TIME_UNITS}"
+
+
+def horizon_text(t: float, unit: str | None = None) -> str:
+    """A time for readers, also in the next larger unit when it is at least one of them:
+    ``horizon_text(1825, "days")`` is ``1825 days (5.0 years)``; unknown unit: ``1825 time units``."""
+    text = time_text(t, unit)
+    if unit and unit.lower() in _LARGER:
+        per, larger, least = _LARGER[unit.lower()]
+        if t >= least:
+            text += f" ({t / per:.1f} {larger})"
+    return text
+
+
+def with_time_unit(description: str, unit: str | None) -> str:
+    """A description made without a unit (``S(1825 time units | x), ... at 1825 time units``),
+    with ``unit`` instead (``S(1825 days | x), ... at 1825 days (5.0 years)``)."""
+    if not unit:
+        return description
+    number = r"([0-9][0-9.e+]*)"
+    out = re.sub(rf"S\({number} {TIME_UNITS} \| x\)", lambda m: f"S({time_text(float(m[1]), unit)} | x)", description)
+    return re.sub(rf"{number} {TIME_UNITS}", lambda m: horizon_text(float(m[1]), unit), out)
+
+
+def resolve_target(task: Task, outputs: np.ndarray, target: Any = None, horizon: float | None = None,
+                   time_unit: str | None = None) -> ExplainTarget:
     """The scalar to explain for ``task`` (see the module table). ``outputs`` are the raw outputs
-    ``[N, output_dim]`` of the rows to explain (they pick per-row default classes).
+    ``[N, output_dim]`` of the rows to explain (they pick per-row default classes); ``time_unit``
+    names the unit of survival times in the description (default: "time units").
 
     Raises ValueError naming what is accepted when ``target`` or ``horizon`` do not fit the task.
     """
@@ -72,7 +111,7 @@ def resolve_target(task: Task, outputs: np.ndarray, target: Any = None, horizon:
         if key not in task.tasks:
             raise ValueError(f"target {key!r} is not a sub-task of this multitask model; choose one of {keys}")
         sl = task.slices[key]
-        sub = resolve_target(task.tasks[key], outputs[:, sl], sub_target, horizon)
+        sub = resolve_target(task.tasks[key], outputs[:, sl], sub_target, horizon, time_unit)
         return ExplainTarget(lambda o: sub.columns(o[:, sl]), sub.index, sub.labels, f"{key}: {sub.description}")
 
     if isinstance(target, tuple):
@@ -93,7 +132,8 @@ def resolve_target(task: Task, outputs: np.ndarray, target: Any = None, horizon:
             raise ValueError(f"horizon {t:g} is before the first training event time ({task.baseline_times_[0]:g}); "
                              "S(t) is 1 for everyone there, so there is nothing to explain. Choose a later horizon.")
         return ExplainTarget(lambda o: torch.exp(-h0 * torch.exp(o[:, :1].clamp(max=50.0))), np.zeros(n, dtype=np.int64),
-                             [f"survival_{t:g}"], f"S(t={t:g} | x), survival probability at t={t:g} (cox)")
+                             [f"survival_{t:g}"], f"S({time_text(t, time_unit)} | x), survival probability at "
+                             f"{horizon_text(t, time_unit)} (cox)")
 
     if isinstance(task, DiscreteTimeTask):
         if target is not None:
@@ -108,14 +148,16 @@ def resolve_target(task: Task, outputs: np.ndarray, target: Any = None, horizon:
                 return -(s_start * widths.to(o)).sum(1, keepdim=True)
 
             return ExplainTarget(neg_rmst, np.zeros(n, dtype=np.int64), ["risk"],
-                                 f"risk = -RMST up to t={float(task.edges_[-1]):g} (discrete_time; higher = earlier event)")
+                                 f"risk = -RMST up to {horizon_text(float(task.edges_[-1]), time_unit)} "
+                                 "(discrete_time; higher = earlier event)")
         t = _check_horizon(horizon, task.edges_)
         k = int(np.searchsorted(task.edges_, t, side="right"))  # edges passed by t
         if k == 0:
             raise ValueError(f"horizon {t:g} is before the first interval end ({task.edges_[0]:g}); S(t) is 1 for "
                              "everyone there. Choose a later horizon.")
         return ExplainTarget(lambda o: torch.prod(torch.sigmoid(-o[:, :k]), dim=1, keepdim=True), np.zeros(n, dtype=np.int64),
-                             [f"survival_{t:g}"], f"S(t={t:g} | x), survival probability at t={t:g} (discrete_time)")
+                             [f"survival_{t:g}"], f"S({time_text(t, time_unit)} | x), survival probability at "
+                             f"{horizon_text(t, time_unit)} (discrete_time)")
 
     if isinstance(task, RegressionTask):
         if target is not None:

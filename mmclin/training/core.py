@@ -61,6 +61,7 @@ def build_member(specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str, 
                              f"{cls.kind!r}; encoders for {s.kind!r}: {same_kind}")
         options = {**s.options, **model.encoders.get(s.name, {})}
         options.pop("groups", None)  # consumed by the featurizer
+        options.pop("feature_labels", None)  # display names for explanations (mmclin explain), not an encoder option
         for key in getattr(FEATURIZERS.get(s.kind), "option_names", ()) if s.kind in FEATURIZERS else ():
             if key in model.encoders.get(s.name, {}):  # the featurizer reads only the spec's options
                 raise ValueError(f"modality {s.name!r}: {key!r} is a featurizer option; set it in the modality's "
