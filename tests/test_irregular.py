@@ -94,7 +94,7 @@ def test_timing_signal_is_invisible_without_times(timing_cohort):
     assert roc_auc_score(c.y, p) < 0.62
 
 
-@pytest.mark.parametrize("encoder", ["irregular_series", "utde"])
+@pytest.mark.parametrize("encoder", ["irregular_series", "utde", "mtand"])
 def test_encoder_learns_a_timing_signal(timing_cohort, encoder):
     c = timing_cohort
     spec = ModalitySpec(name="timeseries", kind="irregular_series", columns=["timeseries"], encoder=encoder,

@@ -56,8 +56,11 @@ class MultiTimeAttention(nn.Module):
         gap = self.ref.to(k.dtype).view(1, 1, -1, 1) - inputs["time"].unsqueeze(1).unsqueeze(1)
         scores = scores - F.softplus(self.locality).view(1, h, 1, 1) * gap.pow(2)
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        # one shared max per (b, h, r): the ratio below is exact; only far-away observations may underflow
-        top = scores.amax(-1, keepdim=True).clamp_min(-1e4).detach()
+        # one shared max per (b, h, r) against overflow. It is not detached: ``values`` (a ratio) do not depend
+        # on it, but ``mass = log1p(den)`` does, and a detached max would give ``mass`` the gradient of a
+        # function that changes under a common shift of the scores, which this one does not: training then
+        # pushed the attention the wrong way (a timing-only signal was not learnt, AUROC ~0.6 against ~0.86)
+        top = scores.amax(-1, keepdim=True).clamp_min(-1e4)
         weights = torch.exp(scores - top).masked_fill(~mask[:, None, None, :], 0.0)  # [B, H, R, L]
         onehot = F.one_hot(inputs["code"], self.n_codes).to(weights.dtype) * mask.unsqueeze(-1)  # [B, L, V]
         value = onehot * inputs["value"].unsqueeze(-1)
