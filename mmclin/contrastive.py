@@ -62,11 +62,20 @@ def symile_logits(anchor: Tensor, others: Sequence[Tensor], negative_sampling: N
     ``others_1[j] * prod_{m >= 2} others_m[k]``, all ``N^2`` of them (for three modalities,
     every pair ``(y_j, z_k)``); the positive is ``(i, i)``.
 
+    With one other modality (M = 2) both are CLIP's candidate set: the other modality's samples.
+
     Shapes:
-        anchor, others[m]: ``[N, d]`` -> logits ``[N, N]`` or ``[N, N^2]``, labels ``[N]`` long.
+        anchor, others[m]: ``[N, d]`` -> logits ``[N, N]`` or ``[N, N^2]`` (``[N, N]`` for M = 2), labels ``[N]`` long.
     """
     n = anchor.shape[0]
     arange = torch.arange(n, device=anchor.device)
+    if negative_sampling not in NEGATIVE_SAMPLING:
+        raise ValueError(f"negative_sampling must be one of {NEGATIVE_SAMPLING}, got {negative_sampling!r}")
+    if len(others) == 1:
+        # two modalities: the candidates are the other modality's N samples, each once (CLIP's InfoNCE). Shuffling
+        # would put the positive among the negatives again (the loss could not go below ln 2), and "n_squared"
+        # would repeat every candidate N times (floor ln N)
+        return anchor @ others[0].T, arange
     if negative_sampling == "n":
         shuffled = torch.ones_like(anchor)
         for r in others:

@@ -91,6 +91,19 @@ def test_symile_loss_matches_a_loop_reference_and_clip_for_two_modalities():
     lab = torch.arange(5)
     clip_ref = (F.cross_entropy(logits, lab) + F.cross_entropy(logits.T, lab)) / 2
     torch.testing.assert_close(clip_loss(two), clip_ref)
+    # and symile_loss itself, with either negative sampling, is that formula (M = 2 is CLIP)
+    for sampling in ("n", "n_squared"):
+        torch.testing.assert_close(symile_loss(two, 1.0, sampling, torch.Generator().manual_seed(0)), clip_ref)
+        torch.testing.assert_close(symile_loss(two, 3.0, sampling), clip_loss(two, 3.0))
+
+
+def test_two_modality_symile_has_no_floor_above_zero():
+    """Perfectly aligned, well separated pairs: CLIP's loss goes to 0; a positive repeated among the
+    negatives would hold it at ln 2 (shuffled "n") or ln N ("n_squared")."""
+    reps = torch.eye(8) * 1.0
+    for sampling in ("n", "n_squared"):
+        loss = symile_loss([reps, reps], 50.0, sampling, torch.Generator().manual_seed(0))
+        assert loss < 1e-6, (sampling, float(loss))
 
 
 def test_bad_inputs_are_named():
