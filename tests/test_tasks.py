@@ -49,20 +49,39 @@ def _slow_breslow_nll(eta: np.ndarray, event: np.ndarray, time: np.ndarray) -> f
     return -total / d
 
 
+def _slow_efron_nll(eta: np.ndarray, event: np.ndarray, time: np.ndarray) -> float:
+    """Efron's partial likelihood by explicit loops over the distinct event times."""
+    total, d = 0.0, 0
+    for t in np.unique(time[event]):
+        tied = [i for i in range(len(time)) if event[i] and time[i] == t]
+        risk = sum(math.exp(eta[j]) for j in range(len(time)) if time[j] >= t)
+        tied_sum = sum(math.exp(eta[i]) for i in tied)
+        for rank, i in enumerate(tied):
+            total += eta[i] - math.log(risk - rank / len(tied) * tied_sum)
+            d += 1
+    return -total / d
+
+
 @pytest.mark.parametrize("ties", [False, True])
-def test_cox_loss_matches_explicit_breslow(ties: bool) -> None:
+def test_cox_loss_matches_explicit_efron_and_breslow(ties: bool) -> None:
     rng = np.random.default_rng(3)
     n = 40
     time = rng.integers(1, 8, n).astype(float) if ties else rng.exponential(5.0, n) + 0.1
     event = rng.random(n) < 0.6
     eta = rng.normal(size=n)
     assert (len(np.unique(time)) < n) == ties
-    got = cox_partial_nll(torch.tensor(eta), torch.tensor(event, dtype=torch.float64), torch.tensor(time))
+    args = torch.tensor(eta), torch.tensor(event, dtype=torch.float64), torch.tensor(time)
+    got = cox_partial_nll(*args, ties="breslow")
     assert got.item() == pytest.approx(_slow_breslow_nll(eta, event, time), rel=1e-10)
+    efron = cox_partial_nll(*args)  # the default
+    assert efron.item() == pytest.approx(_slow_efron_nll(eta, event, time), rel=1e-10)
+    assert (abs(efron.item() - got.item()) > 1e-3) == ties  # the same without ties
     # order of the rows does not matter
     p = rng.permutation(n)
-    again = cox_partial_nll(torch.tensor(eta[p]), torch.tensor(event[p], dtype=torch.float64), torch.tensor(time[p]))
-    assert again.item() == pytest.approx(got.item(), rel=1e-10)
+    for how, ref in (("breslow", got), ("efron", efron)):
+        again = cox_partial_nll(torch.tensor(eta[p]), torch.tensor(event[p], dtype=torch.float64), torch.tensor(time[p]),
+                                ties=how)
+        assert again.item() == pytest.approx(ref.item(), rel=1e-10)
 
 
 def test_cox_loss_without_events_is_zero_and_connected() -> None:
@@ -331,3 +350,50 @@ def test_multitask_accepts_dataframes_and_checks_keys() -> None:
         task.encode({"death": [0, 1], "los_days": [1.0, 2.0]})
     with pytest.raises(ValueError, match=r"'los' has 1 samples but 'death' has 2"):
         task.encode({"death": [0, 1], "los": [1.0]})
+
+
+@pytest.mark.parametrize("ties", ["efron", "breslow"])
+def test_cox_loss_matches_scikit_survival_coefficients_on_a_tied_real_cohort(ties):
+    """Veterans (31 tied event times): the linear Cox model fitted by minimising mmclin's partial
+    likelihood has scikit-survival's CoxPHSurvivalAnalysis(ties=...) coefficients."""
+    from sksurv.column import encode_categorical
+    from sksurv.datasets import load_veterans_lung_cancer
+    from sksurv.linear_model import CoxPHSurvivalAnalysis
+
+    from mmclin.tasks.survival import cox_partial_nll
+
+    X, y = load_veterans_lung_cancer()
+    X = encode_categorical(X).to_numpy(float)
+    X = (X - X.mean(0)) / X.std(0)
+    event, time = (np.ascontiguousarray(y[f]) for f in y.dtype.names)
+    assert len(time[event]) - len(np.unique(time[event])) > 20  # really tied
+    beta = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([beta], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+    xt, et, tt = torch.tensor(X), torch.tensor(event, dtype=torch.float64), torch.tensor(time, dtype=torch.float64)
+
+    def closure():
+        opt.zero_grad()
+        loss = cox_partial_nll(xt @ beta, et, tt, ties)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    np.testing.assert_allclose(beta.detach().numpy(), CoxPHSurvivalAnalysis(ties=ties).fit(X, y).coef_, atol=1e-6)
+    if ties == "efron":  # the two differ on this cohort, so the test tells them apart
+        other = CoxPHSurvivalAnalysis(ties="breslow").fit(X, y).coef_
+        assert np.abs(beta.detach().numpy() - other).max() > 1e-3
+
+
+def test_cox_times_stay_float64_so_close_times_are_not_tied():
+    from mmclin.tasks.survival import CoxTask
+
+    task = CoxTask()
+    # times in seconds (half a year = 1.6e7 s) or fractional days over centuries: float32 merges neighbours
+    times = [16777216.0, 16777217.0]
+    y = np.array([(True, t) for t in times], dtype=[("event", bool), ("time", float)])
+    target = task.encode(y)
+    assert target.dtype == torch.float64 and target[0, 1] != target[1, 1]
+    assert torch.tensor(times, dtype=torch.float32).unique().numel() == 1  # what float32 did
+    assert CoxTask(ties="breslow").ties == "breslow" and CoxTask().ties == "efron"
+    with pytest.raises(ValueError, match="'ties' option of the cox task must be 'efron' or 'breslow'. Got 'exact'"):
+        CoxTask(ties="exact")

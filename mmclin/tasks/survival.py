@@ -99,22 +99,41 @@ def to_survival_array(y: Any, require_event: bool = False) -> np.ndarray:
 
 
 # --- losses --------------------------------------------------------------------------------
-def cox_partial_nll(log_risk: Tensor, event: Tensor, time: Tensor) -> Tensor:
-    """Negative Cox partial log-likelihood, Breslow ties, averaged over events.
+def cox_partial_nll(log_risk: Tensor, event: Tensor, time: Tensor, ties: str = "efron") -> Tensor:
+    """Negative Cox partial log-likelihood, averaged over events, with Efron's or Breslow's ties.
 
-    ``-1/d sum_{i: e_i = 1} [eta_i - log sum_{j: t_j >= t_i} exp(eta_j)]``, with risk sets
-    taken within the batch. A batch without events gives 0, still attached to the graph.
+    Breslow: ``-1/d sum_{i: e_i = 1} [eta_i - log sum_{j: t_j >= t_i} exp(eta_j)]``.
+    Efron (the default of R's ``survival::coxph``; scikit-survival's ``ties="efron"``): at a time
+    with ``m`` tied events ``D``, the ``l``-th of them (``l = 0..m-1``) has the risk set sum
+    ``sum_{t_j >= t} exp(eta_j) - l/m sum_{k in D} exp(eta_k)``. Without ties both are the same.
+    Risk sets are taken within the batch. A batch without events gives 0, still attached to the graph.
 
     Shapes:
-        log_risk ``[B]``, event ``[B]`` (0/1), time ``[B]`` -> scalar.
+        log_risk ``[B]``, event ``[B]`` (0/1), time ``[B]`` (kept in its own dtype, float64 from the
+        tasks, so that distinct day-level times over decades stay distinct) -> scalar.
     """
+    if ties not in ("efron", "breslow"):
+        raise ValueError(f"ties must be 'efron' or 'breslow', got {ties!r}")
     order = torch.argsort(time, descending=True)
     t, eta, e = time[order], log_risk[order], event[order].to(log_risk.dtype)
-    cum = torch.logcumsumexp(eta, dim=0)
-    # Breslow: the risk set of a tied time holds the whole tie group, i.e. the running sum
-    # up to the group's last position in descending order = (#{t_j >= t_i}) - 1.
-    n_at_risk = t.numel() - torch.searchsorted(t.flip(0).contiguous(), t, right=False)
-    log_risk_set = cum[n_at_risk - 1]
+    ascending = t.flip(0).contiguous()
+    # the risk set of a tied time holds the whole tie group: positions 0 .. (#{t_j >= t_i}) - 1 in descending order
+    n_at_risk = t.numel() - torch.searchsorted(ascending, t, right=False)
+    if ties == "breslow":
+        log_risk_set = torch.logcumsumexp(eta, dim=0)[n_at_risk - 1]
+    else:
+        shift = eta.max().detach()  # log(sum exp(eta - c)) + c is exact for any constant c; c keeps exp finite
+        w = torch.exp(eta - shift)
+        risk_sum = torch.cumsum(w, 0)[n_at_risk - 1]
+        first = t.numel() - torch.searchsorted(ascending, t, right=True)  # first position of each tie group
+        tied_w = torch.cumsum(w * e, 0)
+        tied_n = torch.cumsum(e, 0)
+        before_w = torch.where(first > 0, tied_w[(first - 1).clamp_min(0)], torch.zeros_like(tied_w))
+        before_n = torch.where(first > 0, tied_n[(first - 1).clamp_min(0)], torch.zeros_like(tied_n))
+        group_w = tied_w[n_at_risk - 1] - before_w  # sum of exp(eta) over the tie group's events
+        group_n = (tied_n[n_at_risk - 1] - before_n).clamp_min(1.0)
+        rank = (tied_n - before_n - 1.0).clamp_min(0.0)  # l of each event within its group
+        log_risk_set = torch.log((risk_sum - rank / group_n * group_w).clamp_min(torch.finfo(w.dtype).tiny)) + shift
     # no events: the sum is an exact 0 that keeps the graph connected (clamp avoids 0/0)
     return -((eta - log_risk_set) * e).sum() / e.sum().clamp_min(1.0)
 
@@ -246,16 +265,21 @@ class _SurvivalTask(Task):
 class CoxTask(_SurvivalTask):
     """Cox proportional hazards: one output, the log-risk ``eta``.
 
-    Loss: negative partial log-likelihood with Breslow ties (:func:`cox_partial_nll`),
-    risk sets within each batch. ``calibrate(outputs_train, y_train)`` fits the Breslow
+    Loss: negative partial log-likelihood (:func:`cox_partial_nll`) with Efron's ties by default
+    (``ties="breslow"`` for Breslow's; the same where no times are tied), risk sets within each batch. ``calibrate(outputs_train, y_train)`` fits the Breslow
     baseline cumulative hazard ``H0``, after which
     ``survival_function`` gives ``S(t | x) = exp(-H0(t) exp(eta))``.
 
-    No options. ``predict`` -> risk scores ``eta`` ``[N]`` (higher = worse).
+    Options: ``ties`` (``"efron"`` or ``"breslow"``). ``predict`` -> risk scores ``eta`` ``[N]`` (higher = worse).
     """
+
+    option_defaults = {"ties": "efron"}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+        self.ties = self.options["ties"]
+        if self.ties not in ("efron", "breslow"):
+            raise ValueError(f"The 'ties' option of the cox task must be 'efron' or 'breslow'. Got {self.ties!r} instead.")
         self.baseline_times_: np.ndarray | None = None
         self.baseline_cumhaz_: np.ndarray | None = None
 
@@ -269,13 +293,13 @@ class CoxTask(_SurvivalTask):
         return 1
 
     def encode(self, y: Any) -> Tensor:
-        """Shapes: returns float ``[N, 2]`` = (event, time)."""
+        """Shapes: returns float64 ``[N, 2]`` = (event, time); float32 would merge distinct times (ties)."""
         s = self.check_targets(y)
-        return torch.as_tensor(np.stack([s["event"], s["time"]], axis=1), dtype=torch.float32)
+        return torch.as_tensor(np.stack([s["event"], s["time"]], axis=1), dtype=torch.float64)
 
     def loss(self, outputs: Tensor, target: Tensor) -> Tensor:
         """Shapes: outputs ``[B, 1]``, target ``[B, 2]`` (event, time) -> scalar."""
-        return cox_partial_nll(outputs.reshape(-1), target[:, 0], target[:, 1].to(outputs.dtype))
+        return cox_partial_nll(outputs.reshape(-1), target[:, 0], target[:, 1], self.ties)
 
     def calibrate(self, outputs: np.ndarray, y: Any) -> None:
         """Fit the Breslow baseline cumulative hazard on training outputs and targets."""
