@@ -6,7 +6,22 @@ import argparse
 import contextlib
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Iterator
+
+
+def _count(minimum: int):
+    """An argparse type: a whole number >= ``minimum`` (a 0 is refused, never replaced by a default)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="cross-validated (--cv K) or hold-out metrics")
     _config_args(p)
-    p.add_argument("--cv", type=int, default=None, help="number of subject-level folds")
+    p.add_argument("--cv", type=_count(2), default=None, help="number of subject-level folds")
     p.add_argument("--missing-report", action="store_true",
                    help="also score every modality subset and MCAR/MAR/MNAR missingness shifts on the test subjects")
     p.add_argument("--max-subsets", type=int, default=64, metavar="N",
@@ -49,13 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="one-row-per-subject parquet/CSV file, or a built-in cohort name")
     p.add_argument("--output", required=True, help="predictions file (.parquet or .csv)")
     p.add_argument("--id-column", help="copy this id column into the predictions")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (never the --data file)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ models")
 
     sub.add_parser("cohorts", help="list the built-in cohorts")
 
     p = sub.add_parser("tune", help="run, resume or join an Optuna study over the config's tune.space")
     _config_args(p)
-    p.add_argument("--trials", type=int, default=None, metavar="N",
+    p.add_argument("--trials", type=_count(1), default=None, metavar="N",
                    help="trials the study should hold in total, complete + pruned (default: tune.n_trials); "
                         "a resumed or shared study only runs what is missing")
     p.add_argument("--storage", help="Optuna storage: sqlite:///optuna.db (default, beside the MLflow store), "
@@ -211,6 +227,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mmclin.experiment import check_output_name, read_frame_or_cohort, resolve_model_path, write_atomic
 
     check_output_name(args.output)  # what can be checked without torch, first
+    out, data = Path(args.output), Path(args.data)
+    if data.exists() and out.exists() and out.resolve() == data.resolve():
+        raise ValueError(f"--output {args.output!r} is the --data file: predictions never replace the input data")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--output {args.output!r} already exists; pass --overwrite to replace it")
     model_dir = resolve_model_path(args.model, args.tracking_uri)
     frame, id_col = read_frame_or_cohort(args.data, args.id_column)
     from mmclin.predictions import prediction_frame

@@ -226,7 +226,11 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 
 def parse_value(text: str) -> Any:
     """``--set`` values are YAML scalars: 3, 0.1, true, null, [a, b], {k: v}."""
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set value {text!r} is not valid YAML ({str(err).splitlines()[0]}); quote text, "
+                          "e.g. --set 'name=\"a: b\"'") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -268,12 +272,28 @@ def _check_component_names(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"model.task.name: {TASKS.unknown_message(cfg.model.task.name)}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader keeps the last of two equal keys without a word; a config that says a key twice
+    is ambiguous, so it is refused, naming the key and both lines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"config file {key_node.start_mark.name!r}: key {key!r} appears twice (lines "
+                                  f"{seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):

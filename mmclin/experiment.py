@@ -219,7 +219,7 @@ class Experiment:
         the output directory of DDP rank 0, whose checkpoints a rank > 0 resumes from without writing.
         """
         from mmclin import tracking
-        from mmclin.predictions import prediction_frame
+        from mmclin.predictions import check_finite_outputs, prediction_frame
         from mmclin.training.core import checkpoint_store
         from mmclin.training.splits import holdout_split
 
@@ -250,7 +250,7 @@ class Experiment:
                 fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if run else None, store)
             test_frame = c.frame[te]
             with rows_of_data(te):
-                outputs = fitted.predict_outputs(test_frame)
+                outputs = check_finite_outputs(fitted.predict_outputs(test_frame), "the test subjects")
                 metrics = fitted.task.metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
             preds = prediction_frame(fitted, test_frame, c.id_column or None)
             model_dir = fitted.save(out / "model")
@@ -306,7 +306,7 @@ class Experiment:
         under missingness shifts; tables and plot go to MLflow under ``missing_report/``.
         """
         from mmclin import tracking
-        from mmclin.predictions import prediction_columns
+        from mmclin.predictions import check_finite_outputs, prediction_columns
         from mmclin.training.splits import cv_splits, holdout_split
 
         cfg, c = self.config, self.cohort
@@ -333,7 +333,7 @@ class Experiment:
                         fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if fold_run else None,
                                            progress_label=f"fold {k + 1}/{len(splits)}" if cv else None)
                     with rows_of_data(te):
-                        outputs = fitted.predict_outputs(c.frame[te])
+                        outputs = check_finite_outputs(fitted.predict_outputs(c.frame[te]), "the test subjects")
                         metrics = fitted.task.metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
                     if baselines:
                         from mmclin.evaluation.baselines import task_scores

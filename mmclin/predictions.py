@@ -38,9 +38,26 @@ def prediction_columns(task: Any, outputs: np.ndarray) -> dict[str, Any]:
     return cols
 
 
+def check_finite_outputs(outputs: np.ndarray, where: str = "the frame") -> np.ndarray:
+    """Raw outputs with a non-finite value are refused, naming the rows: never a NaN prediction written silently."""
+    bad = np.flatnonzero(~np.isfinite(np.asarray(outputs, dtype=np.float64)).all(axis=-1)) if np.size(outputs) else []
+    if len(bad):
+        raise ValueError(f"{len(bad)} row(s) of {where} got a non-finite prediction, the first at row {int(bad[0])}: "
+                         "their inputs are far outside what the model was trained on, or the model's weights are damaged")
+    return outputs
+
+
 def prediction_frame(fitted: Any, frame: Any, id_column: str | None = None) -> pl.DataFrame:
+    """One row per row of ``frame``: the id column (``id_column``, else the model's when the frame has it)
+    and the task's prediction columns. An ``id_column`` the frame lacks is an error, not a frame without ids."""
     frame = to_polars(frame)
-    outputs = fitted.predict_outputs(frame)
+    if id_column is not None and id_column not in frame.columns:
+        import difflib
+
+        close = difflib.get_close_matches(id_column, frame.columns, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; columns are {frame.columns[:10]}"
+        raise ValueError(f"id column {id_column!r} is not in the data{hint}")
+    outputs = check_finite_outputs(fitted.predict_outputs(frame))
     cols = prediction_columns(fitted.task, outputs)
     out = pl.DataFrame({k: np.asarray(v) for k, v in cols.items()})
     id_column = id_column or fitted.id_column

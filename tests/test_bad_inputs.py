@@ -100,6 +100,9 @@ def test_crafted_pickle_instead_of_model_is_refused(tmp_path, fitted_clf):
             return (open, (str(tmp_path / "pwned"), "w"))
 
     (tmp_path / "m" / "model.safetensors").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ValueError, match="model.safetensors does not match its SHA-256 in manifest.json"):
+        FittedModel.load(path)
+    (tmp_path / "m" / "manifest.json").unlink()  # an attacker can drop the manifest: the file is still never unpickled
     with pytest.raises(ValueError, match="not a readable safetensors file .* never unpickles model files"):
         FittedModel.load(path)
     assert not (tmp_path / "pwned").exists()
@@ -190,6 +193,9 @@ def test_predict_verb_bad_arguments(tmp_path, monkeypatch, capsys, fitted_clf, c
     if args is None:
         argv = ["predict", "nope", "--data", "gse7390", "--output", "p.parquet"]
     elif isinstance(args, str):
+        import mlflow
+
+        mlflow.MlflowClient(f"sqlite:///{tmp_path / 'x.db'}").search_experiments()  # a store without that run
         argv = ["predict", args, "--data", "gse7390", "--output", "p.parquet", "--tracking-uri", f"sqlite:///{tmp_path / 'x.db'}"]
     else:
         argv = ["predict", model, *args]

@@ -143,7 +143,7 @@ def test_save_load_round_trip_without_pickle(tmp_path, boring_survival):
     c = boring_survival
     model = MultimodalSurvivalModel(modalities=c.modalities, ensemble_size=2, **FAST).fit(c.frame, c.y)
     path = model.save(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["mmclin.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["manifest.json", "mmclin.json", "model.safetensors"]
     loaded = FittedModel.load(path)
     np.testing.assert_allclose(loaded.predict_outputs(c.frame), model.model_.predict_outputs(c.frame), rtol=1e-5)
     t1, s1 = loaded.task.survival_function(loaded.predict_outputs(c.frame))

@@ -121,7 +121,8 @@ def test_sigkill_halfway_then_resume_equals_uninterrupted(config_file, uninterru
     assert meta["history"] == ref_meta["history"] and len(meta["history"]) == 2 * EPOCHS
     # nothing partial or temporary is left: checkpoints are gone once the model is saved
     left = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
-    assert left == ["mmclin-run.json", "model/mmclin.json", "model/model.safetensors", "test_predictions.parquet"], left
+    assert left == ["mmclin-run.json", "model/manifest.json", "model/mmclin.json", "model/model.safetensors",
+                    "test_predictions.parquet"], left
     assert json.loads((run_dir / "mmclin-run.json").read_text())["status"] == "finished"
 
 

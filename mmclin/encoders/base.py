@@ -7,12 +7,53 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import numpy as np
 import polars as pl
 import torch
 from torch import Tensor, nn
 
 from mmclin.batch import ModalityTokens
 from mmclin.cohort import ModalitySpec
+
+
+# standardised values are float32 in the network: beyond this |z| a value is refused, not silently made inf
+MAX_ABS_STANDARDISED = 1e6
+
+
+def standardisation(modality: str, columns: list[str], observed: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-column mean and sd of the training values (``observed``: ``[N, F]``, NaN where missing).
+
+    A column whose sd is 0 keeps sd 1 (it carries no information either way); a column whose mean or sd
+    overflows (values near 1e300) is refused, naming it and its largest value's row, instead of being
+    silently ignored (an inf sd turns every value into 0).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = np.nanmean(observed, axis=0) if observed.shape[1] else np.zeros(0)
+        std = np.nanstd(observed, axis=0) if observed.shape[1] else np.zeros(0)
+    bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(std)))
+    if len(bad):
+        j = int(bad[0])
+        row = int(np.nanargmax(np.abs(observed[:, j])))
+        raise ValueError(f"modality {modality!r}, column {columns[j]!r}: values too large to standardise (row {row} "
+                         f"has {observed[row, j]:.3g}); expected values whose squares are finite (|value| < 1e150), "
+                         "e.g. check the column's units")
+    return mean.tolist(), np.where(std > 0, std, 1.0).tolist()
+
+
+def standardise(modality: str, columns: list[str], values: np.ndarray, missing: np.ndarray, mean: list[float],
+                std: list[float]) -> np.ndarray:
+    """``(values - mean) / std`` with missing cells 0; a value this far from the training range is refused
+    (naming modality, column and row): the network could only return non-finite or meaningless outputs."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = (values - np.asarray(mean)) / np.asarray(std)
+    z[missing] = 0.0
+    far = ~(np.abs(z) <= MAX_ABS_STANDARDISED)
+    if far.any():
+        row, j = (int(v) for v in np.argwhere(far)[0])
+        raise ValueError(f"modality {modality!r}, column {columns[j]!r}, row {row}: value {values[row, j]:.3g} is "
+                         f"{abs(z[row, j]):.3g} training standard deviations from the training mean (more than "
+                         f"{MAX_ABS_STANDARDISED:g}); expected values on the training scale (check units or a data error)")
+    return z
 
 
 class Featurizer:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from mmclin.batch import ModalityTokens
-from mmclin.encoders.base import Featurizer, ModalityEncoder
+from mmclin.encoders.base import Featurizer, ModalityEncoder, standardisation, standardise
 from mmclin.registry import ENCODERS, FEATURIZERS
 
 
@@ -64,9 +64,7 @@ class GenomicsFeaturizer(Featurizer):
             raise ValueError(f"modality {self.spec.name!r}, column {names[empty[0]]!r}: no values in the training rows")
         self.width = arr.shape[1]
         self.names = names
-        self.mean = np.nanmean(arr, axis=0).tolist()
-        std = np.nanstd(arr, axis=0)
-        self.std = np.where(std > 0, std, 1.0).tolist()
+        self.mean, self.std = standardisation(self.spec.name, names, arr)
         groups = self.spec.options.get("groups")
         self.groups = None
         if groups:
@@ -78,9 +76,9 @@ class GenomicsFeaturizer(Featurizer):
         return self
 
     def transform(self, frame: pl.DataFrame) -> tuple[dict[str, Tensor], Tensor]:
-        arr, missing, _ = self._matrix(frame)
-        arr = (arr - np.asarray(self.mean)) / np.asarray(self.std)
-        arr[missing] = 0.0  # masked: the encoder fills these with a learned per-gene value
+        arr, missing, names = self._matrix(frame)
+        # missing cells are 0 and masked: the encoder fills these with a learned per-gene value
+        arr = standardise(self.spec.name, names, arr, missing, self.mean, self.std)
         return {"values": torch.from_numpy(arr.astype(np.float32)), "missing": torch.from_numpy(missing)}, self.present_rows(frame)
 
     def encoder_kwargs(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mmclin.batch import ModalityTokens
-from mmclin.encoders.base import Featurizer, ModalityEncoder
+from mmclin.encoders.base import Featurizer, ModalityEncoder, standardisation, standardise
 from mmclin.registry import ENCODERS, FEATURIZERS
 
 # categorical codes: 0 = missing, 1 = a category not seen in training, 2.. = training categories
@@ -64,10 +64,7 @@ class TabularFeaturizer(Featurizer):
         for j, c in enumerate(self.numeric):
             if missing[:, j].all():
                 raise ValueError(f"modality {spec.name!r}, column {c!r}: no values in the training rows")
-        obs = np.where(missing, np.nan, values)
-        self.mean = np.nanmean(obs, axis=0).tolist() if self.numeric else []
-        std = np.nanstd(obs, axis=0) if self.numeric else np.zeros(0)
-        self.std = np.where(std > 0, std, 1.0).tolist()
+        self.mean, self.std = standardisation(spec.name, self.numeric, np.where(missing, np.nan, values))
         self.categories = {
             c: sorted(str(v) for v in frame[c].drop_nulls().unique().to_list()) for c in self.categorical
         }
@@ -81,8 +78,8 @@ class TabularFeaturizer(Featurizer):
             if not is_numeric(frame.schema[c]) and frame.schema[c] != pl.Null:
                 raise ValueError(f"modality {self.spec.name!r}, column {c!r}: expected a numeric column as in training, got {frame.schema[c]}")
         values, missing = numeric_matrix(frame, self.numeric, self.spec.name)
-        values = (values - np.asarray(self.mean)) / np.asarray(self.std)
-        values[missing] = 0.0  # masked: the encoder uses its learned missing token there
+        # missing cells are 0 and masked: the encoder uses its learned missing token there
+        values = standardise(self.spec.name, self.numeric, values, missing, self.mean, self.std)
         codes = np.zeros((frame.height, len(self.categorical)), dtype=np.int64)
         for j, c in enumerate(self.categorical):
             lookup = {v: i + FIRST_CODE for i, v in enumerate(self.categories[c])}

@@ -153,6 +153,7 @@ class FittedModel:
                 "id_column": self.id_column,
             }
             (tmp / "mmclin.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+            write_manifest(tmp, ["mmclin.json", "model.safetensors"])
         return path
 
     @classmethod
@@ -163,6 +164,7 @@ class FittedModel:
         meta_file = path / "mmclin.json"
         if not meta_file.exists():
             raise FileNotFoundError(f"{str(path)!r} is not an mmclin model directory (no mmclin.json)")
+        verify_manifest(path, "model directory")
         try:
             meta = json.loads(meta_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -186,6 +188,44 @@ class FittedModel:
         net.eval()
         return cls(specs, featurizers, net, task, model_config, task_config, meta["encoder_kwargs"],
                    meta.get("history", []), meta.get("best_epoch", -1), meta.get("id_column"))
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, names: list[str]) -> None:
+    """``manifest.json``: the SHA-256 of each part, so a model whose JSON (featurizer state: means, categories)
+    and weights do not belong together, or a damaged file, is refused at load instead of predicting wrongly."""
+    (directory / MANIFEST).write_text(json.dumps({"sha256": {n: _sha256(directory / n) for n in names}}, indent=1))
+
+
+def verify_manifest(directory: Path, what: str) -> None:
+    manifest = directory / MANIFEST
+    if not manifest.exists():
+        log.warning("%s %s has no %s (saved by an older mmclin): its files cannot be checked against each other",
+                    what, directory, MANIFEST)
+        return
+    try:
+        expected = json.loads(manifest.read_text())["sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{what} {str(directory)!r}: {MANIFEST} is damaged") from None
+    for name, digest in expected.items():
+        part = directory / name
+        if not part.exists():
+            raise FileNotFoundError(f"{what} {str(directory)!r}: {name} is missing")
+        if _sha256(part) != digest:
+            raise ValueError(f"{what} {str(directory)!r}: {name} does not match its SHA-256 in {MANIFEST} (edited or "
+                             "damaged after it was saved); refusing to predict with parts that do not belong together")
 
 
 def _json_default(obj: Any) -> Any:
@@ -333,6 +373,10 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
     log.debug("training on %s with precision %s", accelerator, precision)  # the CLI prints it once per run
     # drop_last avoids a lone 1-sample batch (Cox loss / batch statistics are undefined there)
     drop_last = len(train_idx) % trainer.batch_size == 1
+    if len(train_idx) < 2:
+        raise ValueError(f"only {len(train_idx)} training row(s) left after the validation carve-out "
+                         f"(trainer.val_fraction={trainer.val_fraction:g}): nothing to train on; at least 2 are needed "
+                         "(more for a useful model)")
     pl_trainer = L.Trainer(
         accelerator=accelerator, devices=trainer.devices, strategy=trainer.strategy, precision=precision,
         num_nodes=trainer.num_nodes,

@@ -5,6 +5,7 @@ import copy
 from typing import Any
 
 import lightning.pytorch as pl_
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -12,6 +13,10 @@ from mmclin.batch import ModalityBatch
 from mmclin.tasks.base import Task
 from mmclin.training.dropout import modality_dropout
 from mmclin.training.model import MultimodalNet
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became non-finite: nothing learnt after that point would be a model."""
 
 
 class MultimodalModule(pl_.LightningModule):
@@ -86,9 +91,18 @@ class MultimodalModule(pl_.LightningModule):
                 mean = self.trainer.strategy.reduce(mean, reduce_op="mean")
             self.log("train_loss", mean, prog_bar=True, sync_dist=True)
             entry["train_loss"] = float(mean)
+            if not np.isfinite(entry["train_loss"]):
+                raise TrainingDiverged(
+                    f"training diverged at epoch {self.current_epoch + 1}: the mean training loss is "
+                    f"{entry['train_loss']}; lower trainer.learning_rate (now {self.learning_rate:g}) or check the "
+                    "inputs for extreme values")
         self._train_loss_sum, self._train_batches = None, 0
         if "val_loss" in self.trainer.callback_metrics:
             entry["val_loss"] = float(self.trainer.callback_metrics["val_loss"])
+            if not np.isfinite(entry["val_loss"]):
+                raise TrainingDiverged(
+                    f"training diverged at epoch {self.current_epoch + 1}: the validation loss is {entry['val_loss']}; "
+                    f"lower trainer.learning_rate (now {self.learning_rate:g}) or check the inputs for extreme values")
         self.history.append(entry)
         if self.epoch_sink is not None and self.trainer.global_rank == 0:
             self.epoch_sink({k: v for k, v in entry.items() if k != "epoch"}, self.current_epoch)

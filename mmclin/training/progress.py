@@ -24,6 +24,7 @@ class EpochProgress(L.Callback):
         self._bar: Any = None
         self._start = 0.0
         self._last: dict[str, float] = {}
+        self._shown = 0
 
     def _live(self) -> bool:
         return bool(getattr(self.stream, "isatty", lambda: False)())
@@ -32,6 +33,7 @@ class EpochProgress(L.Callback):
         if trainer.global_rank != 0:
             return
         self._start = time.perf_counter()
+        self._shown = len(getattr(module, "history", []))  # a resumed member's earlier epochs count as done
         if self._live():
             from tqdm.auto import tqdm
 
@@ -40,18 +42,26 @@ class EpochProgress(L.Callback):
                              file=self.stream, leave=False, dynamic_ncols=True,
                              bar_format="{desc} · epoch {n_fmt}/{total_fmt} |{bar:20}| {elapsed}{postfix}")
 
-    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.global_rank != 0:
-            return
-        metrics = trainer.callback_metrics
-        self._last = {k: float(metrics[k]) for k in ("train_loss", "val_loss") if k in metrics}
-        if self._bar is not None:
-            self._bar.set_postfix_str(" ".join(f"{k} {v:.3f}" for k, v in self._last.items()), refresh=False)
-            self._bar.update(1)
+    def _catch_up(self, module: L.LightningModule) -> None:
+        # the module appends an epoch's losses to its history in its own on_train_epoch_end, which Lightning
+        # calls after the callbacks' one: each epoch is shown once the next begins, or training ends
+        history = getattr(module, "history", [])
+        while self._shown < len(history):
+            entry = history[self._shown]
+            self._last = {k: float(entry[k]) for k in ("train_loss", "val_loss") if k in entry}
+            self._shown += 1
+            if self._bar is not None:
+                self._bar.set_postfix_str(" ".join(f"{k} {v:.3f}" for k, v in self._last.items()), refresh=False)
+                self._bar.update(1)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.global_rank == 0:
+            self._catch_up(module)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.global_rank != 0:
             return
+        self._catch_up(module)
         if self._bar is not None:
             self._bar.close()
             self._bar = None
