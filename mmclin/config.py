@@ -29,7 +29,8 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cohort: str | None = None  # a built-in cohort (mmclin cohorts)
     path: str | None = None  # or a one-row-per-subject parquet/CSV file
-    id_column: str | None = None
+    id_column: str | None = None  # read as text from CSV files, so ids such as 0001 keep their zeros
+    null_values: list[str] | None = None  # CSV cells read as missing, e.g. ["NA"] for files written by R
     target: list[str] | None = None  # columns of the target: [event, time] for survival, [label] otherwise
     group_column: str | None = None  # rows sharing a value stay in one fold (e.g. patient of admissions)
     modalities: list[ModalitySpec] | None = None

@@ -30,17 +30,33 @@ TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv")
 OUTPUT_SUFFIXES = (".parquet", ".pq", ".csv")
 
 
-def read_table(path: str | Path) -> pl.DataFrame:
+NA_TOKENS = ("NA", "N/A", "NaN", "nan", "null", "NULL", "None", ".", "-", "?", "#N/A")
+
+
+def read_table(path: str | Path, text_columns: list[str] | None = None,
+               null_values: list[str] | None = None) -> pl.DataFrame:
+    """A parquet/CSV/TSV file as a polars frame, refusing what would otherwise be coerced silently.
+
+    ``text_columns`` (e.g. the id column) are read as text, so ``0001`` stays ``0001``; ``null_values``
+    (e.g. ``["NA"]``, ``data.null_values``) are read as missing in CSV files. Without them, a column of
+    numbers holding a few missing-value words (R's ``NA``) is an error naming the column, the word and its
+    row, not a column of text; a header that names a column twice is an error too.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
-        frame = pl.read_parquet(path)
+        try:
+            frame = pl.read_parquet(path)
+        except (pl.exceptions.ComputeError, OSError) as err:
+            raise ValueError(f"data file {str(path)!r} is not a readable parquet file ({str(err).splitlines()[0]})") from None
     elif suffix in (".csv", ".tsv"):
         sep = "\t" if suffix == ".tsv" else ","
+        _check_header(path, sep)
         try:
-            frame = pl.read_csv(path, separator=sep, infer_schema_length=10000)
+            frame = pl.read_csv(path, separator=sep, infer_schema_length=10000, null_values=null_values,
+                                schema_overrides={c: pl.String for c in text_columns or []})
         except pl.exceptions.NoDataError:
             raise ValueError(f"data file {str(path)!r} is empty") from None
         if frame.width == 1:  # one column holding separators: the file uses another one
@@ -50,6 +66,7 @@ def read_table(path: str | Path) -> pl.DataFrame:
                 fix = "name it .tsv" if other == "tabs" else "convert it to comma-separated CSV or parquet"
                 raise ValueError(f"data file {str(path)!r} has one column {frame.columns[0][:60]!r}...: its fields seem "
                                  f"separated by {other}, not {'tabs' if sep == chr(9) else 'commas'}; {fix}")
+        _check_number_columns(frame, path, set(text_columns or []))
     else:
         raise ValueError(f"data file {str(path)!r}: expected .parquet or .csv/.tsv, got {suffix!r}")
     if frame.height == 0:
@@ -57,10 +74,44 @@ def read_table(path: str | Path) -> pl.DataFrame:
     return frame
 
 
+def _check_header(path: Path, sep: str) -> None:
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f, delimiter=sep), [])
+    except UnicodeDecodeError:
+        return  # reported by the reader, with the byte offset
+    seen: set[str] = set()
+    for i, name in enumerate(header):
+        if name in seen:
+            raise ValueError(f"data file {str(path)!r}: the header names column {name!r} twice (the second time as "
+                             f"field {i + 1}); column names must be unique")
+        seen.add(name)
+
+
+def _check_number_columns(frame: pl.DataFrame, path: Path, text: set[str]) -> None:
+    """A text column whose values are numbers but for missing-value words: refuse, saying how to read it."""
+    for name, dtype in frame.schema.items():
+        if dtype != pl.String or name in text:
+            continue
+        col = frame[name]
+        numbers = col.cast(pl.Float64, strict=False)
+        words = col.is_not_null() & numbers.is_null()
+        n_words, n_values = int(words.sum()), int(col.is_not_null().sum())
+        if 0 < n_words and n_words <= 0.2 * n_values and col.filter(words).is_in(list(NA_TOKENS)).all():
+            row = int(words.arg_max())
+            raise ValueError(
+                f"data file {str(path)!r}, column {name!r}: numbers, but {n_words} cell(s) hold the word "
+                f"{col[row]!r} (first at row {row}), so the column would be read as text; if it marks a missing "
+                f"value, set data.null_values: [{col[row]!r}] (or write empty cells)")
+
+
 def read_frame_or_cohort(data: str, id_column: str | None = None) -> tuple[pl.DataFrame, str | None]:
     """A one-row-per-subject file, or a built-in cohort's frame (with its id column) when no such file exists."""
     if Path(data).exists() or Path(data).suffix.lower() in TABLE_SUFFIXES or "/" in data:
-        return read_table(data), id_column  # a file name: a missing one is reported as such
+        # a file name: a missing one is reported as such; the id column stays text (0001 is not 1)
+        return read_table(data, [id_column] if id_column else None), id_column
     from mmclin.datasets import load_cohort
 
     cohort = load_cohort(data)
@@ -75,6 +126,9 @@ def targets_from_frame(frame: pl.DataFrame, columns: list[str], problem: str) ->
     if problem == "survival":
         if len(columns) != 2:
             raise ValueError(f"data.target for survival must be [event_column, time_column], got {columns}")
+        if frame.schema[columns[1]].is_temporal():
+            raise ValueError(f"target time column {columns[1]!r} holds dates ({frame.schema[columns[1]]}); expected the "
+                             "time from the start of follow-up to the event or censoring (e.g. days: end - start)")
         event, time = (frame[c].to_numpy() for c in columns)
         return np.rec.fromarrays([event, time.astype(float)], names=["event", "time"]).view(np.ndarray)
     if problem == "multilabel":
@@ -173,7 +227,7 @@ class Experiment:
             if d.modalities is not None:  # the config may pick or reshape modalities
                 c.modalities = list(d.modalities)
             return c
-        frame = read_table(d.path)
+        frame = read_table(d.path, [d.id_column] if d.id_column else None, d.null_values)
         task_cfg = self.config.model.task
         if task_cfg is None:
             raise ValueError("data.path needs model.task (e.g. {name: cox} or {name: binary})")

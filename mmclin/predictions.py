@@ -62,5 +62,17 @@ def prediction_frame(fitted: Any, frame: Any, id_column: str | None = None) -> p
     out = pl.DataFrame({k: np.asarray(v) for k, v in cols.items()})
     id_column = id_column or fitted.id_column
     if id_column and id_column in frame.columns:
-        out = out.insert_column(0, frame[id_column])
+        ids = frame[id_column]
+        if ids.null_count():
+            raise ValueError(f"id column {id_column!r} is null in {ids.null_count()} row(s), the first at row "
+                             f"{int(ids.is_null().arg_max())}: every prediction needs its subject's id")
+        n_repeated = ids.len() - ids.n_unique()
+        if n_repeated:
+            import logging
+
+            logging.getLogger("mmclin").warning("id column %r: %d row(s) repeat an earlier row's id; each row gets its "
+                                                "own prediction", id_column, n_repeated)
+        if id_column in out.columns:
+            raise ValueError(f"id column {id_column!r} has the name of a prediction column ({out.columns}); rename it")
+        out = out.insert_column(0, ids)
     return out

@@ -149,3 +149,39 @@ def test_too_few_training_rows_is_an_error_not_an_untrained_model():
     c = make_synthetic_cohort(n_subjects=40, task="regression", seed=0)
     with pytest.raises(ValueError, match="only 1 training row\\(s\\) left after the validation carve-out"):
         MultimodalRegressor(modalities=c.modalities, max_epochs=1).fit(c.frame[:1], c.y[:1])
+
+
+def test_csv_coercions_are_refused_or_kept_as_written(tmp_path):
+    from mmclin.experiment import read_table, targets_from_frame
+
+    na = tmp_path / "na.csv"
+    na.write_text("id,age\n0001,50\n0002,NA\n0003,61\n0004,70\n0005,48\n0006,55\n")
+    with pytest.raises(ValueError, match="column 'age': numbers, but 1 cell\\(s\\) hold the word 'NA' \\(first at row 1\\)"
+                                         ".*data.null_values: \\['NA'\\]"):
+        read_table(na)
+    frame = read_table(na, ["id"], ["NA"])
+    assert frame["id"].to_list()[:2] == ["0001", "0002"] and frame["age"].dtype == pl.Int64 and frame["age"][1] is None
+    dup = tmp_path / "dup.csv"
+    dup.write_text("id,age,age\n1,2,3\n")
+    with pytest.raises(ValueError, match="the header names column 'age' twice \\(the second time as field 3\\)"):
+        read_table(dup)
+    import datetime
+
+    dated = pl.DataFrame({"event": [1, 0], "time": [datetime.date(2020, 1, 1), datetime.date(2021, 1, 1)]})
+    with pytest.raises(ValueError, match="target time column 'time' holds dates"):
+        targets_from_frame(dated, ["event", "time"], "survival")
+
+
+def test_null_or_repeated_ids_at_predict_time_are_not_passed_silently(tmp_path, caplog):
+    from mmclin.datasets import make_synthetic_cohort
+    from mmclin.estimators import MultimodalClassifier
+    from mmclin.predictions import prediction_frame
+
+    c = make_synthetic_cohort(n_subjects=80, task="binary", seed=0)
+    fitted = MultimodalClassifier(modalities=c.modalities, max_epochs=1).fit(c.frame, c.y).model_
+    ids = c.frame[c.id_column]
+    with pytest.raises(ValueError, match=f"id column {c.id_column!r} is null in 1 row\\(s\\), the first at row 2"):
+        prediction_frame(fitted, c.frame.with_columns(ids.scatter(2, None)), c.id_column)
+    caplog.set_level("WARNING", logger="mmclin")
+    out = prediction_frame(fitted, pl.concat([c.frame.head(3), c.frame.head(2)]), c.id_column)
+    assert out.height == 5 and "2 row(s) repeat an earlier row's id" in caplog.text
