@@ -24,15 +24,16 @@ class GenomicsFeaturizer(Featurizer):
 
     def _matrix(self, frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:
         spec = self.spec
-        if len(spec.columns) == 1 and isinstance(frame.schema[spec.columns[0]], (pl.List, pl.Array)):
+        schema = frame.schema  # once: polars builds the whole schema on every access (O(columns^2) per column loop)
+        if len(spec.columns) == 1 and isinstance(schema[spec.columns[0]], (pl.List, pl.Array)):
             col = spec.columns[0]
-            lengths = frame[col].list.len().to_numpy() if isinstance(frame.schema[col], pl.List) else None
-            width = getattr(self, "width", None) or int(np.nanmax(lengths)) if lengths is not None else frame.schema[col].size
+            lengths = frame[col].list.len().to_numpy() if isinstance(schema[col], pl.List) else None
+            width = getattr(self, "width", None) or int(np.nanmax(lengths)) if lengths is not None else schema[col].size
             if lengths is not None:
                 bad = np.flatnonzero((lengths != width) & frame[col].is_not_null().to_numpy())
                 if len(bad):
                     raise ValueError(f"modality {spec.name!r}, column {col!r}, row {bad[0]}: expected {width} values, got {lengths[bad[0]]}")
-            inner = frame.schema[col].inner
+            inner = schema[col].inner
             if not inner.is_numeric():
                 raise ValueError(f"modality {spec.name!r}, column {col!r}: genomics values must be numeric, got {inner}")
             arr = np.full((frame.height, width), np.nan)
@@ -41,10 +42,10 @@ class GenomicsFeaturizer(Featurizer):
                 arr[rows] = np.array(frame[col].drop_nulls().to_list(), dtype=np.float64)
             names = [f"{col}[{i}]" for i in range(width)]
         else:
-            bad = [c for c in spec.columns if not frame.schema[c].is_numeric()]
+            bad = [c for c in spec.columns if not schema[c].is_numeric()]
             if bad:
                 raise ValueError(
-                    f"modality {spec.name!r} (genomics): column {bad[0]!r} has dtype {frame.schema[bad[0]]}, "
+                    f"modality {spec.name!r} (genomics): column {bad[0]!r} has dtype {schema[bad[0]]}, "
                     "expected numeric expression values (cast it, or declare it in a tabular modality)"
                 )
             arr = frame.select([pl.col(c).cast(pl.Float64) for c in spec.columns]).to_numpy().astype(np.float64)

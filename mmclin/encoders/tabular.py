@@ -49,14 +49,15 @@ class TabularFeaturizer(Featurizer):
         unknown = declared - set(spec.columns)
         if unknown:
             raise ValueError(f"modality {spec.name!r}: categorical columns {sorted(unknown)} are not among its columns")
+        schema = frame.schema  # once: polars builds the whole schema on every access
         for c in spec.columns:
-            dtype = frame.schema[c]
+            dtype = schema[c]
             if not (is_numeric(dtype) or dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum)):
                 raise ValueError(
                     f"modality {spec.name!r}, column {c!r}: tabular columns must be numeric, boolean or "
                     f"categorical (string), got {dtype}; convert it first (e.g. a date to days since a reference)"
                 )
-        self.categorical = [c for c in spec.columns if c in declared or not is_numeric(frame.schema[c])]
+        self.categorical = [c for c in spec.columns if c in declared or not is_numeric(schema[c])]
         self.numeric = [c for c in spec.columns if c not in self.categorical]
         present = self.present_rows(frame)
         self.check_present_in_training(frame, present)
@@ -74,9 +75,10 @@ class TabularFeaturizer(Featurizer):
         return self
 
     def transform(self, frame: pl.DataFrame) -> tuple[dict[str, Tensor], Tensor]:
+        schema = frame.schema  # once: polars builds the whole schema on every access
         for c in self.numeric:
-            if not is_numeric(frame.schema[c]) and frame.schema[c] != pl.Null:
-                raise ValueError(f"modality {self.spec.name!r}, column {c!r}: expected a numeric column as in training, got {frame.schema[c]}")
+            if not is_numeric(schema[c]) and schema[c] != pl.Null:
+                raise ValueError(f"modality {self.spec.name!r}, column {c!r}: expected a numeric column as in training, got {schema[c]}")
         values, missing = numeric_matrix(frame, self.numeric, self.spec.name)
         # missing cells are 0 and masked: the encoder uses its learned missing token there
         values = standardise(self.spec.name, self.numeric, values, missing, self.mean, self.std)

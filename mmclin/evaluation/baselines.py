@@ -49,8 +49,9 @@ def design_frame(frame: pl.DataFrame, columns: list[str], categorical: list[str]
     """A pandas frame of the baseline inputs (list/array columns of genomics expanded to one column
     per element), with the names of its numeric and categorical columns."""
     pieces, numeric, cats = [], [], []
+    schema = frame.schema  # once: polars builds the whole schema on every access
     for c in columns:
-        dtype = frame.schema[c]
+        dtype = schema[c]
         if isinstance(dtype, (pl.List, pl.Array)):
             values = frame[c]
             width = int(values.list.len().max() or 0) if isinstance(dtype, pl.List) else dtype.size
