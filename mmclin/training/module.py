@@ -15,6 +15,16 @@ from mmclin.training.dropout import modality_dropout
 from mmclin.training.model import MultimodalNet
 
 
+def network_generators(net: torch.nn.Module) -> dict[str, torch.Generator]:
+    """Every ``torch.Generator`` held as an attribute by a submodule, by ``module path.attribute``."""
+    found = {}
+    for path, module in net.named_modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Generator):
+                found[f"{path}.{attr}" if path else attr] = value
+    return found
+
+
 class TrainingDiverged(ValueError):
     """The training loss became non-finite: nothing learnt after that point would be a model."""
 
@@ -30,6 +40,11 @@ class MultimodalModule(pl_.LightningModule):
         self.modality_dropout = modality_dropout
         self.seed = seed
         self.dropout_rng = torch.Generator().manual_seed(seed)
+        # generators inside the network (e.g. the symile head's negative sampling): seeded per member, and
+        # their states travel in checkpoints with the others, so every head resumes exactly
+        self.net_generators = network_generators(net)
+        for k, (_, gen) in enumerate(sorted(self.net_generators.items())):
+            gen.manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
         self._rng_states: dict[str, Tensor] | None = None  # after the last training batch; see on_train_batch_start
         self.history: list[dict[str, float]] = []
         self._train_loss_sum: Tensor | None = None
@@ -69,10 +84,14 @@ class MultimodalModule(pl_.LightningModule):
         if batch_idx == 0 and self._rng_states is not None:
             torch.set_rng_state(self._rng_states["torch"])
             self.dropout_rng.set_state(self._rng_states["modality_dropout"])
+            for name, gen in self.net_generators.items():
+                if f"net:{name}" in self._rng_states:
+                    gen.set_state(self._rng_states[f"net:{name}"])
 
     def on_train_batch_end(self, outputs: Any, batch: ModalityBatch, batch_idx: int) -> None:
         if batch_idx + 1 == self.trainer.num_training_batches:  # the epoch's last training batch
-            self._rng_states = {"torch": torch.get_rng_state(), "modality_dropout": self.dropout_rng.get_state()}
+            self._rng_states = {"torch": torch.get_rng_state(), "modality_dropout": self.dropout_rng.get_state(),
+                                **{f"net:{n}": g.get_state() for n, g in self.net_generators.items()}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmclin_history"] = list(self.history)
