@@ -42,10 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="train on the training subjects and score the held-out ones")
     _config_args(p)
-    p.add_argument("--output-dir", help="where the model and test predictions go (default: the config's)")
+    p.add_argument("--output-dir", help="parent of the run directories (default: the config's output_dir, outputs/): "
+                                        "each fit writes OUTPUT_DIR/<name>/<date>-<time>/ (model, test predictions)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its checkpoints (<output>/checkpoints) and its MLflow run; "
-                        "ends as the uninterrupted run would have (CPU, same config and data)")
+                   help="continue the newest interrupted fit of this config from its checkpoints (<run>/checkpoints) "
+                        "and its MLflow run; ends as the uninterrupted run would have (CPU, same config and data)")
 
     p = sub.add_parser("evaluate", help="cross-validated (--cv K) or hold-out metrics")
     _config_args(p)
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "paired difference to the best one; NAMES: a comma-separated subset")
 
     p = sub.add_parser("predict", help="predict with a trained model and write a parquet/CSV file")
-    p.add_argument("model", help="model directory (from fit) or MLflow runs:/<run_id>")
+    p.add_argument("model", help="model directory, run directory of fit (outputs/<name>/<run>), a config's output directory (outputs/<name>: its newest finished run) or MLflow runs:/<run_id> (default store: sqlite:///mlruns.db)")
     p.add_argument("--data", required=True, help="one-row-per-subject parquet/CSV file, or a built-in cohort name")
     p.add_argument("--output", required=True, help="predictions file (.parquet or .csv)")
     p.add_argument("--id-column", help="copy this id column into the predictions")

@@ -10,7 +10,8 @@ Layout (``mmclin fit``; the studies' refit too)::
 
 A second fit never replaces the first one's model, as a second MLflow run never replaces the
 first's artifacts; two fits started at the same second get two directories (exclusive ``mkdir``).
-mmclin writes, replaces and removes files only inside directories that carry its marker.
+Everything a fit writes is inside the run directory it made. (Other verbs still write beside the run
+directories, under ``outputs/<name>/``: the missing-modality plot, ``pretrained/`` and the study's ``study/``.)
 """
 from __future__ import annotations
 

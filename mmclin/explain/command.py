@@ -29,7 +29,7 @@ COHORT_NOTES = {
 def add_explain_parser(sub: Any) -> None:
     p = sub.add_parser("explain", help="which modality and feature drove each prediction (Shapley values, "
                                        "Integrated Gradients): frames, plots, an HTML report, logged to MLflow")
-    p.add_argument("model", help="model directory (from fit), runs:/<run_id> or a run id")
+    p.add_argument("model", help="model directory, run directory of fit (outputs/<name>/<run>), a config's output directory (outputs/<name>: its newest finished run) or MLflow runs:/<run_id> (default store: sqlite:///mlruns.db), or a run id")
     p.add_argument("--data", required=True, help="one-row-per-subject parquet/CSV file, or a built-in cohort name")
     p.add_argument("--output-dir", default="explanations",
                    help="where frames (parquet), plots (PNG) and report.html go (default: explanations/); it then "

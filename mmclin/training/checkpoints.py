@@ -65,7 +65,7 @@ class CheckpointStore:
                 raise ValueError(
                     f"--resume: the checkpoints in {str(self.root)!r} were written by a run with a different config or "
                     "different data, so resuming would not give the uninterrupted run's result; run without --resume to "
-                    "start over (this removes them), or restore the original config and data")
+                    "start over in a new run directory, or restore the original config and data")
             if self.read_only:
                 return
             stale = [p for p in self.root.rglob(".*") if p.is_file()]
