@@ -527,3 +527,29 @@ def test_cli_explain_says_what_it_wrote_and_refuses_a_foreign_directory(tmp_path
     err = capsys.readouterr().err
     assert err.startswith(f"mmclin explain: error: {out} holds files") and err.count("\n") == 1
     assert (out / "mine.txt").read_text() == "keep me" and (out / "report.html").exists()
+
+
+def test_modality_values_on_presence_patterns_never_trained_are_flagged(tmp_path):
+    """Training on subjects with every modality, without modality dropout, never showed the network one modality alone:
+    the explanation says so (info, report); with dropout the same subsets were seen, and it does not."""
+    from mmclin import MultimodalClassifier
+    from mmclin.datasets import make_synthetic_cohort
+    from mmclin.explain.report import untrained_warning
+
+    c = make_synthetic_cohort(n_subjects=120, task="binary", seed=0)
+    plain = MultimodalClassifier(modalities=c.modalities, max_epochs=1, random_state=0).fit(c.frame, c.y)
+    assert plain.model_.presence_counts == {"+".join(sorted(m.name for m in c.modalities)): 120}
+    expl = plain.explain(c.frame.head(10), levels=("modality",))
+    u = expl.info["untrained_patterns"]
+    assert u["patterns"] == sorted(m.name for m in c.modalities) and u["n_subjects"] == 10
+    assert "never showed the model" in untrained_warning(expl.info)
+    assert "never showed the model" in expl.to_html(tmp_path / "r.html").read_text()
+    dropped = MultimodalClassifier(modalities=c.modalities, max_epochs=1, modality_dropout=0.3,
+                                   random_state=0).fit(c.frame, c.y)
+    again = dropped.explain(c.frame.head(10), levels=("modality",))
+    assert again.info["untrained_patterns"] == {} and untrained_warning(again.info) is None
+    # the record survives saving
+    from mmclin.training.core import FittedModel
+
+    loaded = FittedModel.load(plain.save(tmp_path / "m"))
+    assert loaded.presence_counts == plain.model_.presence_counts

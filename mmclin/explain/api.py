@@ -165,9 +165,39 @@ def explain(
         "batch_size": batch_size,
         "seconds": seconds,
         "id_column": id_column if ids is not None else None,
+        "untrained_patterns": untrained_patterns(fitted, table.present) if "modality" in levels else None,
     }
     return Explanation(outputs=out_frame, modality=modality_frame, feature=frames.pop("feature", None),
                        gene_set=frames.pop("gene_set", None), other=frames, info=info)
+
+
+def untrained_patterns(fitted: Any, present: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """Coalitions the modality Shapley values evaluate (the subsets of each subject's present modalities)
+    that training never showed the network: their outputs, and so those values, are extrapolation.
+
+    Returns ``{"patterns": ["clinical", ...], "n_subjects": k, "modality_dropout": p}``, ``{}`` when every
+    coalition was seen (the empty one aside: dropout never removes every modality), or None when the model
+    does not record its training patterns (saved before mmclin recorded them).
+    """
+    from itertools import combinations
+
+    seen = fitted.trained_patterns()
+    if seen is None:
+        return None
+    names = sorted(present)
+    flags = torch.stack([present[m].bool().cpu() for m in names], 1).numpy()
+    missing: set[frozenset[str]] = set()
+    affected = 0
+    for row in np.unique(flags, axis=0):
+        have = [m for m, on in zip(names, row) if on]
+        unseen = {frozenset(c) for r in range(1, len(have) + 1) for c in combinations(have, r)} - seen
+        if unseen:
+            missing |= unseen
+            affected += int((flags == row).all(axis=1).sum())
+    if not missing:
+        return {}
+    return {"patterns": sorted("+".join(sorted(p)) for p in missing), "n_subjects": affected,
+            "modality_dropout": fitted.model_config.modality_dropout}
 
 
 def _explained(tgt: ExplainTarget, outputs: np.ndarray) -> np.ndarray:

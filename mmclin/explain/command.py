@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,11 @@ def cmd_explain(args: argparse.Namespace, print_table: Any) -> int:
                              modality_kinds={s.name: s.kind for s in fitted.specs})
     expl.patient_rows(patients)  # unknown patient ids: an error now, before anything is written
     print(f"explained {expl.info['target']} for {expl.info['n_subjects']} subjects in {expl.info['seconds']:.1f} s")
+    from mmclin.explain.report import untrained_warning
+
+    caution = untrained_warning(expl.info)
+    if caution:
+        print(f"WARNING {caution}", file=sys.stderr)
     if time_unit is None and args.horizon is not None:
         print("note: the unit of the survival times is not known; pass --time-unit (e.g. days) to name it")
     if expl.modality is not None:

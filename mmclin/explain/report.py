@@ -328,10 +328,25 @@ def _effect_sentence(expl: Any, r: dict, q: str) -> str:
     return f"{name}."
 
 
+def untrained_warning(info: dict[str, Any]) -> str | None:
+    """One sentence when modality values rest on presence patterns training never showed the network."""
+    u = info.get("untrained_patterns")
+    if not u:
+        return None
+    shown = ", ".join(u["patterns"][:6]) + (", ..." if len(u["patterns"]) > 6 else "")
+    return (f"Caution: the modality contributions of {u['n_subjects']} subject(s) rest on combinations of modalities "
+            f"that training never showed the model ({shown}): the model was trained with modality dropout "
+            f"{u['modality_dropout']:g}, so its outputs with those modalities alone are extrapolation. Train with "
+            "modality dropout (e.g. model.modality_dropout: 0.2) for contributions that mean what they say.")
+
+
 def _findings(expl: Any, q: str) -> list[str]:
     info = expl.info
     brief = brief_quantity(info)
     items = []
+    caution = untrained_warning(info)
+    if caution:
+        items.append(f"<b>{_e(caution)}</b>")
     if expl.modality is not None:
         s = expl.summary("modality")
         shares = [(r["modality"], r["share"]) for r in s.iter_rows(named=True) if r["share"] is not None]

@@ -105,6 +105,20 @@ class FittedModel:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = -1
     id_column: str | None = None  # copied into prediction frames when the frame has it
+    # presence patterns of the training rows ("clinical+genes" -> rows), before modality dropout; None: unknown
+    presence_counts: dict[str, int] | None = None
+
+    def trained_patterns(self) -> set[frozenset[str]] | None:
+        """Which sets of present modalities training showed the network: the training rows' own patterns
+        and, with modality dropout, every non-empty subset of them (dropout never drops all). None: unknown."""
+        if self.presence_counts is None:
+            return None
+        seen = {frozenset(k.split("+")) for k in self.presence_counts if k}
+        if self.model_config.modality_dropout > 0:
+            from itertools import combinations
+
+            seen = {frozenset(c) for p in seen for r in range(1, len(p) + 1) for c in combinations(sorted(p), r)}
+        return seen
 
     def table(self, frame: Any) -> TensorTable:
         return featurize(to_polars(frame), self.featurizers, where="the frame given to predict")
@@ -151,6 +165,7 @@ class FittedModel:
                 "history": self.history,
                 "best_epoch": self.best_epoch,
                 "id_column": self.id_column,
+                "presence_counts": self.presence_counts,
             }
             (tmp / "mmclin.json").write_text(json.dumps(meta, indent=1, default=_json_default))
             write_manifest(tmp, ["mmclin.json", "model.safetensors"])
@@ -187,7 +202,7 @@ class FittedModel:
             raise ValueError(f"{str(weights)!r} does not match the network described in mmclin.json: {err}") from None
         net.eval()
         return cls(specs, featurizers, net, task, model_config, task_config, meta["encoder_kwargs"],
-                   meta.get("history", []), meta.get("best_epoch", -1), meta.get("id_column"))
+                   meta.get("history", []), meta.get("best_epoch", -1), meta.get("id_column"), meta.get("presence_counts"))
 
 
 MANIFEST = "manifest.json"
@@ -292,9 +307,20 @@ def fit_model(
         history += [{"member": k, **h} for h in member_history] if model.ensemble_size > 1 else member_history
         best_epochs.append(best_epoch)
     net = members[0] if len(members) == 1 else EnsembleNet(members).eval()
-    fitted = FittedModel(specs, featurizers, net, task_obj, model, task, encoder_kwargs, history, best_epochs[0], id_column)
+    fitted = FittedModel(specs, featurizers, net, task_obj, model, task, encoder_kwargs, history, best_epochs[0], id_column,
+                         presence_patterns(table.present))
     task_obj.calibrate(fitted.outputs_from_table(table), y)
     return fitted
+
+
+def presence_patterns(present: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Rows per presence pattern: ``{"clinical+genes": 150, "clinical": 48}`` (modality names sorted)."""
+    names = sorted(present)
+    if not names:
+        return {}
+    flags = torch.stack([present[m].bool().cpu() for m in names], 1).numpy()
+    keys, counts = np.unique(flags, axis=0, return_counts=True)
+    return {"+".join(m for m, on in zip(names, key) if on): int(k) for key, k in zip(keys, counts)}
 
 
 def _prefixed(sink: Callable[[dict[str, float], int], None], prefix: str) -> Callable[[dict[str, float], int], None]:
