@@ -144,14 +144,44 @@ def test_per_step_predictions_with_multitask_targets_and_ensembles(three_modalit
     np.testing.assert_allclose(last["los/prediction"].to_numpy(), final["los"], rtol=1e-5, atol=1e-6)
 
 
+def test_cascade_reads_each_modality_with_its_own_self_attention_first():
+    """3MAT: within-modality self-attention before the stage; an absent modality's rows stay finite
+    (also in the gradient) and leave the running state unchanged."""
+    import torch
+
+    from mmclin.batch import ModalityTokens
+    from mmclin.fusion.cascaded_transformer import CascadedTransformerFusion
+
+    torch.manual_seed(0)
+    head = CascadedTransformerFusion({"a": 4, "b": 4}, d_model=8, n_heads=2)
+    assert len(head.intra["a"]) == 1 and isinstance(head.intra["a"][0], torch.nn.TransformerEncoderLayer)
+    assert len(CascadedTransformerFusion({"a": 4, "b": 4}, d_model=8, n_heads=2, intra_layers=0).intra["a"]) == 0
+    tokens = {m: ModalityTokens(torch.randn(3, 5, 4, requires_grad=True), torch.ones(3, 5, dtype=torch.bool)) for m in "ab"}
+    tokens["b"].mask[1] = False  # subject 1 has no "b" tokens at all
+    present = {"a": torch.ones(3, dtype=torch.bool), "b": torch.tensor([True, False, True])}
+    out = head(tokens, present)
+    out.pooled.sum().backward()
+    assert torch.isfinite(out.pooled).all() and all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
+    torch.testing.assert_close(out.per_step["b"][1], out.per_step["a"][1])  # skipped: state unchanged
+    # the intra layer is used: changing one token of "a" changes what "a" contributes through the others
+    with torch.no_grad():
+        before = head.eval()(tokens, present).pooled.clone()
+        tokens["a"].tokens[0, 4] += 5.0
+        assert not torch.allclose(head(tokens, present).pooled[0], before[0])
+
+
 def test_per_step_predictions_need_a_sequential_head(boring_binary):
     c = boring_binary
     concat = MultimodalClassifier(modalities=c.modalities, fusion="concat", **FAST).fit(c.frame, c.y)
     with pytest.raises(ValueError, match="this model's fusion head is 'concat'"):
         concat.predict_per_step(c.frame)
-    cascade = MultimodalClassifier(modalities=c.modalities, fusion="cascaded_transformer", **FAST).fit(c.frame, c.y)
+    cascade = MultimodalClassifier(modalities=c.modalities, fusion="cascaded_transformer",
+                                   fusion_options={"step_loss_weight": 0.0}, **FAST).fit(c.frame, c.y)
     with pytest.raises(ValueError, match="'cascaded_transformer' with step_loss_weight 0"):
         cascade.predict_per_step(c.frame)
+    # 3MAT trains its auxiliary per-stage outputs: so does the default, whose steps are decodable
+    default = MultimodalClassifier(modalities=c.modalities, fusion="cascaded_transformer", **FAST).fit(c.frame, c.y)
+    assert default.predict_per_step(c.frame.head(2)).height == 2 * (len(c.modalities) + 1)
     trained = MultimodalClassifier(modalities=c.modalities, fusion="cascaded_transformer",
                                    fusion_options={"step_loss_weight": 0.5, "order": ["genes", "clinical"]}, **FAST).fit(c.frame, c.y)
     steps = trained.predict_per_step(c.frame.head(3))
