@@ -10,11 +10,14 @@ import polars as pl
 import pytest
 import torch
 
-pytest.importorskip("tifffile")
-pytest.importorskip("tiffslide")
-pydicom = pytest.importorskip("pydicom")
-nib = pytest.importorskip("nibabel")
-h5py = pytest.importorskip("h5py")
+from conftest import importorskip, requires
+
+pytestmark = requires("tifffile", "tiffslide", "pydicom", "nibabel", "h5py")  # the [wsi] and [imaging] extras
+importorskip("tifffile")
+importorskip("tiffslide")
+pydicom = importorskip("pydicom")
+nib = importorskip("nibabel")
+h5py = importorskip("h5py")
 
 from PIL import Image  # noqa: E402
 

@@ -106,6 +106,7 @@ def test_cohorts_lists_builtins(capsys):
     assert "gse7390" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_multitask_from_file_and_cv_predictions(tmp_path, monkeypatch):
     """A binary + regression multitask config over a user's file; evaluate logs out-of-fold predictions."""
     import mlflow

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 import torch
 
+from conftest import requires
 from mmclin.cohort import ModalitySpec
 from mmclin.paths import PathOutsideRootError, apply_data_root, option_root, resolve_under_root
 
@@ -123,6 +124,7 @@ def test_image_featurizer_with_a_root(tmp_path, monkeypatch):
     assert present.tolist() == [True, True]
 
 
+@requires("pydicom")
 def test_dicom_series_directory_cannot_hold_a_symlink_out_of_the_root(tmp_path):
     pydicom = pytest.importorskip("pydicom")
     from mmclin.datasets.radiology import pydicom_test_file, read_image
@@ -144,6 +146,7 @@ def test_dicom_series_directory_cannot_hold_a_symlink_out_of_the_root(tmp_path):
         ImageFeaturizer(spec).fit(pl.DataFrame({"series": ["series"]}))
 
 
+@requires("tiffslide")
 def test_extract_bags_manifest_with_a_root(tmp_path):
     pytest.importorskip("tiffslide")
     from mmclin.datasets.slides import extract_bags

