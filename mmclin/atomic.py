@@ -51,6 +51,17 @@ def write_json_atomic(path: str | Path, obj: Any, **dumps: Any) -> Path:
     return write_file_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, **dumps)))
 
 
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename the finished ``tmp`` to ``path``; an existing ``path`` is swapped out first, then removed."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yields a temporary directory beside ``path``; when the block succeeds it replaces ``path``
@@ -61,13 +72,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         honour_umask(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -129,13 +134,7 @@ def replace_owned_directory(path: str | Path, marker: str, what: str = "mmclin",
         (tmp / marker).write_text(json.dumps({**(info or {}), "files": files}, indent=1, default=str))
         honour_umask(tmp)
         check_owned_directory(path, marker, what, recognise)  # nothing foreign arrived while the block ran
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
