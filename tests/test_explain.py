@@ -38,7 +38,7 @@ def _declares_inputs(name: str) -> bool:
     return bool(attributable_inputs(ENCODERS.get(name).example()))
 
 
-@pytest.mark.parametrize("encoder", encoder_params(ENCODERS.names(), keep=_declares_inputs))  # notes_hf: skipped without transformers
+@pytest.mark.parametrize("encoder", encoder_params(ENCODERS.names(), keep=_declares_inputs))  # notes_hf only when transformers is installed
 def test_encoder_attributions_add_up(encoder):
     check_encoder_attributions(encoder)
 
