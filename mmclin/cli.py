@@ -204,8 +204,6 @@ def _print_baselines(name: str, comparison: Any) -> None:
 def _print_missing_report(name: str, report: Any, output_dir: Any = None) -> None:
     """The report's tables, and its plot written to ``<output_dir>/<name>/missing_report.png``
     (beside fit's model and predictions), saying where."""
-    from pathlib import Path
-
     import polars as pl
 
     s, metric = report.summary(), report.primary_metric

@@ -258,10 +258,13 @@ class Experiment:
                          id_column=c.id_column or None, epoch_sink=epoch_sink, checkpoints=checkpoints,
                          progress_label=progress_label)
 
-    def _problem(self) -> str:
+    def _task(self):
         from mmclin.training.core import build_task
 
-        return build_task(self.task_config()).problem
+        return build_task(self.task_config())
+
+    def _problem(self) -> str:
+        return self._task().problem
 
     def fit(self, output_dir: str | Path | None = None, resume: bool = False,
             follow_checkpoints_of: str | Path | None = None) -> FitResult:
@@ -364,7 +367,8 @@ class Experiment:
         from mmclin.training.splits import cv_splits, holdout_split
 
         cfg, c = self.config, self.cohort
-        problem = self._problem()
+        task = self._task()
+        problem = task.problem
         if baselines:
             from mmclin.evaluation.baselines import check_baselines
 
@@ -431,17 +435,11 @@ class Experiment:
                 log.info("fitting the classical baselines on the same %d fold(s)", len(splits))
                 fitted_baselines = fit_baselines(c.frame, c.y, c.modalities, problem, splits, cfg.trainer.seed,
                                                  None if baselines is True else list(baselines))
-                comparison = compare(problem, self._primary_metric(), c.y, splits, fold_scores, fitted_baselines,
+                comparison = compare(problem, task.primary_metric, c.y, splits, fold_scores, fitted_baselines,
                                      seed=cfg.data.split_seed)
                 if run is not None:
                     comparison.log_to_mlflow()
         return CVResult(folds, summary, run.info.run_id if run else None, pl.concat(oof), report, comparison)
-
-    def _primary_metric(self) -> str:
-        from mmclin.training.core import build_task
-
-        return build_task(self.task_config()).primary_metric
-
 
 @contextlib.contextmanager
 def rows_of_data(rows: np.ndarray) -> Iterator[None]:

@@ -64,12 +64,18 @@ def update_marker(directory: str | Path, **fields: Any) -> None:
     write_json_atomic(Path(directory) / RUN_MARKER, {**marker, **fields})
 
 
-def run_directories(parent: str | Path) -> list[Path]:
-    """mmclin's run directories under ``parent``, oldest first (their names sort by time)."""
+def _runs(parent: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """mmclin's run directories under ``parent`` with their markers, oldest first (names sort by time)."""
     parent = Path(parent)
     if not parent.is_dir():
         return []
-    return sorted((d for d in parent.iterdir() if d.is_dir() and read_marker(d) is not None), key=_order)
+    found = [(d, read_marker(d)) for d in parent.iterdir() if d.is_dir()]
+    return sorted(((d, m) for d, m in found if m is not None), key=lambda pair: _order(pair[0]))
+
+
+def run_directories(parent: str | Path) -> list[Path]:
+    """mmclin's run directories under ``parent``, oldest first."""
+    return [d for d, _ in _runs(parent)]
 
 
 def _order(directory: Path) -> tuple[str, int]:
@@ -81,15 +87,15 @@ def _order(directory: Path) -> tuple[str, int]:
 
 def unfinished_run_directory(parent: str | Path) -> Path | None:
     """The newest run directory whose run did not finish and left checkpoints (what ``--resume`` continues)."""
-    for directory in reversed(run_directories(parent)):
-        if read_marker(directory).get("status") != "finished" and (directory / "checkpoints").is_dir():
+    for directory, marker in reversed(_runs(parent)):
+        if marker.get("status") != "finished" and (directory / "checkpoints").is_dir():
             return directory
     return None
 
 
 def newest_finished_model(parent: str | Path) -> Path | None:
     """``<run>/model`` of the newest finished run under ``parent`` (a config's output directory)."""
-    for directory in reversed(run_directories(parent)):
-        if read_marker(directory).get("status") == "finished" and (directory / "model").is_dir():
+    for directory, marker in reversed(_runs(parent)):
+        if marker.get("status") == "finished" and (directory / "model").is_dir():
             return directory / "model"
     return None

@@ -179,21 +179,18 @@ def untrained_patterns(fitted: Any, present: dict[str, torch.Tensor]) -> dict[st
     coalition was seen (the empty one aside: dropout never removes every modality), or None when the model
     does not record its training patterns (saved before mmclin recorded them).
     """
-    from itertools import combinations
+    from mmclin.training.core import nonempty_subsets, pattern_modalities, presence_patterns
 
     seen = fitted.trained_patterns()
     if seen is None:
         return None
-    names = sorted(present)
-    flags = torch.stack([present[m].bool().cpu() for m in names], 1).numpy()
     missing: set[frozenset[str]] = set()
     affected = 0
-    for row in np.unique(flags, axis=0):
-        have = [m for m, on in zip(names, row) if on]
-        unseen = {frozenset(c) for r in range(1, len(have) + 1) for c in combinations(have, r)} - seen
+    for pattern, rows in presence_patterns(present).items():
+        unseen = nonempty_subsets(pattern_modalities(pattern)) - seen
         if unseen:
             missing |= unseen
-            affected += int((flags == row).all(axis=1).sum())
+            affected += rows
     if not missing:
         return {}
     return {"patterns": sorted("+".join(sorted(p)) for p in missing), "n_subjects": affected,

@@ -113,11 +113,9 @@ class FittedModel:
         and, with modality dropout, every non-empty subset of them (dropout never drops all). None: unknown."""
         if self.presence_counts is None:
             return None
-        seen = {frozenset(k.split("+")) for k in self.presence_counts if k}
+        seen = {frozenset(pattern_modalities(k)) for k in self.presence_counts if k}
         if self.model_config.modality_dropout > 0:
-            from itertools import combinations
-
-            seen = {frozenset(c) for p in seen for r in range(1, len(p) + 1) for c in combinations(sorted(p), r)}
+            seen = {s for p in seen for s in nonempty_subsets(p)}
         return seen
 
     def table(self, frame: Any) -> TensorTable:
@@ -311,6 +309,19 @@ def fit_model(
                          presence_patterns(table.present))
     task_obj.calibrate(fitted.outputs_from_table(table), y)
     return fitted
+
+
+def pattern_modalities(pattern: str) -> list[str]:
+    """The modalities of a presence-pattern key (``"clinical+genes"``; ``""`` is none)."""
+    return pattern.split("+") if pattern else []
+
+
+def nonempty_subsets(modalities: Any) -> set[frozenset[str]]:
+    """Every non-empty subset of ``modalities`` (the coalitions modality dropout can leave)."""
+    from itertools import combinations
+
+    names = sorted(modalities)
+    return {frozenset(c) for r in range(1, len(names) + 1) for c in combinations(names, r)}
 
 
 def presence_patterns(present: dict[str, torch.Tensor]) -> dict[str, int]:
