@@ -23,7 +23,7 @@ import polars as pl
 
 from mmclin.config import apply_overrides, validate_config
 from mmclin.datasets import list_cohorts
-from mmclin.experiment import Experiment
+from mmclin.interfaces.experiment import Experiment
 
 
 def main() -> None:

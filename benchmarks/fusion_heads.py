@@ -28,7 +28,7 @@ import polars as pl
 import torch
 
 from mmclin import MultimodalClassifier, make_synthetic_cohort
-from mmclin.experiment import Experiment
+from mmclin.interfaces.experiment import Experiment
 from mmclin.training.splits import cv_splits
 
 HEADS = ("concat", "late", "cascaded_transformer", "sequential_modular")

@@ -14,7 +14,7 @@ import argparse
 
 import polars as pl
 
-from mmclin.experiment import Experiment
+from mmclin.interfaces.experiment import Experiment
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import polars as pl
 from scipy.stats import spearmanr
 from sksurv.metrics import concordance_index_censored
 
-from mmclin.experiment import Experiment
+from mmclin.interfaces.experiment import Experiment
 from mmclin.explain import explain
 
 

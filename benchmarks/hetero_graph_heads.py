@@ -3,7 +3,7 @@
 Synthetic cohort (``make_synthetic_cohort``: planted signal in each modality), three
 modalities with 30% / 30% absence (MCAR) in two of them, binary outcome; K-fold CV (same
 folds for every head); AUROC on the test folds as observed, and, from
-``mmclin.robustness.missing_report`` where that module is installed, AUROC when only one
+``mmclin.evaluation.robustness.missing_report`` where that module is installed, AUROC when only one
 modality (or a leave-one-out subset) is given to everyone.
 
 Run: ``python benchmarks/hetero_graph_heads.py [--n 600] [--folds 3] [--heads concat late hetero_graph]``.
@@ -40,7 +40,7 @@ def main() -> None:
                               missing={"genes": 0.3, "prot": 0.3})
     trainer = TrainerConfig(max_epochs=args.epochs, batch_size=64, patience=8, progress_bar=False, num_threads=1, seed=0)
     try:
-        from mmclin.robustness import missing_report
+        from mmclin.evaluation.robustness import missing_report
     except ImportError:  # the robustness report lives in another issue's module
         missing_report = None
     rows = []

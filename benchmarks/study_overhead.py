@@ -27,7 +27,7 @@ import optuna
 import polars as pl
 
 from mmclin.config import validate_config
-from mmclin.tuning import StudyRunner, open_storage
+from mmclin.interfaces.studies import StudyRunner, open_storage
 
 
 def config(tmp: Path, epochs: int, mlflow: bool = True) -> dict:

@@ -26,7 +26,7 @@ import torch
 
 from mmclin import ModalitySpec
 from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig
-from mmclin.pretrain import pretrain_encoders
+from mmclin.training.pretrain import pretrain_encoders
 from mmclin.training.core import fit_model
 from mmclin.training.splits import cv_splits
 

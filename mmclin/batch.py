@@ -1,9 +1,10 @@
-"""The tensors that flow between data, encoders, fusion heads and tasks."""
+"""The tensors that flow between data, encoders, fusion heads and tasks (batches, tokens, ragged rows)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -112,3 +113,123 @@ def describe(obj: Any) -> str:
     if isinstance(obj, Tensor):
         return f"{obj.dtype} {tuple(obj.shape)}"
     return type(obj).__name__
+
+
+@dataclass
+class Ragged:
+    """Variable-length rows (events, notes) stored flat and padded per batch, never per table.
+
+    A subject with 20,000 events and one with 3 live in the same table as one flat array of
+    items plus row offsets; a batch is padded only to the longest row *in that batch*. Every
+    step is a vectorised gather (no Python loop over rows).
+
+        >>> r = Ragged({"x": torch.tensor([1.0, 2.0, 3.0, 4.0])}, torch.tensor([0, 3, 3, 4]))
+        >>> out = r.pad(torch.tensor([1, 2]))   # rows of length 0 and 1: padded to 1, not to 3
+        >>> out["x"].tolist(), out["mask"].tolist()
+        ([[0.0], [4.0]], [[False], [True]])
+
+    Args:
+        fields: ``{name: [E, ...]}`` item-level tensors, all rows' items back to back.
+        offsets: long ``[N + 1]``; row ``i`` owns items ``offsets[i]:offsets[i + 1]``.
+        mask_key: name of the padding mask in :meth:`pad`'s output.
+        inner: optional ``Ragged`` whose rows are these items (notes -> the tokens of each note).
+
+    Shapes:
+        ``pad(idx)`` for ``B = len(idx)`` rows whose longest has ``L`` items (``L >= 1``):
+        ``fields[k]: [B, L, ...]``, ``mask_key: [B, L]`` bool; inner fields ``[B, L, L2, ...]``
+        with ``inner.mask_key: [B, L, L2]``. Padded slots hold 0 (False for bool fields).
+    """
+
+    fields: dict[str, Tensor]
+    offsets: Tensor
+    mask_key: str = "mask"
+    inner: "Ragged | None" = None
+    _lengths: Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.offsets = torch.as_tensor(self.offsets, dtype=torch.long)
+        if self.offsets.dim() != 1 or self.offsets.numel() < 1 or int(self.offsets[0]) != 0:
+            raise ValueError(f"Ragged offsets must be a 1-D tensor starting at 0, got {tuple(self.offsets.shape)}")
+        n_items = int(self.offsets[-1])
+        for k, t in self.fields.items():
+            if t.shape[0] != n_items:
+                raise ValueError(f"Ragged field {k!r} has {t.shape[0]} items but offsets end at {n_items}")
+        if self.inner is not None and len(self.inner) != n_items:
+            raise ValueError(f"Ragged inner level has {len(self.inner)} rows but this level has {n_items} items")
+        names = self.keys()
+        if len(set(names)) != len(names):
+            raise ValueError(f"Ragged output names collide: {names}")
+
+    def __len__(self) -> int:
+        return int(self.offsets.numel() - 1)
+
+    def keys(self) -> list[str]:
+        inner = self.inner.keys() if self.inner is not None else []
+        return [*self.fields, self.mask_key, *inner]
+
+    @property
+    def lengths(self) -> Tensor:
+        """Items per row, ``[N]``."""
+        if self._lengths is None:
+            self._lengths = self.offsets[1:] - self.offsets[:-1]
+        return self._lengths
+
+    @property
+    def n_items(self) -> int:
+        return int(self.offsets[-1])
+
+    # --- subsetting and padding ----------------------------------------------------------
+    def take(self, idx: Tensor | np.ndarray) -> "Ragged":
+        """The rows ``idx`` as a compact ``Ragged`` (for train/validation subsets)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        lengths = self.lengths[idx]
+        items = _item_ids(self.offsets[idx], lengths)
+        offsets = torch.zeros(len(idx) + 1, dtype=torch.long)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        inner = self.inner.take(items) if self.inner is not None else None
+        return Ragged({k: t[items] for k, t in self.fields.items()}, offsets, self.mask_key, inner)
+
+    def pad(self, idx: Tensor, max_len: int | None = None) -> dict[str, Tensor]:
+        """Dense tensors for rows ``idx``, padded to the longest of them (see the class Shapes)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return self._pad_rows(idx, torch.ones(len(idx), dtype=torch.bool), max_len)
+
+    def _pad_rows(self, rows: Tensor, valid: Tensor, max_len: int | None = None) -> dict[str, Tensor]:
+        starts = self.offsets[rows]
+        lengths = torch.where(valid, self.offsets[rows + 1] - starts, 0)
+        if max_len is not None:
+            lengths = lengths.clamp_max(max_len)
+        width = max(int(lengths.max()) if len(rows) else 0, 1)  # >= 1 column: empty rows stay well-formed
+        pos = torch.arange(width)
+        mask = pos < lengths.unsqueeze(1)  # [B, L]
+        src = torch.where(mask, starts.unsqueeze(1) + pos, 0)
+        out: dict[str, Tensor] = {}
+        for k, t in self.fields.items():
+            if t.shape[0] == 0:
+                out[k] = torch.zeros((*mask.shape, *t.shape[1:]), dtype=t.dtype)
+                continue
+            g = t[src]
+            m = mask.reshape(*mask.shape, *([1] * (t.dim() - 1)))
+            out[k] = torch.where(m, g, torch.zeros((), dtype=t.dtype))
+        out[self.mask_key] = mask
+        if self.inner is not None:
+            inner = self.inner._pad_rows(src.reshape(-1), mask.reshape(-1))
+            out.update({k: v.reshape(*mask.shape, *v.shape[1:]) for k, v in inner.items()})
+        return out
+
+
+def _item_ids(starts: Tensor, lengths: Tensor) -> Tensor:
+    """Concatenated ranges ``[starts[i], starts[i] + lengths[i])`` without a Python loop."""
+    total = int(lengths.sum())
+    if total == 0:
+        return torch.zeros(0, dtype=torch.long)
+    row_start_in_out = torch.cumsum(lengths, 0) - lengths
+    return torch.repeat_interleave(starts - row_start_in_out, lengths) + torch.arange(total)
+
+
+def offsets_from_rows(row_of_item: np.ndarray, n_rows: int) -> np.ndarray:
+    """Offsets ``[N + 1]`` from each item's row index (items already grouped by row, in order)."""
+    counts = np.bincount(row_of_item, minlength=n_rows) if len(row_of_item) else np.zeros(n_rows, dtype=np.int64)
+    out = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out

@@ -38,7 +38,7 @@ class DataConfig(BaseModel):
     split_seed: int = 0
     # data root for file paths in the frame (image / slide modalities): relative paths are taken under it and
     # a path resolving outside it is refused; given to each such modality as options["root"] unless it sets
-    # its own (mmclin.paths.apply_data_root)
+    # its own (mmclin.persistence.paths.apply_data_root)
     root: str | None = None
 
     @model_validator(mode="after")
@@ -81,7 +81,7 @@ class TrainerConfig(BaseModel):
 
 
 class PretrainConfig(BaseModel):
-    """`mmclin pretrain`: contrastive pretraining of the encoders (mmclin.pretrain)."""
+    """`mmclin pretrain`: contrastive pretraining of the encoders (mmclin.training.pretrain)."""
 
     model_config = ConfigDict(extra="forbid")
     path: str | None = None  # unlabeled one-row-per-subject parquet/CSV; default: the training rows of the hold-out split
@@ -149,7 +149,7 @@ class SearchParam(BaseModel):
 
 
 class TuneConfig(BaseModel):
-    """``mmclin tune``: an Optuna study over config keys (mmclin.tuning, docs/studies.md)."""
+    """``mmclin tune``: an Optuna study over config keys (mmclin.interfaces.studies, docs/studies.md)."""
 
     model_config = ConfigDict(extra="forbid")
     space: dict[str, SearchParam]  # dotted config key -> parameter, sampled in this order

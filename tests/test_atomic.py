@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mmclin.atomic import atomic_directory, write_file_atomic, write_json_atomic
+from mmclin.persistence.atomic import atomic_directory, write_file_atomic, write_json_atomic
 
 
 def _fail_after_half(tmp):

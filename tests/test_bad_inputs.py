@@ -116,7 +116,7 @@ def test_experiment_errors_name_the_row_of_the_file(tmp_path, bad_row):
     """The split hands the featurizers training/test frames; their errors still name the file's row."""
     from mmclin.config import validate_config
     from mmclin.datasets import make_synthetic_cohort
-    from mmclin.experiment import Experiment
+    from mmclin.interfaces.experiment import Experiment
 
     c = make_synthetic_cohort(160, task="binary", seed=0)
     col = c.modalities[0].columns[0]
@@ -160,7 +160,7 @@ DATA_FILE_CASES = [
 def test_bad_data_files_fail_before_training(tmp_path, case, how, task, edit, message):
     from mmclin.config import validate_config
     from mmclin.datasets import make_synthetic_cohort
-    from mmclin.experiment import Experiment
+    from mmclin.interfaces.experiment import Experiment
 
     c = make_synthetic_cohort(60, task="binary", seed=0)
     _write(edit(c.frame.with_columns(pl.Series("label", c.y))), tmp_path / "c.csv", how)
@@ -186,7 +186,7 @@ def test_predict_verb_bad_arguments(tmp_path, monkeypatch, capsys, fitted_clf, c
     """Exit status 2 and one line naming what is wrong; no traceback, no output file."""
     import re
 
-    from mmclin.cli import main
+    from mmclin.interfaces.cli import main
 
     monkeypatch.chdir(tmp_path)
     model = str(fitted_clf[1].save(tmp_path / "model"))

@@ -1,5 +1,4 @@
 """The CLI end to end: fit (tracked in a real SQLite MLflow store), evaluate --cv, predict, cohorts."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,8 +6,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from mmclin.cli import main
-from mmclin.outputs import newest_finished_model, run_directories
+from mmclin.interfaces.cli import main
+from mmclin.persistence.outputs import newest_finished_model, run_directories
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "experiments" / "gse7390_survival.yaml"
@@ -16,9 +15,9 @@ FAST = ["--set", "trainer.max_epochs=3", "--set", "model.ensemble_size=1", "--se
 
 
 def test_help_is_fast_and_does_not_import_torch():
-    code = "import sys; from mmclin.cli import build_parser; build_parser().format_help(); assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys; from mmclin.interfaces.cli import build_parser; build_parser().format_help(); assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
-    out = subprocess.run([sys.executable, "-m", "mmclin.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "mmclin.interfaces.cli", "--help"], capture_output=True, text=True, check=True)
     assert "fit" in out.stdout and "evaluate" in out.stdout
 
 
@@ -113,7 +112,7 @@ def test_multitask_from_file_and_cv_predictions(tmp_path, monkeypatch):
     import numpy as np
 
     from mmclin.datasets import make_synthetic_cohort
-    from mmclin.experiment import Experiment
+    from mmclin.interfaces.experiment import Experiment
 
     monkeypatch.chdir(tmp_path)
     c = make_synthetic_cohort(n_subjects=150, task="binary", seed=0)

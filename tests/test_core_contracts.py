@@ -1,5 +1,4 @@
 """Registries, batches, specs, config, featurizers and modality dropout."""
-import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -165,7 +164,7 @@ def test_misspelt_encoder_options_modality_is_an_error():
 
 
 def test_frame_fingerprint_tracks_content():
-    from mmclin.tracking import frame_fingerprint
+    from mmclin.persistence.tracking import frame_fingerprint
 
     a = pl.DataFrame({"x": [1.0, 2.0], "y": ["a", "b"]})
     assert frame_fingerprint(a) == frame_fingerprint(a.clone())

@@ -13,7 +13,7 @@ import torch
 
 from conftest import requires
 from mmclin.cohort import ModalitySpec
-from mmclin.paths import PathOutsideRootError, apply_data_root, option_root, resolve_under_root
+from mmclin.persistence.paths import PathOutsideRootError, apply_data_root, option_root, resolve_under_root
 
 
 @pytest.fixture(autouse=True)
@@ -203,7 +203,7 @@ def test_a_model_fits_and_predicts_with_a_rooted_slide_modality(tmp_path, monkey
 def test_config_data_root_reaches_the_featurizers(tmp_path, monkeypatch):
     """``data.root`` in an experiment config: the slide modality of a data.path frame is held to it."""
     from mmclin.config import validate_config
-    from mmclin.experiment import Experiment
+    from mmclin.interfaces.experiment import Experiment
 
     root = tmp_path / "bags"
     root.mkdir()

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from mmclin.cli import main
-from mmclin.outputs import newest_finished_model, run_directories
+from mmclin.interfaces.cli import main
+from mmclin.persistence.outputs import newest_finished_model, run_directories
 from mmclin.training.data import IndexBatches
 from mmclin.training.distributed import env_global_rank, n_shard_batches, shard_batches
 
@@ -87,7 +87,7 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path, monkeypatch):
         {"max_epochs": 4, "batch_size": 32, "val_fraction": 0.2, "seed": 0})
     # torchrun --standalone: a free local port for the rendezvous; own session, so a hang is killed whole
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmclin.cli",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmclin.interfaces.cli",
          "fit", "ddp.yaml", "--set", "trainer.strategy=ddp", "--set", "trainer.devices=2", "--set", "trainer.batch_size=16",
          "--output-dir", "ddp"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
@@ -141,7 +141,7 @@ def _descendants(pid):
 
 def _torchrun(tmp_path, *args):
     return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmclin.cli",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmclin.interfaces.cli",
          "fit", "ddp.yaml", "--set", "trainer.strategy=ddp", "--set", "trainer.devices=2", *args],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 

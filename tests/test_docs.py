@@ -25,7 +25,7 @@ fit|evaluate|tune|pretrain|explain|predict``, ``.fit(``, ``run_study(``, ...; se
 default, fast ``test_page_runs_fast``. The two ``bash`` blocks of README's "## Quick start" are run by CI
 itself (.ci/run, word for word, in a fresh environment) and are skipped here.
 
-Also: docs/components.md equals what ``python -m mmclin.components_doc`` renders, and every relative link
+Also: docs/components.md equals what ``python -m mmclin.interfaces.components_doc`` renders, and every relative link
 (and every file path named in backticks) in README.md and docs/*.md points to a file of the repository.
 """
 from __future__ import annotations
@@ -163,7 +163,7 @@ def merge(base, over):
 
 def check_yaml(b):
     from mmclin.config import validate_config
-    from mmclin.experiment import Experiment
+    from mmclin.interfaces.experiment import Experiment
     raw = yaml.safe_load(b["source"])
     if not isinstance(raw, dict):
         raise ValueError("a yaml block must be an experiment config (a mapping); mark it as an excerpt otherwise")
@@ -173,7 +173,7 @@ def check_yaml(b):
     if cfg.data.path:
         Experiment(cfg).cohort  # reads the file: columns, modalities, targets
     if cfg.tune is not None:
-        from mmclin.tuning import StudyRunner
+        from mmclin.interfaces.studies import StudyRunner
         runner = StudyRunner(cfg, echo=None)
         runner._prepare_data()
         runner._preflight()
@@ -259,7 +259,7 @@ def test_page_runs_slow(page, tmp_path):
 
 # --- generated pages and links -------------------------------------------------------------------------------
 def test_components_page_is_generated_from_the_registries():
-    from mmclin.components_doc import COMMAND, render_components
+    from mmclin.interfaces.components_doc import COMMAND, render_components
 
     page = ROOT / "docs" / "components.md"
     assert page.exists() and page.read_text(encoding="utf-8") == render_components(), (

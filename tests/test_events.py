@@ -10,7 +10,7 @@ import torch
 
 from mmclin.datasets import events_to_frame, notes_to_frame
 from mmclin.datasets.synthetic_icu import make_icu_tables
-from mmclin.training.ragged import Ragged
+from mmclin.batch import Ragged
 
 
 @pytest.fixture(scope="module")

@@ -250,7 +250,7 @@ def test_plots_html_and_files(tmp_path):
 def test_cli_explain_logs_to_the_fit_run(tmp_path, monkeypatch, capsys):
     import mlflow
 
-    from mmclin.cli import main
+    from mmclin.interfaces.cli import main
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
@@ -447,7 +447,7 @@ def test_labels_show_in_the_report_and_plots_probe_ids_are_named(tmp_path, survi
 
 
 def test_save_leaves_only_this_runs_files_and_never_deletes_foreign_ones(tmp_path, survival_explanation):
-    from mmclin.atomic import ForeignFilesError
+    from mmclin.persistence.atomic import ForeignFilesError
     from mmclin.explain.explanation import MARKER
 
     c, fitted, horizon, expl = survival_explanation
@@ -501,7 +501,7 @@ def test_saved_explanation_follows_the_umask(tmp_path, survival_explanation, uma
 
 
 def test_cli_explain_says_what_it_wrote_and_refuses_a_foreign_directory(tmp_path, capsys, survival_explanation):
-    from mmclin.cli import main
+    from mmclin.interfaces.cli import main
 
     c, fitted, horizon, expl = survival_explanation
     model_dir = fitted.save(tmp_path / "model")

@@ -14,9 +14,8 @@ import polars as pl
 import pytest
 
 from conftest import requires
-from conftest import requires
-from mmclin.cli import main, user_error_message
-from mmclin.outputs import newest_finished_model, read_marker, run_directories
+from mmclin.interfaces.cli import main, user_error_message
+from mmclin.persistence.outputs import newest_finished_model, read_marker, run_directories
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "experiments" / "gse7390_survival.yaml"
@@ -70,8 +69,8 @@ def test_predict_and_explain_never_create_a_store(tmp_path, monkeypatch, capsys)
 
 
 def test_resume_continues_the_newest_unfinished_run_in_place(tmp_path, monkeypatch):
-    from mmclin.experiment import Experiment
-    from mmclin.outputs import new_run_directory
+    from mmclin.interfaces.experiment import Experiment
+    from mmclin.persistence.outputs import new_run_directory
 
     monkeypatch.chdir(tmp_path)
     exp = Experiment.from_yaml(QUICKSTART, ["tracking.enabled=false", "trainer.max_epochs=2", "model.ensemble_size=1",
@@ -98,12 +97,12 @@ def test_names_that_reach_outside_their_directory_are_refused(tmp_path, name, ca
 
 
 def test_version_and_fast_one_line_errors():
-    out = subprocess.run([sys.executable, "-m", "mmclin.cli", "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "mmclin.interfaces.cli", "--version"], capture_output=True, text=True, check=True)
     from mmclin import __version__
 
     assert out.stdout.strip() == f"mmclin {__version__}"
     # a missing config is reported before torch is imported (so within about a second), in one line, exit 2
-    code = ("import sys; from mmclin.cli import main; rc = main(['fit', 'missing.yaml']); "
+    code = ("import sys; from mmclin.interfaces.cli import main; rc = main(['fit', 'missing.yaml']); "
             "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip() == "mmclin fit: error: config file 'missing.yaml' does not exist"
@@ -126,7 +125,7 @@ def test_missing_optional_package_is_one_line_naming_the_extra(monkeypatch, caps
     def cohorts_without_extra(args):
         raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
 
-    import mmclin.cli as cli
+    import mmclin.interfaces.cli as cli
 
     monkeypatch.setattr(cli, "cmd_cohorts", cohorts_without_extra)
     assert main(["cohorts"]) == 2
@@ -137,7 +136,7 @@ def test_missing_optional_package_is_one_line_naming_the_extra(monkeypatch, caps
 
 
 def test_written_files_follow_the_umask(tmp_path, monkeypatch):
-    from mmclin.atomic import atomic_directory, write_file_atomic
+    from mmclin.persistence.atomic import atomic_directory, write_file_atomic
 
     old = os.umask(0o022)
     try:

@@ -190,7 +190,7 @@ def test_per_step_predictions_need_a_sequential_head(boring_binary):
 
 @pytest.mark.parametrize("name", SEQUENTIAL)
 def test_heads_by_name_from_config_and_saved_model(name, tmp_path):
-    from mmclin.experiment import Experiment
+    from mmclin.interfaces.experiment import Experiment
     from mmclin.training.core import FittedModel
 
     exp = Experiment.from_yaml("experiments/gse7390_survival.yaml", [

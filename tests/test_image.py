@@ -2,7 +2,6 @@
 resampling and normalisation, the ``image`` featurizer + CNN encoder learning a planted signal."""
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import polars as pl

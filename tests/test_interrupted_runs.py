@@ -13,7 +13,7 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "gse7390_surv
 
 
 def _start_fit(tmp_path, uri):
-    args = [sys.executable, "-m", "mmclin.cli", "fit", str(QUICKSTART), "--tracking-uri", uri,
+    args = [sys.executable, "-m", "mmclin.interfaces.cli", "fit", str(QUICKSTART), "--tracking-uri", uri,
             "--set", "trainer.max_epochs=100000", "--set", "trainer.patience=null", "--set", "model.ensemble_size=1",
             "--set", "trainer.progress_bar=false", "--output-dir", str(tmp_path / "o")]
     return subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -42,7 +42,7 @@ def test_killed_fit_is_not_left_running(tmp_path, sig, expected):
     proc.wait(timeout=60)
     if sig == signal.SIGKILL:
         assert client.get_run(run.info.run_id).info.status == "RUNNING"  # nobody could mark it
-        from mmclin.tracking import mark_dead_runs_killed
+        from mmclin.persistence.tracking import mark_dead_runs_killed
 
         mlflow.set_tracking_uri(uri)
         assert mark_dead_runs_killed(exp.experiment_id) == [run.info.run_id]  # done at every new run's start

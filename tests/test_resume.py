@@ -18,7 +18,7 @@ import yaml
 
 from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig
 from mmclin.datasets import make_synthetic_cohort
-from mmclin.outputs import run_directories
+from mmclin.persistence.outputs import run_directories
 from mmclin.training.checkpoints import CheckpointStore
 from mmclin.training.core import checkpoint_store, fit_model
 
@@ -43,7 +43,7 @@ def config_file(tmp_path_factory):
 
 
 def _fit(config, out, *extra):
-    args = [sys.executable, "-m", "mmclin.cli", "fit", str(config), "--output-dir", str(out), *extra]
+    args = [sys.executable, "-m", "mmclin.interfaces.cli", "fit", str(config), "--output-dir", str(out), *extra]
     return subprocess.Popen(args, cwd=config.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

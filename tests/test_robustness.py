@@ -7,8 +7,8 @@ import pytest
 
 from conftest import FAST
 from mmclin import MultimodalClassifier, MultimodalSurvivalModel, make_synthetic_cohort
-from mmclin.robustness import (
-    ALL, MissingReport, _weighted_pick, missing_report, modality_subsets, outcome_driver,
+from mmclin.evaluation.robustness import (
+    ALL, MissingReport, _weighted_pick, modality_subsets, outcome_driver,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_folds_combine_into_mean_and_spread_and_plot(tmp_path, fitted_three):
 def test_cli_evaluate_missing_report_logs_table_and_plot_to_mlflow(tmp_path, monkeypatch, capsys):
     import mlflow
 
-    from mmclin.cli import main
+    from mmclin.interfaces.cli import main
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
@@ -198,7 +198,7 @@ def _report(metric: str, values: list[float]) -> MissingReport:
 
 
 def test_plot_axis_reaches_below_chance_and_no_chance_line_without_a_chance_level():
-    from mmclin.robustness import chance_level
+    from mmclin.evaluation.robustness import chance_level
 
     assert chance_level("c_index") == chance_level("death/auroc") == chance_level("auroc/label") == 0.5
     assert chance_level("r2") is None and chance_level("log_loss") is None

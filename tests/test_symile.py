@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from mmclin import ModalitySpec
-from mmclin.contrastive import clip_loss, mip, retrieval_metrics, retrieval_scores, symile_logits, symile_loss
-from mmclin.pretrain import PretrainedEncoders, pretrain_encoders
+from mmclin.fusion.contrastive import clip_loss, mip, retrieval_metrics, retrieval_scores, symile_logits, symile_loss
+from mmclin.training.pretrain import PretrainedEncoders, pretrain_encoders
 
 torch.set_num_threads(1)
 BITS = 3
@@ -149,7 +149,7 @@ def pretrained_dir(tmp_path_factory):
 
 def test_save_load_round_trip(pretrained_dir):
     path, pre = pretrained_dir
-    assert {p.name for p in path.iterdir()} == {"encoders.safetensors", "pretrain.json"}
+    assert {p.name for p in path.iterdir()} == {"encoders.safetensors", "pretrain.json", "manifest.json"}
     loaded = PretrainedEncoders.load(path)
     frame = xor_frame(60, 5, missing=0.5)
     for m, r in pre.embed(frame).items():
@@ -203,7 +203,7 @@ def test_fine_tuning_starts_from_pretrained_encoders(pretrained_dir):
 def test_cli_pretrain_then_fit(tmp_path):
     import yaml
 
-    from mmclin.cli import main
+    from mmclin.interfaces.cli import main
 
     frame, y = _labelled(120, 3)
     frame.with_columns(pl.Series("label", y)).write_parquet(tmp_path / "xor.parquet")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mmclin.cli import main
+from mmclin.interfaces.cli import main
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "gse7390_survival.yaml"
 

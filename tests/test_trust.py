@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mmclin.cli import main
+from mmclin.interfaces.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "experiments" / "gse7390_survival.yaml"
@@ -66,7 +66,7 @@ def test_diverging_training_stops_naming_the_epoch(capsys, tmp_path):
 
 
 def test_non_finite_outputs_are_never_written(tmp_path):
-    from mmclin.predictions import check_finite_outputs
+    from mmclin.training.predictions import check_finite_outputs
 
     with pytest.raises(ValueError, match="2 row\\(s\\) of the frame got a non-finite prediction, the first at row 1"):
         check_finite_outputs(np.array([[0.1], [np.nan], [np.inf]]))
@@ -77,7 +77,7 @@ def test_edited_model_json_or_flipped_weight_bytes_are_refused(tmp_path):
     import json
 
     from mmclin.datasets import make_synthetic_cohort
-    from mmclin.estimators import MultimodalClassifier
+    from mmclin.interfaces.estimators import MultimodalClassifier
     from mmclin.training.core import FittedModel
 
     c = make_synthetic_cohort(n_subjects=80, task="binary", seed=0)
@@ -144,7 +144,7 @@ def test_duplicated_yaml_key_is_refused_naming_key_and_lines(tmp_path):
 
 def test_too_few_training_rows_is_an_error_not_an_untrained_model():
     from mmclin.datasets import make_synthetic_cohort
-    from mmclin.estimators import MultimodalRegressor
+    from mmclin.interfaces.estimators import MultimodalRegressor
 
     c = make_synthetic_cohort(n_subjects=40, task="regression", seed=0)
     with pytest.raises(ValueError, match="only 1 training row\\(s\\) left after the validation carve-out"):
@@ -152,7 +152,7 @@ def test_too_few_training_rows_is_an_error_not_an_untrained_model():
 
 
 def test_csv_coercions_are_refused_or_kept_as_written(tmp_path):
-    from mmclin.experiment import read_table, targets_from_frame
+    from mmclin.interfaces.experiment import read_table, targets_from_frame
 
     na = tmp_path / "na.csv"
     na.write_text("id,age\n0001,50\n0002,NA\n0003,61\n0004,70\n0005,48\n0006,55\n")
@@ -174,8 +174,8 @@ def test_csv_coercions_are_refused_or_kept_as_written(tmp_path):
 
 def test_null_or_repeated_ids_at_predict_time_are_not_passed_silently(tmp_path, caplog):
     from mmclin.datasets import make_synthetic_cohort
-    from mmclin.estimators import MultimodalClassifier
-    from mmclin.predictions import prediction_frame
+    from mmclin.interfaces.estimators import MultimodalClassifier
+    from mmclin.training.predictions import prediction_frame
 
     c = make_synthetic_cohort(n_subjects=80, task="binary", seed=0)
     fitted = MultimodalClassifier(modalities=c.modalities, max_epochs=1).fit(c.frame, c.y).model_

@@ -1,4 +1,4 @@
-"""Optuna studies (mmclin.tuning): the tune section, the search space, pruning, MLflow
+"""Optuna studies (mmclin.interfaces.studies): the tune section, the search space, pruning, MLflow
 nesting, kill-and-resume, and two workers on a real PostgreSQL server."""
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from mmclin.cli import main
+from mmclin.interfaces.cli import main
 from mmclin.config import ConfigError, load_config, validate_config
-from mmclin.tuning import (
+from mmclin.interfaces.studies import (
     SearchSpace, StudyLock, StudyRunner, epoch_metric_pruning, lease_alive, list_studies, make_sampler, open_storage,
     worker_lease,
 )
@@ -165,7 +165,7 @@ def test_pruning_callback_reports_the_first_member_per_epoch_and_stops_the_fit(t
     reports nothing (no duplicated steps), and a pruned trial stops the fit."""
     from mmclin.datasets import load_cohort
     from mmclin.training.core import build_task, fit_model
-    from mmclin.tuning import _Timer, score_computes_metric
+    from mmclin.interfaces.studies import _Timer, score_computes_metric
 
     class Trial:
         def __init__(self, prune_at=None):
@@ -242,7 +242,7 @@ def test_study_runs_nested_mlflow_runs_refits_once_and_never_sees_test_subjects(
     assert not set(fold_rows) & set(runner.test_idx) and set(fold_rows) == set(runner.train_idx)
     import polars as pl
 
-    from mmclin.outputs import run_directories
+    from mmclin.persistence.outputs import run_directories
 
     preds = pl.read_parquet(run_directories(tmp_path / "out" / "tiny")[-1] / "test_predictions.parquet")
     assert sorted(preds["patient_id"].to_list()) == sorted(runner.cohort.frame["patient_id"][runner.test_idx].to_list())
@@ -315,7 +315,7 @@ def test_killed_study_resumes_with_the_same_command(tmp_path, mlruns, monkeypatc
     cfg_path = write_yaml(tmp_path / "tiny.yaml", raw)
     cmd = ["tune", str(cfg_path)]
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    proc = subprocess.Popen([sys.executable, "-m", "mmclin.cli", *cmd], cwd=tmp_path, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "mmclin.interfaces.cli", *cmd], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline, killed_trial = time.time() + 120, None
     while time.time() < deadline and killed_trial is None:
@@ -373,7 +373,7 @@ def test_two_workers_share_one_postgresql_study(postgres, tmp_path, mlruns):
     raw["trainer"]["max_epochs"] = 4
     raw["tracking"]["log_model"] = False
     cfg_path = write_yaml(tmp_path / "tiny.yaml", raw)
-    cmd = [sys.executable, "-m", "mmclin.cli", "tune", str(cfg_path), "--storage", optuna_url, "--study", "shared",
+    cmd = [sys.executable, "-m", "mmclin.interfaces.cli", "tune", str(cfg_path), "--storage", optuna_url, "--study", "shared",
            "--tracking-uri", mlflow_url]
     # hold the study lock until both workers wait for it: they then start together, whatever their import times
     import psycopg

@@ -182,7 +182,8 @@ def test_mil_encoders_learn_a_planted_pattern_and_attend_to_it(tmp_path):
     from sklearn.metrics import roc_auc_score
 
     from mmclin import MultimodalClassifier
-    from mmclin.datasets import make_planted_slide_set, slide_attention
+    from mmclin.datasets import make_planted_slide_set
+    from mmclin.explain import slide_attention
 
     c = make_planted_slide_set(tmp_path, n_slides=80, patches_per_slide=40, n_planted=3)
     tr, te = np.arange(60), np.arange(60, 80)
@@ -209,7 +210,7 @@ def test_end_to_end_real_svs_heatmap_follows_tissue_and_is_logged(tmp_path):
 
     from mmclin import MultimodalClassifier
     from mmclin.cohort import ModalitySpec
-    from mmclin.datasets import export_heatmaps
+    from mmclin.explain import export_heatmaps
 
     bag_dir = tmp_path / "bags"
     opts = {"bag_dir": str(bag_dir), "patch_size": 64, "mpp": 2.0, "thumbnail_size": 512, "backbone": {"name": "smallcnn", "out_dim": 32}}

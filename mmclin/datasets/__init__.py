@@ -4,9 +4,18 @@ from mmclin.datasets.builtin import COHORTS, list_cohorts, load_cohort
 from mmclin.datasets.synthetic import make_synthetic_cohort
 from mmclin.datasets.events import events_to_frame, notes_to_frame
 from mmclin.datasets.synthetic_icu import make_icu_tables, make_synthetic_icu
-from mmclin.datasets.slides import export_heatmaps, extract_bags, make_planted_slide_set, slide_attention
+from mmclin.datasets.slides import extract_bags, make_planted_slide_set
 from mmclin.datasets.tcga import load_tcga_layout
 
 __all__ = ["COHORTS", "Cohort", "list_cohorts", "load_cohort", "make_synthetic_cohort",
-           "extract_bags", "export_heatmaps", "make_planted_slide_set", "slide_attention", "load_tcga_layout",
+           "extract_bags", "make_planted_slide_set", "load_tcga_layout",
            "events_to_frame", "notes_to_frame", "make_icu_tables", "make_synthetic_icu"]
+
+
+def __getattr__(name: str):
+    # attention and heatmaps of a fitted model are explanations (mmclin.explain) since 0.2; the old names still work
+    if name in ("slide_attention", "export_heatmaps"):
+        from mmclin._compat import moved_attribute
+
+        return moved_attribute("mmclin.datasets", name, "mmclin.explain.attention")
+    raise AttributeError(f"module 'mmclin.datasets' has no attribute {name!r}")

@@ -83,7 +83,7 @@ def _read_image(p: Path, root: str | Path | None) -> Volume:
         slices, skipped = [], []
         for f in files:
             if p.is_dir() and root is not None:
-                from mmclin.paths import resolve_under_root
+                from mmclin.persistence.paths import resolve_under_root
 
                 resolve_under_root(f, root, f"DICOM series directory {str(p)!r}")
             if f.is_file():

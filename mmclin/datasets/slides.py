@@ -1,4 +1,4 @@
-"""Slide manifests -> feature bags -> a one-row-per-subject frame; attention and heatmaps of a fitted model;
+"""Slide manifests -> feature bags -> a one-row-per-subject frame;
 a synthetic slide set with a planted pattern on real H&E pixels.
 """
 from __future__ import annotations
@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import torch
 
 from mmclin.cohort import Cohort, ModalitySpec, to_polars
 
@@ -21,11 +20,11 @@ def extract_bags(manifest: Any, bag_dir: str | Path, slide_column: str = "slide_
     the slide has no tissue patch: a warning names those rows). Slides already embedded with the
     same settings and backbone are reused; an interrupted run resumes. ``root``: a data root;
     relative slide paths are taken under it and a path that resolves outside it is refused
-    (:func:`mmclin.paths.resolve_under_root`).
+    (:func:`mmclin.persistence.paths.resolve_under_root`).
     """
     import warnings
 
-    from mmclin.paths import resolve_under_root, with_location
+    from mmclin.persistence.paths import resolve_under_root, with_location
     from mmclin.wsi.backbones import make_backbone
     from mmclin.wsi.bags import NoTissueError, extract_bag
 
@@ -55,70 +54,6 @@ def extract_bags(manifest: Any, bag_dir: str | Path, slide_column: str = "slide_
                       f"{bag_column!r} (absent): " + "; ".join(f"row {r} ({f!r})" for r, f in empty[:5])
                       + (" ..." if len(empty) > 5 else ""), stacklevel=2)
     return frame.with_columns(pl.Series(bag_column, paths, dtype=pl.String))
-
-
-def _fitted(model: Any) -> Any:
-    return getattr(model, "model_", model)
-
-
-def slide_attention(model: Any, frame: Any, modality: str) -> list[dict[str, np.ndarray] | None]:
-    """Per row: ``{"attention": [N], "coords": [N, 2]}`` from the fitted model's slide encoder (None if absent).
-
-    Each bag is run alone (no padding) in eval mode, so every patch is scored.
-    """
-    fitted = _fitted(model)
-    frame = to_polars(frame)
-    nets = getattr(fitted.net, "members", [fitted.net])
-    enc = nets[0].encoders[modality] if modality in nets[0].encoders else None
-    if enc is None or not hasattr(enc, "forward_with_attention"):
-        raise ValueError(f"modality {modality!r} has no attention MIL encoder in this model "
-                         f"(encoders: {list(nets[0].encoders)})")
-    feats = {modality: fitted.featurizers[modality]}
-    from mmclin.training.data import featurize
-
-    table = featurize(frame, feats, where="the frame given to slide_attention")
-    out: list[dict[str, np.ndarray] | None] = []
-    for i in range(len(table)):
-        b = table.batch(torch.tensor([i]))
-        if not bool(b.present[modality][0]):
-            out.append(None)
-            continue
-        inputs = b.inputs[modality]
-        device = next(enc.parameters()).device
-        att = torch.stack([n.encoders[modality].attention({k: v.to(device) for k, v in inputs.items()}) for n in nets]).mean(0)
-        m = inputs["mask"][0]
-        out.append({"attention": att[0][m].cpu().numpy(), "coords": inputs["coords"][0][m].numpy()})
-    return out
-
-
-def export_heatmaps(model: Any, frame: Any, modality: str, out_dir: str | Path, id_column: str | None = None,
-                    run_id: str | None = None, tracking_uri: str | None = None, **overlay: Any) -> list[Path]:
-    """Attention heatmap PNGs (overlay on the slide thumbnail) for rows whose slide cell is an mmclin bag;
-    logged to MLflow under ``heatmaps/`` when ``run_id`` is given (or a run is active)."""
-    from mmclin.wsi.bags import BAG_SUFFIX
-    from mmclin.wsi.heatmap import log_heatmaps, save_heatmap
-
-    frame = to_polars(frame)
-    fitted = _fitted(model)
-    bag_paths = fitted.featurizers[modality].bag_paths(frame)
-    ids = frame[id_column].to_list() if id_column else list(range(frame.height))
-    written = []
-    for row, (att, bag) in enumerate(zip(slide_attention(fitted, frame, modality), bag_paths)):
-        if att is None or not str(bag).endswith(BAG_SUFFIX):
-            continue  # absent, or a foreign bag without a thumbnail
-        written.append(save_heatmap(Path(out_dir) / f"{modality}_{ids[row]}.png", bag, att["attention"], att["coords"], **overlay))
-    if written and (run_id is not None or _active_run()):
-        log_heatmaps(written, run_id=run_id, tracking_uri=tracking_uri)
-    return written
-
-
-def _active_run() -> bool:
-    try:
-        import mlflow
-
-        return mlflow.active_run() is not None
-    except ImportError:  # pragma: no cover
-        return False
 
 
 def planted_pattern(patch: np.ndarray) -> np.ndarray:

@@ -81,7 +81,7 @@ def load_tcga_layout(clinical: Any, expression: Any = None, slides: Any = None, 
     ``slide_path``, ``event`` and ``time``; modalities ``clinical`` (tabular), ``genes``
     (genomics) and ``slide`` (slide, with ``slide_options``), each only when it has data.
     ``slide_options={"root": "/data/slides"}`` keeps the manifest's slide paths under that root
-    (relative paths are taken under it; see :func:`mmclin.paths.resolve_under_root`).
+    (relative paths are taken under it; see :func:`mmclin.persistence.paths.resolve_under_root`).
     Follow-up times below ``min_time`` (0-day follow-up is common in TCGA) are raised to it.
     """
     clin = _read(clinical, "clinical")

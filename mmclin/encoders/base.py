@@ -69,7 +69,7 @@ class Featurizer:
 
     def transform(self, frame: pl.DataFrame) -> tuple[dict[str, Tensor], Tensor]:
         """``(inputs, present)``; variable-length modalities (events, notes) may return a
-        :class:`~mmclin.training.ragged.Ragged` as ``inputs``: it is padded per batch."""
+        :class:`~mmclin.batch.Ragged` as ``inputs``: it is padded per batch."""
         raise NotImplementedError
 
     def encoder_kwargs(self) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 
 A subject's images come from several path columns (one per view, e.g. ``["ct_path", "mr_path"]``)
 or one ``list[str]`` column (any number of images). Each image is a token; a learned view
-embedding tells the columns apart. Images are stored flat (:class:`~mmclin.training.ragged.Ragged`),
+embedding tells the columns apart. Images are stored flat (:class:`~mmclin.batch.Ragged`),
 so subjects with one image and subjects with five share a table without padding it.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from mmclin.batch import ModalityTokens
 from mmclin.encoders.base import Featurizer, ModalityEncoder
 from mmclin.registry import ENCODERS, FEATURIZERS
-from mmclin.training.ragged import Ragged
+from mmclin.batch import Ragged
 
 
 class ImageFeaturizer(Featurizer):
@@ -28,7 +28,7 @@ class ImageFeaturizer(Featurizer):
     default ``[64, 64]``), ``spacing`` (target mm per pixel/voxel, same length; default: keep
     the grid), ``ct_window`` (HU, default ``[-1000, 1000]``), ``root`` (data root: relative paths
     are taken under it and a path that resolves outside it is refused, see
-    :func:`mmclin.paths.resolve_under_root`). Null paths are absent images; a subject with no
+    :func:`mmclin.persistence.paths.resolve_under_root`). Null paths are absent images; a subject with no
     image has the modality absent.
     """
 
@@ -50,7 +50,7 @@ class ImageFeaturizer(Featurizer):
 
     def _images(self, frame: pl.DataFrame) -> tuple[list[list[tuple[int, np.ndarray]]], Tensor]:
         from mmclin.datasets.radiology import preprocess, read_image
-        from mmclin.paths import option_root, resolve_under_root, with_location
+        from mmclin.persistence.paths import option_root, resolve_under_root, with_location
 
         o = self.spec.options
         size = tuple(int(s) for s in o.get("size", (64, 64)))

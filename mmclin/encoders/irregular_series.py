@@ -4,7 +4,7 @@ A cell is a ``list[struct{time, code, value}]`` (see :func:`mmclin.datasets.even
 variables observed at their own irregular times, any of them possibly never. The featurizer
 (fitted on training rows only) maps codes to ids, standardises values *per code*, keeps each
 subject's most recent ``max_events`` events and stores them flat (a
-:class:`~mmclin.training.ragged.Ragged`), so batches are padded to their own longest subject.
+:class:`~mmclin.batch.Ragged`), so batches are padded to their own longest subject.
 
 Encoder: one token per observation, ``code_emb[c] + v * value_emb[c] + time_emb(t)`` (a
 missing value uses a learned token instead of ``v * value_emb[c]``), a transformer with key
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from mmclin.batch import ModalityTokens
 from mmclin.encoders.base import Featurizer, ModalityEncoder
 from mmclin.registry import ENCODERS, FEATURIZERS
-from mmclin.training.ragged import Ragged, offsets_from_rows
+from mmclin.batch import Ragged, offsets_from_rows
 
 PAD_CODE, UNKNOWN_CODE, FIRST_CODE = 0, 1, 2
 

@@ -26,7 +26,7 @@ from mmclin.batch import ModalityTokens
 from mmclin.encoders.base import Featurizer, ModalityEncoder
 from mmclin.encoders.irregular_series import TimeEmbedding, check_list_struct, keep_most_recent
 from mmclin.registry import ENCODERS, FEATURIZERS
-from mmclin.training.ragged import Ragged, offsets_from_rows
+from mmclin.batch import Ragged, offsets_from_rows
 
 
 class HashedNgrams:

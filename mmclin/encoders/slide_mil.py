@@ -3,7 +3,7 @@ features) and multiple-instance encoders (gated-attention ABMIL, a TransMIL-like
 
 A slide column holds, per subject, a slide file (embedded once into a cached bag, see
 :mod:`mmclin.wsi.bags`) or a precomputed bag (``.bag`` directory, CLAM ``.h5``/``.pt``,
-``.safetensors``). Bags are stored flat with offsets (:class:`~mmclin.training.ragged.Ragged`)
+``.safetensors``). Bags are stored flat with offsets (:class:`~mmclin.batch.Ragged`)
 and padded per batch, so a table of thousands of bags never pads to the longest one.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from mmclin.batch import ModalityTokens
 from mmclin.encoders.base import Featurizer, ModalityEncoder
 from mmclin.registry import ENCODERS, FEATURIZERS
-from mmclin.training.ragged import Ragged
+from mmclin.batch import Ragged
 
 
 class SlideFeaturizer(Featurizer):
@@ -33,7 +33,7 @@ class SlideFeaturizer(Featurizer):
     ``backbone`` (a name or ``{"name": ..., ...}``, see :func:`mmclin.wsi.backbones.make_backbone`),
     ``max_patches`` (cap per slide: a seeded random subset of that many patches is kept),
     ``seed``, ``root`` (data root: relative paths are taken under it and a path that resolves
-    outside it is refused, see :func:`mmclin.paths.resolve_under_root`). A null path means the
+    outside it is refused, see :func:`mmclin.persistence.paths.resolve_under_root`). A null path means the
     slide is absent for that subject; so does a slide with no patches (a warning names it).
     """
 
@@ -59,7 +59,7 @@ class SlideFeaturizer(Featurizer):
 
     def _bag_paths(self, frame: pl.DataFrame) -> tuple[list[str | None], list[tuple[int, str, str]]]:
         """``(paths, empty)``; ``empty`` lists ``(row, file, why)`` for slides with no tissue patch."""
-        from mmclin.paths import option_root, resolve_under_root, with_location
+        from mmclin.persistence.paths import option_root, resolve_under_root, with_location
         from mmclin.wsi.bags import NoTissueError, extract_bag, is_bag_path
         from mmclin.wsi.patching import PatchSettings
 
@@ -109,7 +109,7 @@ class SlideFeaturizer(Featurizer):
                       f"{' ...' if len(empty) > 5 else ''}", stacklevel=4)
 
     def _load(self, frame: pl.DataFrame) -> tuple[list[Any], Tensor, list[tuple[int, str, str]]]:
-        from mmclin.paths import with_location
+        from mmclin.persistence.paths import with_location
         from mmclin.wsi.bags import load_bag
 
         bags = []

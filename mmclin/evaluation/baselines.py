@@ -243,7 +243,7 @@ class BaselineComparison:
     def log_to_mlflow(self) -> None:
         import mlflow
 
-        from mmclin.tracking import log_frame
+        from mmclin.persistence.tracking import log_frame
 
         log_frame(self.folds, "baselines/folds.parquet")
         table = self.table()

@@ -4,7 +4,7 @@
     >>> expl.summary("modality"), expl.summary("feature")  # doctest: +SKIP
     >>> expl.save("explanations/")                     # doctest: +SKIP
 
-Names load lazily, so that ``mmclin.explain.command`` (the CLI's argument parser) imports no torch.
+Names load lazily, so that importing the package (as the CLI's ``mmclin explain`` does) costs no torch.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ _LAZY = {
     "attributable_inputs": "mmclin.explain.attributable",
     "ExplainTarget": "mmclin.explain.targets",
     "resolve_target": "mmclin.explain.targets",
+    "slide_attention": "mmclin.explain.attention",
+    "export_heatmaps": "mmclin.explain.attention",
 }
 __all__ = sorted(_LAZY)
 

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import polars as pl
+from mmclin.explain.report import DIRECTION_MIN_CORR
 
 PLOT_FILES = {"modality": "modality_importance.png", "feature": "feature_importance.png",
               "gene_set": "gene_set_importance.png", "time_by_variable": "variable_importance.png"}
@@ -14,7 +15,6 @@ PATIENT_PLOT = "patients.png"
 # written into every saved explanation directory: proves that mmclin wrote (and may replace) it
 MARKER = ".mmclin-explanation.json"
 # direction of effect of a numeric feature: |Pearson r| of value vs attribution across subjects at least this
-DIRECTION_MIN_CORR = 0.2
 # what a global summary groups by; levels without an entry (note, patch) are per subject: see top()
 SUMMARY_KEYS = {"feature": ["modality", "input", "feature"], "gene_set": ["modality", "gene_set"],
                 "time": ["modality", "variable"], "time_by_variable": ["modality", "variable"]}
@@ -266,10 +266,10 @@ class Explanation:
 
         A ``directory`` that exists must be empty or an earlier saved explanation (its
         ``.mmclin-explanation.json`` lists every file in it); otherwise nothing is written or
-        deleted and :class:`mmclin.atomic.ForeignFilesError` (a ``ValueError``) names it. Files
+        deleted and :class:`mmclin.persistence.atomic.ForeignFilesError` (a ``ValueError``) names it. Files
         get the modes the umask gives. ``labels``, ``time_unit``: see :meth:`with_display`.
         """
-        from mmclin.atomic import replace_owned_directory
+        from mmclin.persistence.atomic import replace_owned_directory
 
         expl = self.with_display(labels=labels, time_unit=time_unit)
         rows = expl.patient_rows(patients)  # unknown ids fail before anything is written

@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+# a feature "raises" / "lowers" the prediction when corr(value, contribution) is at least this far from 0
+DIRECTION_MIN_CORR = 0.2
+
 # modalities: no orange or blue, which mean "raises" / "lowers" in the other plots
 _COLOURS = ["#009e73", "#cc79a7", "#8c564b", "#9467bd", "#bcbd22", "#e6ab02", "#17becf", "#7f7f7f", "#d62728", "#2ca02c"]
 # direction of effect (colour-blind safe, Okabe-Ito): raises the output, lowers it, neither / categories
@@ -412,7 +415,7 @@ def _patient_section(expl: Any, rows: list[tuple[int, str]], q: str, images: dic
             table.append({"patient": _patient_id(expl, row), "why shown": why, "prediction": orow["output"],
                           "with no data": orow.get("all_absent"),
                           **{n: (_signed(m[n], 3) if m.get(n) is not None else "no data") for n in names}})
-        parts.append(f"<p>Modality contributions: they add up to the prediction minus the prediction with no data.</p>"
+        parts.append("<p>Modality contributions: they add up to the prediction minus the prediction with no data.</p>"
                      + _table(pl.DataFrame(table)))
     if expl.feature is not None:
         for row, why in rows:
@@ -487,8 +490,6 @@ def _methods(expl: Any, q: str) -> list[str]:
             + (" and <b>should be used here</b>" if checks.get("ig_max_relative_delta", 0.0) > IG_GAP_WARNING else "")
             + ". Reference values (the reference patient has all of them):</p><ul>" + "".join(
                 f"<li><code>{_e(k)}</code>: {_e(v)}</li>" for k, v in info.get("baselines", {}).items()) + "</ul>")
-        from mmclin.explain.explanation import DIRECTION_MIN_CORR
-
         parts.append(
             "<p><b>Direction of effect.</b> For a number: the correlation (Pearson r), across the patients with a "
             f"value, between the value and its contribution; r &ge; {DIRECTION_MIN_CORR:g}: higher values raise "

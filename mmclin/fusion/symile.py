@@ -1,7 +1,7 @@
 """Symile as an auxiliary objective next to a supervised task.
 
 Saporta et al., "Contrasting with Symile: Simple Model-Agnostic Representation Learning for
-Unlimited Modalities" (NeurIPS 2024); the loss lives in ``mmclin.contrastive``.
+Unlimited Modalities" (NeurIPS 2024); the loss lives in ``mmclin.fusion.contrastive``.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mmclin.batch import FusionOutput, ModalityTokens
-from mmclin.contrastive import NEGATIVE_SAMPLING, OBJECTIVES, ContrastiveProjector, contrastive_loss
+from mmclin.fusion.contrastive import NEGATIVE_SAMPLING, OBJECTIVES, ContrastiveProjector, contrastive_loss
 from mmclin.fusion.base import FusionHead, mlp
 from mmclin.registry import FUSIONS
 

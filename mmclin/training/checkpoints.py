@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
-from mmclin.atomic import write_file_atomic, write_json_atomic
-from mmclin.weights import read_weights, save_weights
+from mmclin.persistence.atomic import write_file_atomic, write_json_atomic
+from mmclin.persistence.weights import read_weights, save_weights
 
 log = logging.getLogger("mmclin")
 
@@ -32,7 +32,7 @@ LAST, LAST_META, FINAL, FINAL_META, STORE = "last.ckpt", "last.json", "final.saf
 
 def training_fingerprint(frame: Any, y: Any, parts: dict[str, Any]) -> str:
     """SHA-256 of the training rows, the targets and the settings that shape training (``parts``, JSON)."""
-    from mmclin.tracking import frame_fingerprint
+    from mmclin.persistence.tracking import frame_fingerprint
 
     h = hashlib.sha256(frame_fingerprint(frame).encode())
     for key in sorted(y) if isinstance(y, dict) else [None]:

@@ -1,7 +1,6 @@
 """The one training core that the CLI, the estimators and the studies all call."""
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ import torch
 from mmclin.cohort import ModalitySpec, as_modality_specs, check_unique_ids, to_polars
 from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig
 from mmclin.encoders.base import Featurizer
+from mmclin.persistence.model_files import read_model_metadata, write_model_directory
 from mmclin.registry import ENCODERS, FEATURIZERS, FUSIONS, TASKS, load_builtin_components
 from mmclin.tasks.base import Task
 from mmclin.training.data import TensorTable, batch_loader, featurize, fit_featurizers
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from mmclin.training.checkpoints import CheckpointStore
 
 FORMAT_VERSION = 1
+WEIGHTS, META = "model.safetensors", "mmclin.json"
 log = logging.getLogger("mmclin")
 
 
@@ -140,50 +141,32 @@ class FittedModel:
 
     def predict_per_step(self, frame: Any, id_column: str | None = None) -> pl.DataFrame:
         """One row per subject and step of a sequential fusion head, with the task's prediction
-        columns decoded from the state after that step (:func:`mmclin.per_step.per_step_predictions`)."""
-        from mmclin.per_step import per_step_predictions
+        columns decoded from the state after that step (:func:`mmclin.training.per_step.per_step_predictions`)."""
+        from mmclin.training.per_step import per_step_predictions
 
         return per_step_predictions(self, frame, id_column)
 
     # --- persistence: safetensors + JSON, no pickled code --------------------------------
     def save(self, path: str | Path) -> Path:
-        from mmclin.atomic import atomic_directory
-        from mmclin.weights import save_weights
-
-        path = Path(path)
-        with atomic_directory(path) as tmp:
-            save_weights(self.net, tmp / "model.safetensors")
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "modalities": [s.model_dump(mode="json") for s in self.specs],
-                "featurizers": {m: f.state_dict() for m, f in self.featurizers.items()},
-                "encoder_kwargs": self.encoder_kwargs,
-                "model": self.model_config.model_dump(mode="json"),
-                "task": {"config": self.task_config.model_dump(mode="json"), "state": self.task.state_dict()},
-                "history": self.history,
-                "best_epoch": self.best_epoch,
-                "id_column": self.id_column,
-                "presence_counts": self.presence_counts,
-            }
-            (tmp / "mmclin.json").write_text(json.dumps(meta, indent=1, default=_json_default))
-            write_manifest(tmp, ["mmclin.json", "model.safetensors"])
-        return path
+        meta = {
+            "modalities": [s.model_dump(mode="json") for s in self.specs],
+            "featurizers": {m: f.state_dict() for m, f in self.featurizers.items()},
+            "encoder_kwargs": self.encoder_kwargs,
+            "model": self.model_config.model_dump(mode="json"),
+            "task": {"config": self.task_config.model_dump(mode="json"), "state": self.task.state_dict()},
+            "history": self.history,
+            "best_epoch": self.best_epoch,
+            "id_column": self.id_column,
+            "presence_counts": self.presence_counts,
+        }
+        return write_model_directory(path, self.net, WEIGHTS, meta, META, FORMAT_VERSION)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str = "cpu") -> "FittedModel":
-        from mmclin.weights import read_weights
+        from mmclin.persistence.weights import read_weights
 
         path = Path(path)
-        meta_file = path / "mmclin.json"
-        if not meta_file.exists():
-            raise FileNotFoundError(f"{str(path)!r} is not an mmclin model directory (no mmclin.json)")
-        verify_manifest(path, "model directory")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{str(meta_file)!r} is not valid JSON ({err}); the model directory is damaged") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{str(path)!r}: model format {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        meta = read_model_metadata(path, META, FORMAT_VERSION, "mmclin model directory", "`mmclin fit` or FittedModel.save")
         load_builtin_components()
         specs = [ModalitySpec(**s) for s in meta["modalities"]]
         featurizers = {s.name: FEATURIZERS.get(s.kind)(s).load_state_dict(meta["featurizers"][s.name]) for s in specs}
@@ -192,7 +175,7 @@ class FittedModel:
         task = build_task(task_config)
         task.load_state_dict(meta["task"]["state"])
         net = build_net(specs, meta["encoder_kwargs"], model_config, task)
-        weights = path / "model.safetensors"
+        weights = path / WEIGHTS
         state = read_weights(weights, map_location)
         try:
             net.load_state_dict(state)
@@ -201,52 +184,6 @@ class FittedModel:
         net.eval()
         return cls(specs, featurizers, net, task, model_config, task_config, meta["encoder_kwargs"],
                    meta.get("history", []), meta.get("best_epoch", -1), meta.get("id_column"), meta.get("presence_counts"))
-
-
-MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_manifest(directory: Path, names: list[str]) -> None:
-    """``manifest.json``: the SHA-256 of each part, so a model whose JSON (featurizer state: means, categories)
-    and weights do not belong together, or a damaged file, is refused at load instead of predicting wrongly."""
-    (directory / MANIFEST).write_text(json.dumps({"sha256": {n: _sha256(directory / n) for n in names}}, indent=1))
-
-
-def verify_manifest(directory: Path, what: str) -> None:
-    manifest = directory / MANIFEST
-    if not manifest.exists():
-        log.warning("%s %s has no %s (saved by an older mmclin): its files cannot be checked against each other",
-                    what, directory, MANIFEST)
-        return
-    try:
-        expected = json.loads(manifest.read_text())["sha256"]
-    except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{what} {str(directory)!r}: {MANIFEST} is damaged") from None
-    for name, digest in expected.items():
-        part = directory / name
-        if not part.exists():
-            raise FileNotFoundError(f"{what} {str(directory)!r}: {name} is missing")
-        if _sha256(part) != digest:
-            raise ValueError(f"{what} {str(directory)!r}: {name} does not match its SHA-256 in {MANIFEST} (edited or "
-                             "damaged after it was saved); refusing to predict with parts that do not belong together")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def fit_model(
@@ -284,7 +221,7 @@ def fit_model(
         torch.set_num_threads(trainer.num_threads)
     # featurizers and target encoding see all training rows (validation carve-outs included), never test rows
     if model.pretrained:  # featurizers of `mmclin pretrain`, so the pretrained encoders see the inputs they learned on
-        from mmclin.pretrain import apply_pretrained
+        from mmclin.training.pretrain import apply_pretrained
 
         featurizers = apply_pretrained(model.pretrained, specs, model.encoders, frame)
     else:
@@ -371,7 +308,7 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
         log.info("ensemble member %d: finished before the interruption, loaded", member)
         return net.eval(), *done
     if model.pretrained:  # fine-tuning starts from the contrastively pretrained encoders
-        from mmclin.pretrain import load_encoder_weights
+        from mmclin.training.pretrain import load_encoder_weights
 
         load_encoder_weights(net, model.pretrained)
     module = MultimodalModule(net, task, trainer.learning_rate, trainer.weight_decay, model.modality_dropout, seed)

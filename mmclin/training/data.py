@@ -19,7 +19,7 @@ from mmclin.cohort import ModalitySpec, check_columns
 from mmclin.encoders.base import Featurizer
 from mmclin.registry import FEATURIZERS
 from mmclin.training.distributed import current_rank_world, n_shard_batches, shard_batches
-from mmclin.training.ragged import Ragged
+from mmclin.batch import Ragged
 
 
 def fit_featurizers(frame: pl.DataFrame, specs: list[ModalitySpec]) -> dict[str, Featurizer]:
@@ -43,7 +43,7 @@ def fit_featurizers(frame: pl.DataFrame, specs: list[ModalitySpec]) -> dict[str,
 class TensorTable:
     """All rows of a frame as tensors: ``inputs[m][k]: [N, ...]``, ``present[m]: [N]``, ``target: [N, ...]``.
 
-    A modality whose featurizer returns a :class:`~mmclin.training.ragged.Ragged` (events,
+    A modality whose featurizer returns a :class:`~mmclin.batch.Ragged` (events,
     notes) is stored flat and padded per batch, to the longest row of that batch only.
     """
 

@@ -18,7 +18,7 @@ import polars as pl
 
 from mmclin.cohort import Cohort, check_unique_ids
 from mmclin.config import ComponentConfig, ExperimentConfig, load_config
-from mmclin.outputs import new_run_directory, unfinished_run_directory, update_marker
+from mmclin.persistence.outputs import new_run_directory, unfinished_run_directory, update_marker
 
 log = logging.getLogger("mmclin")
 
@@ -148,7 +148,7 @@ def check_output_name(path: str | Path) -> Path:
 
 def write_atomic(frame: pl.DataFrame, path: str | Path) -> Path:
     """Write parquet/CSV to a temp file beside ``path``, then rename: never a half-written file."""
-    from mmclin.atomic import write_file_atomic
+    from mmclin.persistence.atomic import write_file_atomic
 
     path = check_output_name(path)
     suffix = path.suffix.lower()
@@ -171,7 +171,7 @@ class CVResult:
     summary: pl.DataFrame  # metric, mean, std
     run_id: str | None
     predictions: pl.DataFrame | None = None  # out-of-fold test predictions with their fold
-    missing_report: Any = None  # mmclin.robustness.MissingReport over the folds' test sets, when asked for
+    missing_report: Any = None  # mmclin.evaluation.robustness.MissingReport over the folds' test sets, when asked for
     baselines: Any = None  # mmclin.evaluation.baselines.BaselineComparison on the same folds, when asked for
 
 
@@ -199,7 +199,7 @@ class Experiment:
         return self._cohort
 
     def _load_cohort(self) -> Cohort:
-        from mmclin.paths import apply_data_root
+        from mmclin.persistence.paths import apply_data_root
 
         cohort = self._read_cohort()
         # file paths of image/slide modalities stay under data.root when one is set
@@ -275,8 +275,8 @@ class Experiment:
         (same MLflow run), ending exactly as the uninterrupted run on CPU. ``follow_checkpoints_of``:
         the output directory of DDP rank 0, whose checkpoints a rank > 0 resumes from without writing.
         """
-        from mmclin import tracking
-        from mmclin.predictions import check_finite_outputs, prediction_frame
+        from mmclin.persistence import tracking
+        from mmclin.training.predictions import check_finite_outputs, prediction_frame
         from mmclin.training.core import checkpoint_store
         from mmclin.training.splits import holdout_split
 
@@ -358,12 +358,12 @@ class Experiment:
         :mod:`mmclin.evaluation.baselines` on the same folds and columns, and compares mmclin to the
         best of them (paired, with a bootstrap confidence interval); logged under ``baselines/``.
 
-        ``missing_report``: True (or a dict of :func:`mmclin.robustness.missing_report` options)
+        ``missing_report``: True (or a dict of :func:`mmclin.evaluation.robustness.missing_report` options)
         also evaluates each fold's model on its test subjects under every modality subset and
         under missingness shifts; tables and plot go to MLflow under ``missing_report/``.
         """
-        from mmclin import tracking
-        from mmclin.predictions import check_finite_outputs, prediction_columns
+        from mmclin.persistence import tracking
+        from mmclin.training.predictions import check_finite_outputs, prediction_columns
         from mmclin.training.splits import cv_splits, holdout_split
 
         cfg, c = self.config, self.cohort
@@ -403,7 +403,7 @@ class Experiment:
                     if fold_run is not None:
                         tracking.log_metrics(metrics, prefix="test_")
                     if missing_report:
-                        from mmclin.robustness import missing_report as _report
+                        from mmclin.evaluation.robustness import missing_report as _report
 
                         options = {"seed": cfg.data.split_seed, **(missing_report if isinstance(missing_report, dict) else {})}
                         reports.append(_report(fitted, c.frame[te], _take(c.y, te), y_train=_take(c.y, tr), **options))
@@ -423,7 +423,7 @@ class Experiment:
                 tracking.log_frame(pl.concat(oof), "cv_predictions.parquet")
             report = None
             if reports:
-                from mmclin.robustness import MissingReport
+                from mmclin.evaluation.robustness import MissingReport
 
                 report = MissingReport.concat(reports)
                 if run is not None:
@@ -492,7 +492,7 @@ def resolve_model_path(model: str, tracking_uri: str | None = None) -> Path:
     directory (``outputs/<name>``: its newest finished run, said at INFO), or an MLflow
     ``runs:/<run_id>`` / run id whose ``model`` artifact is downloaded from ``tracking_uri``
     (default: the store ``fit`` writes, ``sqlite:///mlruns.db``)."""
-    from mmclin.outputs import newest_finished_model, read_marker, run_directories
+    from mmclin.persistence.outputs import newest_finished_model, read_marker, run_directories
 
     p = Path(model)
     if p.is_dir():
@@ -509,7 +509,7 @@ def resolve_model_path(model: str, tracking_uri: str | None = None) -> Path:
         log.info("using the newest finished run's model: %s", found)
         return found
     if model.startswith("runs:/") or (len(model) == 32 and all(ch in "0123456789abcdef" for ch in model)):
-        from mmclin.tracking import open_store
+        from mmclin.persistence.tracking import open_store
 
         run_id = model[len("runs:/"):].split("/")[0] if model.startswith("runs:/") else model
         uri = open_store(tracking_uri)

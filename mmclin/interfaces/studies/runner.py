@@ -708,7 +708,7 @@ class StudyRunner:
 
     # --- setup ------------------------------------------------------------------------------
     def _prepare_data(self) -> None:
-        from mmclin.experiment import Experiment, _take
+        from mmclin.interfaces.experiment import Experiment, _take
         from mmclin.training.core import build_task
         from mmclin.training.splits import cv_splits, holdout_split
 
@@ -812,7 +812,7 @@ class StudyRunner:
         """The study's MLflow run: made by the first worker, found again by the others and on resume."""
         import mlflow
 
-        from mmclin import tracking
+        from mmclin.persistence import tracking
 
         tracking.quiet_mlflow()
         self._experiment_id = tracking._setup(self.config.tracking)
@@ -881,7 +881,7 @@ class StudyRunner:
         return int(max(self.config.trainer.max_epochs, high or 0)) + 1
 
     def _cross_validate(self, cfg: ExperimentConfig, trial: optuna.Trial, run: _TrialRun | None, timer: _Timer) -> float:
-        from mmclin.experiment import _take
+        from mmclin.interfaces.experiment import _take
         from mmclin.training.core import fit_model
 
         c = self.cohort
@@ -1016,8 +1016,8 @@ class StudyRunner:
     def _do_refit(self, best: optuna.trial.FrozenTrial) -> dict[str, Any]:
         import mlflow
 
-        from mmclin import tracking
-        from mmclin.experiment import Experiment
+        from mmclin.persistence import tracking
+        from mmclin.interfaces.experiment import Experiment
 
         removed = self.space.active_keys(best.params, self.base_dump)[1]
         cfg = self.space.apply(self.config, best.params, removed)
@@ -1028,7 +1028,7 @@ class StudyRunner:
         res = exp.fit(self.output_dir)
         if res.predictions.height != len(self.test_idx):  # Experiment.fit must split exactly as the study did
             raise StudyError(f"the refit scored {res.predictions.height} subjects, the study held out {len(self.test_idx)}")
-        from mmclin.atomic import atomic_directory
+        from mmclin.persistence.atomic import atomic_directory
 
         study_dir = self.output_dir / self.config.name / "study"
         best_raw = cfg.model_dump(mode="json")

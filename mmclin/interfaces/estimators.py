@@ -172,8 +172,8 @@ class _MultimodalBase(BaseEstimator):
 
     def missing_report(self, X: Any, y: Any, y_train: Any = None, **options: Any) -> Any:
         """Metrics on ``X, y`` under every modality subset and MCAR/MAR/MNAR missingness shifts:
-        a :class:`mmclin.robustness.MissingReport` (``options``: see ``mmclin.robustness.missing_report``)."""
-        from mmclin.robustness import missing_report
+        a :class:`mmclin.evaluation.robustness.MissingReport` (``options``: see ``mmclin.evaluation.robustness.missing_report``)."""
+        from mmclin.evaluation.robustness import missing_report
 
         check_is_fitted(self, "model_")
         return missing_report(self.model_, X, y, y_train=y_train, **options)

@@ -18,7 +18,7 @@ with warnings.catch_warnings(record=True) as _caught:
             self.fitted = FittedModel.load(context.artifacts["model_dir"])
 
         def predict(self, context, model_input, params=None):  # no type hints: MLflow infers schemas from them
-            from mmclin.predictions import prediction_frame
+            from mmclin.training.predictions import prediction_frame
 
             return prediction_frame(self.fitted, model_input).to_pandas()
 

@@ -74,7 +74,7 @@ def _run_id(model: str, explicit: str | None) -> str | None:
 def _read_data(data: str, id_column: str | None) -> tuple[Any, str | None, Any]:
     """The frame to explain, its id column and, for a built-in cohort's name, the cohort."""
     from mmclin.datasets import COHORTS, load_cohort
-    from mmclin.experiment import read_frame_or_cohort
+    from mmclin.interfaces.experiment import read_frame_or_cohort
 
     if not Path(data).exists() and data in COHORTS.names():
         cohort = load_cohort(data)
@@ -98,7 +98,7 @@ def read_labels(path: str) -> dict[str, str]:
         if not isinstance(mapping, dict):
             raise ValueError(f"labels file {path!r} must hold a JSON object {{column: label}}")
         return {str(k): str(v) for k, v in mapping.items() if v is not None}
-    from mmclin.experiment import read_table
+    from mmclin.interfaces.experiment import read_table
 
     table = read_table(path)
     if table.width < 2:
@@ -108,8 +108,8 @@ def read_labels(path: str) -> dict[str, str]:
 
 def cmd_explain(args: argparse.Namespace, print_table: Any) -> int:
 
-    from mmclin.atomic import check_owned_directory
-    from mmclin.experiment import resolve_model_path
+    from mmclin.persistence.atomic import check_owned_directory
+    from mmclin.interfaces.experiment import resolve_model_path
     from mmclin.explain import explain
     from mmclin.explain.explanation import MARKER, earlier_explanation
     from mmclin.training.core import FittedModel

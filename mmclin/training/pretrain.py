@@ -9,18 +9,17 @@ featurizers from it; any fusion head can then be fine-tuned.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mmclin.cohort import ModalitySpec, as_modality_specs, to_polars
-from mmclin.contrastive import NEGATIVE_SAMPLING, OBJECTIVES, ContrastiveProjector, contrastive_loss, retrieval_metrics, retrieval_scores
+from mmclin.fusion.contrastive import NEGATIVE_SAMPLING, OBJECTIVES, ContrastiveProjector, contrastive_loss, retrieval_metrics, retrieval_scores
 from mmclin.encoders.base import Featurizer
+from mmclin.persistence.model_files import read_model_metadata, write_model_directory
 
 PRETRAIN_FORMAT = 1
 WEIGHTS, META = "encoders.safetensors", "pretrain.json"
@@ -122,33 +121,19 @@ class PretrainedEncoders:
         return retrieval_metrics(retrieval_scores(queries, cand, self.objective), index, ks)
 
     def save(self, path: str | Path) -> Path:
-        from mmclin.atomic import atomic_directory
-        from mmclin.weights import save_weights
-
-        path = Path(path)
-        with atomic_directory(path) as tmp:
-            save_weights(self.net, tmp / WEIGHTS)
-            meta = {"format_version": PRETRAIN_FORMAT, "objective": self.objective, "negative_sampling": self.negative_sampling,
-                    "dim": self.dim, "modalities": [s.model_dump(mode="json") for s in self.specs],
-                    "featurizers": {m: f.state_dict() for m, f in self.featurizers.items()},
-                    "encoder_kwargs": self.encoder_kwargs, "options": self.options, "history": self.history}
-            (tmp / META).write_text(json.dumps(meta, indent=1, default=_json_default))
-        return path
+        meta = {"objective": self.objective, "negative_sampling": self.negative_sampling, "dim": self.dim,
+                "modalities": [s.model_dump(mode="json") for s in self.specs],
+                "featurizers": {m: f.state_dict() for m, f in self.featurizers.items()},
+                "encoder_kwargs": self.encoder_kwargs, "options": self.options, "history": self.history}
+        return write_model_directory(path, self.net, WEIGHTS, meta, META, PRETRAIN_FORMAT)
 
     @classmethod
     def load(cls, path: str | Path) -> "PretrainedEncoders":
+        from mmclin.persistence.weights import read_weights
         from mmclin.registry import FEATURIZERS, load_builtin_components
-        from mmclin.weights import read_weights
 
         path = Path(path)
-        if not (path / META).exists():
-            raise FileNotFoundError(f"{str(path)!r} is not a pretrained-encoder directory (no {META}; made by `mmclin pretrain`)")
-        try:
-            meta = json.loads((path / META).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{str(path / META)!r} is not valid JSON ({err})") from None
-        if meta.get("format_version") != PRETRAIN_FORMAT:
-            raise ValueError(f"{str(path)!r}: pretrain format {meta.get('format_version')} is not supported (expected {PRETRAIN_FORMAT})")
+        meta = read_model_metadata(path, META, PRETRAIN_FORMAT, "pretrained-encoder directory", "`mmclin pretrain`")
         load_builtin_components()
         specs = [ModalitySpec(**s) for s in meta["modalities"]]
         featurizers = {s.name: FEATURIZERS.get(s.kind)(s).load_state_dict(meta["featurizers"][s.name]) for s in specs}
@@ -156,14 +141,6 @@ class PretrainedEncoders:
         net.load_state_dict(read_weights(path / WEIGHTS))
         return cls(specs, featurizers, net.eval(), meta["encoder_kwargs"], meta["options"], meta["objective"],
                    meta["negative_sampling"], meta["dim"], meta.get("history", []))
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def pretrain_encoders(frame: Any, modalities: Any, objective: str = "symile", negative_sampling: str = "n",
@@ -266,47 +243,3 @@ def load_encoder_weights(net: nn.Module, path: str | Path) -> list[str]:
             net.encoders[m].load_state_dict(enc.state_dict())
             loaded.append(m)
     return loaded
-
-
-@dataclass
-class PretrainResult:
-    pretrained: PretrainedEncoders
-    path: Path
-    retrieval: dict[str, dict[str, float]]  # target modality -> zero-shot metrics on held-out rows
-    run_id: str | None
-
-
-def pretrain_from_config(cfg: Any, output: str | Path | None = None) -> PretrainResult:
-    """``mmclin pretrain CONFIG``: pretrain the config's modalities' encoders.
-
-    Rows: ``pretrain.path`` (an unlabeled table with the modality columns) when given; else the
-    *training* rows of the experiment's hold-out split, so test subjects stay unseen. Zero-shot
-    retrieval of each modality from the others is then reported on the hold-out test rows.
-    """
-    from mmclin import tracking
-    from mmclin.experiment import Experiment, read_table
-    from mmclin.training.splits import holdout_split
-
-    exp = Experiment(cfg)
-    c, p = exp.cohort, cfg.pretrain
-    tr, te = holdout_split(c.y, exp._problem(), cfg.data.test_size, cfg.data.split_seed, exp._groups())
-    frame = read_table(p.path) if p.path else c.frame[tr]
-    out = Path(output or p.output or Path(cfg.output_dir) / cfg.name / "pretrained")
-    tracking.quiet_mlflow()
-    with tracking.tracked_run(cfg.tracking, cfg.tracking.run_name or f"{cfg.name}-pretrain", tags={"mmclin.verb": "pretrain"}) as run:
-        if run is not None:
-            tracking.log_config(cfg, frame)
-            tracking.log_metrics({"n_pretrain": frame.height})
-        pre = pretrain_encoders(frame, c.modalities, p.objective, p.negative_sampling, p.dim, cfg.model.encoders,
-                                p.max_epochs, min(p.batch_size, frame.height), p.learning_rate, cfg.trainer.weight_decay,
-                                cfg.trainer.seed, cfg.trainer.num_threads, tracking.epoch_logger() if run else None)
-        path = pre.save(out)
-        test = c.frame[te]
-        retrieval = {m.name: pre.retrieve(test, m.name) for m in c.modalities} if len(c.modalities) >= 2 and test.height else {}
-        if run is not None:
-            for m, metrics in retrieval.items():
-                tracking.log_metrics(metrics, prefix=f"zeroshot_{m}_")
-            import mlflow
-
-            mlflow.log_artifacts(str(path), artifact_path="pretrained")
-    return PretrainResult(pre, path, retrieval, run.info.run_id if run else None)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmclin.atomic import write_json_atomic
+from mmclin.persistence.atomic import write_json_atomic
 
 RUN_MARKER = "mmclin-run.json"
 

@@ -1,6 +1,6 @@
 """The registered components as Markdown tables, generated from the registries so the docs cannot drift.
 
-``python -m mmclin.components_doc > docs/components.md`` regenerates the page;
+``python -m mmclin.interfaces.components_doc > docs/components.md`` regenerates the page;
 ``tests/test_docs.py`` fails when the page differs from :func:`render_components`.
 
     >>> "| `concat` |" in render_components()
@@ -13,7 +13,7 @@ import re
 import sys
 from typing import Any
 
-COMMAND = "python -m mmclin.components_doc > docs/components.md"
+COMMAND = "python -m mmclin.interfaces.components_doc > docs/components.md"
 
 
 def summary(obj: Any) -> str:

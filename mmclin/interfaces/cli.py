@@ -90,14 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="contrastive (Symile/CLIP) pretraining of the encoders on unlabeled rows")
     _config_args(p)
     p.add_argument("--output", help="pretrained-encoder directory (default: the config's pretrain.output)")
-    from mmclin.explain.command import add_explain_parser  # light: no torch until the verb runs
+    from mmclin.interfaces.explain_command import add_explain_parser  # light: no torch until the verb runs
 
     add_explain_parser(sub)
     return parser
 
 
 def _experiment(args: argparse.Namespace):
-    from mmclin.experiment import Experiment
+    from mmclin.interfaces.experiment import Experiment
 
     overrides = list(args.overrides)
     if args.tracking_uri:
@@ -216,14 +216,14 @@ def _print_missing_report(name: str, report: Any, output_dir: Any = None) -> Non
     _print_table(f"{name}: {metric} under missingness shifts",
                  s["shift"].with_columns(tidy).select("mechanism", "hidden", "n_hidden", metric, f"{metric}_std").to_dicts())
     if output_dir is not None:
-        from mmclin.atomic import write_file_atomic
+        from mmclin.persistence.atomic import write_file_atomic
 
         path = write_file_atomic(Path(output_dir) / name / "missing_report.png", report.plot)
         print(f"missing-modality plot: {path}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mmclin.experiment import check_output_name, read_frame_or_cohort, resolve_model_path, write_atomic
+    from mmclin.interfaces.experiment import check_output_name, read_frame_or_cohort, resolve_model_path, write_atomic
 
     check_output_name(args.output)  # what can be checked without torch, first
     out, data = Path(args.output), Path(args.data)
@@ -233,7 +233,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise FileExistsError(f"--output {args.output!r} already exists; pass --overwrite to replace it")
     model_dir = resolve_model_path(args.model, args.tracking_uri)
     frame, id_col = read_frame_or_cohort(args.data, args.id_column)
-    from mmclin.predictions import prediction_frame
+    from mmclin.training.predictions import prediction_frame
     from mmclin.training.core import FittedModel
 
     fitted = FittedModel.load(model_dir)
@@ -245,7 +245,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from mmclin.pretrain import pretrain_from_config
+    from mmclin.interfaces.pretrain import pretrain_from_config
 
     exp = _experiment(args)
     p = exp.config.pretrain
@@ -275,13 +275,13 @@ def _terminate_cleanly(signum: int, frame: Any) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from mmclin.explain.command import cmd_explain as run
+    from mmclin.interfaces.explain_command import cmd_explain as run
 
     return run(args, _print_table)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from mmclin.tuning import StudyError, run_study
+    from mmclin.interfaces.studies import StudyError, run_study
 
     cfg = _experiment(args).config
     try:
@@ -316,7 +316,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    from mmclin.tuning import list_studies, redact
+    from mmclin.interfaces.studies import list_studies, redact
 
     frame = list_studies(args.storage)
     if frame.height == 0:

@@ -64,7 +64,7 @@ def per_step_predictions(fitted: Any, frame: Any, id_column: str | None = None, 
     step ``k`` follows modality ``modality``. Where ``present`` is False the modality was
     skipped for that subject and its predictions equal those of step ``k - 1``.
     """
-    from mmclin.predictions import prediction_columns
+    from mmclin.training.predictions import prediction_columns
 
     frame = to_polars(frame)
     table = fitted.table(frame)
