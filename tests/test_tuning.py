@@ -21,7 +21,7 @@ from mmclin.interfaces.cli import main
 from mmclin.config import ConfigError, load_config, validate_config
 from mmclin.interfaces.studies import (
     SearchSpace, StudyLock, StudyRunner, epoch_metric_pruning, lease_alive, list_studies, make_sampler, open_storage,
-    worker_lease,
+    retry_of, worker_lease,
 )
 
 SPACE = {
@@ -165,7 +165,7 @@ def test_pruning_callback_reports_the_first_member_per_epoch_and_stops_the_fit(t
     reports nothing (no duplicated steps), and a pruned trial stops the fit."""
     from mmclin.datasets import load_cohort
     from mmclin.training.core import build_task, fit_model
-    from mmclin.interfaces.studies import _Timer, score_computes_metric
+    from mmclin.interfaces.studies.pruning import _Timer, score_computes_metric
 
     class Trial:
         def __init__(self, prune_at=None):
@@ -337,7 +337,7 @@ def test_killed_study_resumes_with_the_same_command(tmp_path, mlruns, monkeypatc
     by_state = {s: [t for t in trials if t.state == s] for s in TrialState}
     assert len(by_state[TrialState.COMPLETE]) == 4 and not by_state[TrialState.RUNNING] and not by_state[TrialState.WAITING]
     assert [t.number for t in by_state[TrialState.FAIL]] == [killed_trial.number]
-    retry = [t for t in trials if t.user_attrs.get("mmclin.retry_of") == killed_trial.number]
+    retry = [t for t in trials if retry_of(t) == killed_trial.number]
     assert len(retry) == 1 and retry[0].params == killed_trial.params and retry[0].state == TrialState.COMPLETE
     assert [t.number for t in trials] == list(range(5))
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")

@@ -318,7 +318,7 @@ class Experiment:
                 tracking.log_frame(preds, "test_predictions.parquet")
                 if cfg.tracking.log_model:
                     # no input example: MLflow would store raw patient rows with the model
-                    tracking.log_fitted_model(fitted, model_dir)
+                    log_fitted_model(fitted, model_dir)
         if store is not None:  # the model and predictions are saved: nothing left to resume
             store.clear()
         update_marker(out, status="finished")
@@ -526,3 +526,16 @@ def resolve_model_path(model: str, tracking_uri: str | None = None) -> Path:
 
 def format_metrics(metrics: dict[str, float]) -> dict[str, str]:
     return {k: ("nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}") for k, v in metrics.items()}
+
+
+def log_fitted_model(fitted: Any, model_dir: str | Path, input_example: Any = None) -> None:
+    """Log the saved model directory (safetensors + JSON) and an MLflow pyfunc model around it."""
+    import mlflow
+
+    mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    mlflow.pyfunc.log_model(
+        name="pyfunc_model",
+        python_model=str(Path(__file__).with_name("pyfunc.py")),  # models from code: nothing pickled
+        artifacts={"model_dir": str(model_dir)},
+        input_example=input_example,
+    )

@@ -195,19 +195,6 @@ def log_frame(frame: Any, name: str) -> None:
         mlflow.log_artifact(str(path), artifact_path=folder or None)
 
 
-def log_fitted_model(fitted: Any, model_dir: str | Path, input_example: Any = None) -> None:
-    """Log the saved model directory (safetensors + JSON) and an MLflow pyfunc model around it."""
-    import mlflow
-
-    mlflow.log_artifacts(str(model_dir), artifact_path="model")
-    mlflow.pyfunc.log_model(
-        name="pyfunc_model",
-        python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: nothing pickled
-        artifacts={"model_dir": str(model_dir)},
-        input_example=input_example,
-    )
-
-
 def quiet_mlflow() -> None:
     """MLflow's alembic migrations log at INFO on every new SQLite store; keep the CLI readable."""
     import logging

@@ -1,4 +1,4 @@
-"""Optuna studies over config keys, tracked in MLflow (``mmclin tune``, ``mmclin studies``).
+"""One worker of a study (``StudyRunner``): ask under the lock, cross-validate, tell, refit the best at the end.
 
 A study searches the ``tune.space`` of an experiment config. Every trial builds a config
 from the base config plus its sampled values, trains it on subject-level CV folds of the
@@ -25,645 +25,38 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import math
 import os
-import socket
-import threading
 import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import optuna
-import polars as pl
 from optuna.trial import TrialState
 
-from mmclin.config import ComponentConfig, ConfigError, ExperimentConfig, SearchParam, config_to_yaml, validate_config
-
-HOST = socket.gethostname()
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-# keys that may differ when a study is resumed or joined by another worker
-_VOLATILE = ("name", "output_dir", "tracking", "tune.n_trials", "tune.timeout", "tune.storage", "tune.study",
-             "tune.heartbeat_interval", "tune.stale_after", "tune.max_consecutive_failures", "tune.enqueue_config",
-             "trainer.progress_bar", "trainer.num_threads", "trainer.device", "trainer.devices", "trainer.strategy",
-             "trainer.num_nodes", "trainer.precision")
-
-
-def state_name(state: TrialState) -> str:
-    """complete, pruned, failed, running, waiting: the trial states as MLflow tags and tables show them."""
-    return "failed" if state == TrialState.FAIL else state.name.lower()
+from mmclin.config import ConfigError, ExperimentConfig, config_to_yaml, validate_config
+from mmclin.interfaces.studies.pruning import _Timer, epoch_metric_pruning, score_computes_metric
+from mmclin.interfaces.studies.results import (
+    COUNTED, StudyResult, _baseline_value, retry_of, save_study_plots, state_name, trials_frame,
+)
+from mmclin.interfaces.studies.samplers import make_pruner, make_sampler
+from mmclin.interfaces.studies.space import SearchSpace, _del_key
+from mmclin.interfaces.studies.storage import StudyLock, default_storage, open_storage, redact
+from mmclin.interfaces.studies.trial_runs import _TrialRun
+from mmclin.interfaces.studies.workers import HOST, _Heartbeat, lease_alive, worker_lease
 
 
 class StudyError(RuntimeError):
     """The study cannot go on (e.g. every recent trial failed); the message says why."""
 
 
-# --- storage -------------------------------------------------------------------------------
-def default_storage(config: ExperimentConfig) -> str:
-    """``sqlite:///<dir>/optuna.db`` beside a SQLite MLflow store, else ``sqlite:///optuna.db`` here."""
-    uri = config.tracking.uri
-    if config.tracking.enabled and uri.startswith("sqlite:///"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).parent / 'optuna.db'}"
-    return "sqlite:///optuna.db"
-
-
-def redact(url: str) -> str:
-    """The storage URL without its password, for logs and MLflow tags."""
-    if url.startswith(("sqlite", "journal:")):
-        return url
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy knows: show the scheme only
-        return url.split("://")[0] + "://***"
-
-
-def _journal_path(url: str) -> Path:
-    # like sqlite URLs: journal:///relative/file.log, journal:////absolute/file.log
-    if not url.startswith("journal:///"):
-        raise ValueError(f"journal storage must look like journal:///optuna.journal or journal:////abs/path, got {url!r}")
-    return Path(url[len("journal:///"):])
-
-
-def _file_of(url: str) -> Path | None:
-    if url.startswith("journal:"):
-        return _journal_path(url)
-    if url.startswith("sqlite:///"):
-        from sqlalchemy.engine import make_url
-
-        db = make_url(url).database
-        return Path(db) if db and db != ":memory:" else None
-    return None
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for ``sqlite:///f.db``, ``journal:///f.journal`` or a database URL
-    (``postgresql://user:pw@host/db``; driver from ``pip install 'mmclin[postgres]'``)."""
-    path = _file_of(url)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        return JournalStorage(JournalFileBackend(str(path)))
-    kwargs: dict[str, Any] = _sqlite_engine_kwargs(path) if url.startswith("sqlite") and path else {"pool_pre_ping": True}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except ModuleNotFoundError as err:
-        raise ValueError(f"storage {redact(url)!r} needs a database driver ({err.name}); for PostgreSQL: "
-                         "pip install 'mmclin[postgres]'") from None
-    except Exception as err:  # sqlalchemy ArgumentError / OperationalError: say which storage
-        raise ValueError(f"cannot open Optuna storage {redact(url)!r}: {type(err).__name__}: {err}") from None
-
-
-def _sqlite_engine_kwargs(path: Path) -> dict[str, Any]:
-    """WAL journal + ``synchronous=NORMAL``: a commit no longer waits for an fsync (per-epoch
-    reports cost ~2 ms instead of ~20 ms here); a killed process loses nothing committed,
-    only an OS crash can lose the last commits. The file must be on a local disk (WAL)."""
-    import sqlite3
-
-    def connect() -> sqlite3.Connection:
-        conn = sqlite3.connect(str(path), timeout=60, check_same_thread=False)  # heartbeat thread shares the pool
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
-
-    return {"creator": connect}
-
-
-class StudyLock:
-    """Serialises the short count/ask/reap steps of all mmclin workers of one storage.
-
-    SQLite and journal files: a POSIX lock (``fcntl.lockf``, NFS-safe where NFS locking works)
-    on ``<file>.mmclin-lock``; PostgreSQL: a session advisory lock. Both vanish with a killed
-    process. Other databases get no lock: the trial count may then overshoot by up to the
-    number of workers (a warning says so).
-    """
-
-    def __init__(self, url: str, study_name: str) -> None:
-        self.url, self.study_name = url, study_name
-        self._fd: int | None = None
-        self._conn = None
-        self._key = int.from_bytes(__import__("hashlib").sha1(study_name.encode()).digest()[:8], "big", signed=True)
-        path = _file_of(url)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(f"{path}.mmclin-lock", os.O_RDWR | os.O_CREAT, 0o644)
-        elif url.startswith("postgresql"):
-            import sqlalchemy
-            from sqlalchemy.pool import NullPool
-
-            engine = sqlalchemy.create_engine(url, poolclass=NullPool)
-            self._conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        else:
-            warnings.warn(f"no study lock for storage {redact(url)!r}: with several workers the study may end "
-                          "with a few more trials than asked for", stacklevel=2)
-
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        if self._fd is not None:
-            import fcntl
-
-            fcntl.lockf(self._fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN)
-        elif self._conn is not None:
-            import sqlalchemy
-
-            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
-            try:
-                yield
-            finally:
-                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
-        else:
-            yield
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-# --- the search space ------------------------------------------------------------------------
-_MISSING = object()
-
-
-def get_key(tree: dict[str, Any], key: str, default: Any = None) -> Any:
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
-def _set_key(tree: dict[str, Any], key: str, value: Any) -> None:
-    *path, leaf = key.split(".")
-    node = tree
-    for part in path:
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"tune.space key {key!r}: {part!r} is a value, not a section")
-        node = nxt
-    node[leaf] = value
-
-
-def _del_key(tree: dict[str, Any], key: str) -> None:
-    *path, leaf = key.split(".")
-    node = tree
-    for part in path:
-        node = node.get(part) if isinstance(node, dict) else None
-        if node is None:
-            return
-    if isinstance(node, dict):
-        node.pop(leaf, None)
-
-
-class SearchSpace:
-    """``tune.space`` as Optuna suggestions, in declaration order, with conditions.
-
-    A key whose ``when`` does not hold is not sampled and is *removed* from the trial's
-    config, so an option of one fusion head never reaches another head.
-    """
-
-    def __init__(self, space: dict[str, SearchParam]) -> None:
-        self.space = dict(space)
-
-    @staticmethod
-    def _holds(when: dict[str, Any] | None, values: dict[str, Any], removed: set[str], base: dict[str, Any]) -> bool:
-        for ref, expected in (when or {}).items():
-            actual = None if ref in removed else values.get(ref, get_key(base, ref))
-            allowed = expected if isinstance(expected, list) else [expected]
-            if actual not in allowed:
-                return False
-        return True
-
-    def suggest(self, trial: optuna.Trial, base: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """Sampled ``{key: value}`` and the keys whose condition did not hold."""
-        values: dict[str, Any] = {}
-        removed: list[str] = []
-        for key, p in self.space.items():
-            if not self._holds(p.when, values, set(removed), base):
-                removed.append(key)
-                continue
-            if p.type == "categorical":
-                values[key] = trial.suggest_categorical(key, p.choices)
-            elif p.type == "int":
-                values[key] = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
-            else:
-                values[key] = trial.suggest_float(key, float(p.low), float(p.high), step=p.step, log=p.log)
-        return values, removed
-
-    def active_keys(self, values: dict[str, Any], base: dict[str, Any]) -> tuple[list[str], list[str]]:
-        """Keys sampled and removed for given values (as ``suggest`` would decide)."""
-        active, removed = [], []
-        for key, p in self.space.items():
-            (active if self._holds(p.when, values, set(removed), base) else removed).append(key)
-        return active, removed
-
-    @staticmethod
-    def contains(p: SearchParam, value: Any) -> bool:
-        """Could Optuna suggest ``value`` for ``p``?"""
-        if p.type == "categorical":
-            return value in p.choices
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not p.low <= value <= p.high:
-            return False
-        if p.type == "int" and value != int(value):
-            return False
-        if p.log or (p.type == "float" and p.step is None):
-            return True
-        q = (value - p.low) / (p.step or 1)
-        return math.isclose(q, round(q), abs_tol=1e-9)
-
-    def base_params(self, base: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
-        """The base config's own values as trial params, or None with the keys that do not fit the space."""
-        values: dict[str, Any] = {}
-        removed: set[str] = set()
-        misfits = []
-        for key, p in self.space.items():
-            if not self._holds(p.when, values, removed, base):
-                removed.add(key)
-                continue
-            v = get_key(base, key, _MISSING)
-            if v is _MISSING or not self.contains(p, v):
-                misfits.append(key)
-                continue
-            values[key] = int(v) if p.type == "int" else v
-        return (None if misfits else values), misfits
-
-    def apply(self, base: ExperimentConfig, values: dict[str, Any], removed: list[str]) -> ExperimentConfig:
-        """The trial's config: base + values, removed keys deleted, validated like a YAML file."""
-        raw = base.model_dump(mode="json")
-        for key in removed:
-            _del_key(raw, key)
-        for key, v in values.items():
-            _set_key(raw, key, v)
-        raw["tracking"]["enabled"] = False  # the study tracks trials itself
-        raw["trainer"]["progress_bar"] = False
-        return validate_config(raw, f"(trial values {values})")
-
-    def representative_configs(self, base: ExperimentConfig) -> Iterator[tuple[str, Any, ExperimentConfig]]:
-        """For the pre-flight check: each key at each choice / at low and high, its conditions made true."""
-        raw = base.model_dump(mode="json")
-        for key, p in self.space.items():
-            forced = {ref: (exp[0] if isinstance(exp, list) else exp) for ref, exp in (p.when or {}).items()}
-            candidates = p.choices if p.type == "categorical" else sorted({p.low, p.high})
-            for v in candidates:
-                v = int(v) if p.type == "int" else v
-                values = {**forced, key: v}
-                removed = self.active_keys(values, raw)[1]
-                yield key, v, self.apply(base, values, [k for k in removed if k not in values])
-
-
-# --- samplers and pruners ----------------------------------------------------------------------
-class PerTrialSeedSampler(optuna.samplers.BaseSampler):
-    """Rebuilds the wrapped sampler for every trial with seed ``seed + trial.number``: a
-    given history gives the same suggestions, and workers sharing one configured seed never
-    draw the same random start points."""
-
-    def __init__(self, factory: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
-        self._factory, self._seed = factory, seed
-        self._inner = factory(seed)
-
-    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self._inner = self._factory(self._seed + trial.number)
-        self._inner.before_trial(study, trial)
-
-    def infer_relative_search_space(self, study, trial):
-        return self._inner.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study, trial, search_space):
-        return self._inner.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self._inner.sample_independent(study, trial, param_name, param_distribution)
-
-    def after_trial(self, study, trial, state, values) -> None:
-        self._inner.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self._inner.reseed_rng()
-
-
-def make_sampler(cfg: ComponentConfig, seed: int) -> optuna.samplers.BaseSampler:
-    """``tpe`` (default; ``constant_liar`` on, for parallel workers), ``random``, ``gp``, ``qmc``."""
-    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
-                "gp": optuna.samplers.GPSampler, "qmc": optuna.samplers.QMCSampler}
-    if cfg.name not in samplers:
-        raise ConfigError(f"tune.sampler.name: unknown sampler {cfg.name!r}; choose one of {sorted(samplers)}")
-    options = dict(cfg.options)
-    seed = int(options.pop("seed", seed))
-    if cfg.name == "tpe":
-        options.setdefault("constant_liar", True)
-    cls = samplers[cfg.name]
-
-    def factory(s: int) -> optuna.samplers.BaseSampler:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return cls(seed=s, **options)
-        except TypeError as err:
-            raise ConfigError(f"tune.sampler: bad options {sorted(options)} for {cfg.name!r}: {err}") from None
-
-    if cfg.name == "qmc":  # its sequence index comes from the storage; one seed for the whole study
-        return factory(seed)
-    return PerTrialSeedSampler(factory, seed)
-
-
-def make_pruner(cfg: ComponentConfig) -> tuple[optuna.pruners.BasePruner, int]:
-    """``median`` (default), ``percentile`` or ``none``; ``n_warmup_epochs`` (mmclin's, default 5)
-    keeps the first epochs of every fold from being reported, so noisy early epochs prune nothing."""
-    options = dict(cfg.options)
-    warmup = int(options.pop("n_warmup_epochs", 5))
-    pruners = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
-               "none": optuna.pruners.NopPruner}
-    if cfg.name not in pruners:
-        raise ConfigError(f"tune.pruner.name: unknown pruner {cfg.name!r}; choose one of {sorted(pruners)}")
-    try:
-        return pruners[cfg.name](**options), warmup
-    except TypeError as err:
-        raise ConfigError(f"tune.pruner: bad options {sorted(options)} for {cfg.name!r}: {err}") from None
-
-
-# --- worker liveness ----------------------------------------------------------------------------
-def _proc_start(pid: int) -> str | None:
-    """Start time of a process (Linux ``/proc``), to tell a reused pid from the original."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _process_alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return start is None or _proc_start(pid) in (None, start)
-
-
-def worker_lease() -> dict[str, Any]:
-    return {"host": HOST, "pid": os.getpid(), "start": _proc_start(os.getpid()), "time": time.time()}
-
-
-def lease_alive(lease: dict[str, Any] | None, last_beat: float, stale_after: float, now: float | None = None) -> bool:
-    """Same host: is the process still there? Other hosts: was there a heartbeat within ``stale_after``?"""
-    now = time.time() if now is None else now
-    if lease and lease.get("host") == HOST and isinstance(lease.get("pid"), int):
-        return _process_alive(lease["pid"], lease.get("start"))
-    return now - last_beat <= stale_after
-
-
-class _Heartbeat:
-    """Refreshes ``mmclin.heartbeat`` of the running trial every ``interval`` seconds."""
-
-    def __init__(self, trial: optuna.Trial, interval: float) -> None:
-        self.trial, self.interval = trial, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"mmclin-heartbeat-{trial.number}")
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.trial.set_user_attr("mmclin.heartbeat", time.time())
-            except Exception:  # the trial finished meanwhile, or the storage hiccupped: try next time
-                pass
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-# --- per-epoch pruning ----------------------------------------------------------------------------
-@dataclass
-class _Timer:
-    """Seconds spent per part of one trial; ``overhead = total - model - pruning_eval``."""
-
-    model: float = 0.0
-    pruning_eval: float = 0.0
-    machinery_inside: float = 0.0  # storage/MLflow calls made from inside training callbacks
-
-
-def score_computes_metric(task: Any, metric: str, y: Any) -> bool:
-    """Does ``task.score`` give ``task.metrics()[metric]`` (Harrell's C, R^2, accuracy)? Checked on
-    random outputs; per-epoch pruning then skips the other metrics (the IPCW ones are slow)."""
-    outputs = np.random.default_rng(0).normal(size=(task.n_rows(y), task.output_dim))
-    try:
-        full, fast = task.metrics(y, outputs, y_train=y).get(metric), task.score(y, outputs)
-    except (NotImplementedError, ValueError, TypeError):
-        return False
-    return full is not None and fast is not None and math.isfinite(full) and math.isclose(full, fast, rel_tol=1e-9)
-
-
-def epoch_metric_pruning(**kwargs: Any) -> Any:
-    """An :class:`EpochMetricPruning` Lightning callback (Lightning is imported only here)."""
-    return _pruning_class()(**kwargs)
-
-
-@functools.cache
-def _pruning_class() -> type:
-    import lightning.pytorch as L
-
-    return type("EpochMetricPruning", (EpochMetricPruning, L.Callback), {})
-
-
-class EpochMetricPruning:
-    """After every training epoch of the *first* network a ``fit_model`` call trains (the
-    first ensemble member), the fold's held-out metric of the current weights is logged and
-    reported to Optuna at step ``step_offset + epoch``; a trial the pruner rejects stops
-    with ``optuna.TrialPruned``. Epochs before ``warmup`` are logged but not reported.
-
-    The held-out rows are featurized with featurizers fitted on the fold's training rows,
-    as ``fit_model`` fits its own (deterministically, so they are the same).
-
-    Shapes:
-        held-out outputs of the current weights ``[N_eval, task.output_dim]`` -> one float per epoch.
-    """
-
-    def __init__(self, trial: optuna.Trial | None, frame_train: pl.DataFrame, y_train: Any, frame_eval: pl.DataFrame,
-                 y_eval: Any, specs: list, metric: str, step_offset: int, warmup: int,
-                 sink: Callable[[dict[str, float], int], None] | None, timer: _Timer, use_score: bool = False) -> None:
-        self.trial, self.metric, self.step_offset, self.warmup = trial, metric, step_offset, warmup
-        self.use_score = use_score  # task.score computes exactly this metric, without the others
-        self.frame_train, self.y_train, self.frame_eval, self.y_eval, self.specs = frame_train, y_train, frame_eval, y_eval, specs
-        self.sink, self.timer = sink, timer
-        self.fits = 0
-        self.table = None
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.fits += 1
-        if self.fits == 1 and self.table is None:
-            from mmclin.training.data import featurize, fit_featurizers
-
-            t0 = time.perf_counter()
-            self.table = featurize(self.frame_eval, fit_featurizers(self.frame_train, self.specs))
-            self.timer.pruning_eval += time.perf_counter() - t0
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.fits != 1 or trainer.sanity_checking or not trainer.is_global_zero:
-            return
-        import torch
-
-        t0 = time.perf_counter()
-        net = pl_module.net
-        was_training = net.training
-        net.eval()
-        with torch.no_grad():
-            outs = []
-            for start in range(0, len(self.table), 4096):
-                b = self.table.batch(torch.arange(start, min(start + 4096, len(self.table)))).to(pl_module.device)
-                outs.append(net(b.inputs, b.present)[0].float().cpu())
-        net.train(was_training)
-        outputs = torch.cat(outs).numpy().astype(np.float64)
-        task = pl_module.task
-        if self.use_score:
-            value = task.score(self.y_eval, outputs)
-        else:
-            value = task.metrics(self.y_eval, outputs, y_train=self.y_train).get(self.metric, math.nan)
-        t1 = time.perf_counter()
-        self.timer.pruning_eval += t1 - t0
-        epoch = trainer.current_epoch
-        try:
-            if self.sink is not None and value is not None and math.isfinite(value):
-                self.sink({f"val_{self.metric}": float(value)}, epoch)
-            if self.trial is None or value is None or not math.isfinite(value) or epoch < self.warmup:
-                return
-            self.trial.report(float(value), self.step_offset + epoch)
-            prune = self.trial.should_prune()
-        finally:
-            self.timer.machinery_inside += time.perf_counter() - t1
-        if prune:
-            raise optuna.TrialPruned(f"pruned at step {self.step_offset + epoch} (epoch {epoch}): {self.metric}={value:.4f}")
-
-
-# --- MLflow ----------------------------------------------------------------------------------------
-class _TrialRun:
-    """One trial as a nested MLflow run (created through the client: no global active run);
-    per-epoch metrics are buffered and written in batches."""
-
-    def __init__(self, client: Any, experiment_id: str, parent_id: str, study_name: str, trial: optuna.Trial,
-                 params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        tags = {"mlflow.parentRunId": parent_id, "mmclin.verb": "tune-trial", "mmclin.study": study_name,
-                "optuna.trial_number": str(trial.number), "mmclin.host": HOST, "mmclin.pid": str(os.getpid())}
-        self.client = client
-        self.run_id = client.create_run(experiment_id, run_name=f"trial-{trial.number}", tags=tags).info.run_id
-        batch = [Param(k, str(v)[:500]) for k, v in params.items()] + [Param("trial_number", str(trial.number))]
-        client.log_batch(self.run_id, params=batch)
-        self._buffer: list[Any] = []
-
-    def sink(self, prefix: str) -> Callable[[dict[str, float], int], None]:
-        from mlflow.entities import Metric
-
-        def add(metrics: dict[str, float], step: int) -> None:
-            now = int(time.time() * 1000)
-            self._buffer += [Metric(f"{prefix}{k}", float(v), now, int(step)) for k, v in metrics.items()
-                             if v is not None and math.isfinite(v)]
-
-        return add
-
-    def log(self, metrics: dict[str, float], step: int = 0) -> None:
-        self.sink("")(metrics, step)
-
-    def flush(self) -> None:
-        while self._buffer:
-            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
-            self.client.log_batch(self.run_id, metrics=chunk)
-
-    def end(self, state: TrialState, error: str | None = None) -> None:
-        from mlflow.entities import RunTag
-
-        tags = [RunTag("mmclin.state", state_name(state))] + ([RunTag("mmclin.error", error[:4000])] if error else [])
-        chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
-        self.flush()
-        self.client.log_batch(self.run_id, metrics=chunk, tags=tags)  # one write for the last metrics and the state
-        status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(state, "FAILED")
-        self.client.set_terminated(self.run_id, status=status)
-
-
-# --- results ---------------------------------------------------------------------------------------
-@dataclass
-class StudyResult:
-    study_name: str
-    storage: str  # redacted
-    metric: str
-    direction: str
-    n_complete: int
-    n_pruned: int
-    n_failed: int
-    best_value: float | None
-    best_params: dict[str, Any]
-    best_trial: int | None
-    baseline_value: float | None  # the config's own values (the enqueued first trial)
-    test_metrics: dict[str, float] | None  # the refit, scored once on the test subjects
-    model_dir: Path | None
-    parent_run_id: str | None
-    trials: pl.DataFrame
-    timings: list[dict[str, Any]] = field(default_factory=list)  # this worker's trials
-    refit_by_this_worker: bool = False
-    seconds: float = 0.0
-
-
-def trials_frame(study: optuna.Study) -> pl.DataFrame:
-    """One row per trial: number, state, value, seconds, baseline / retry markers, error, params."""
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
-        rows.append({"number": t.number, "state": state_name(t.state), "value": t.value,
-                     "seconds": secs, "baseline": bool(t.user_attrs.get("mmclin.baseline", False)),
-                     "retry_of": t.user_attrs.get("mmclin.retry_of"), "error": t.user_attrs.get("mmclin.error"),
-                     "params": json.dumps(t.params, sort_keys=True, default=str)})
-    schema = {"number": pl.Int64, "state": pl.String, "value": pl.Float64, "seconds": pl.Float64, "baseline": pl.Boolean,
-              "retry_of": pl.Int64, "error": pl.String, "params": pl.String}
-    return pl.DataFrame(rows, schema=schema)
-
-
-def save_study_plots(study: optuna.Study, out_dir: str | Path) -> dict[str, str]:
-    """Optimisation history and parameter importances (Optuna's matplotlib backend) as PNGs;
-    returns ``{file: note}`` for plots that could not be drawn (e.g. one complete trial)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from optuna.importance import FanovaImportanceEvaluator
-    from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    notes = {}
-    plots = {"optimization_history.png": lambda: plot_optimization_history(study),
-             "param_importances.png": lambda: plot_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0))}
-    for name, draw in plots.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                ax = draw()
-            except (ValueError, RuntimeError, ZeroDivisionError) as err:
-                notes[name] = f"not drawn: {err}"
-                continue
-        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-        fig.savefig(out / name, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-    return notes
+# keys that may differ when a study is resumed or joined by another worker
+_VOLATILE = ("name", "output_dir", "tracking", "tune.n_trials", "tune.timeout", "tune.storage", "tune.study",
+             "tune.heartbeat_interval", "tune.stale_after", "tune.max_consecutive_failures", "tune.enqueue_config",
+             "trainer.progress_bar", "trainer.num_threads", "trainer.device", "trainer.devices", "trainer.strategy",
+             "trainer.num_nodes", "trainer.precision")
 
 
 # --- the study runner ---------------------------------------------------------------------------------
@@ -854,7 +247,7 @@ class StudyRunner:
             who = f"{lease['host']}:{lease['pid']}" if lease else "an unknown worker"
             self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             reason = f"interrupted: worker {who} is gone"
-            self.study.enqueue_trial(t.params, user_attrs={"mmclin.retry_of": t.number, "mmclin.retry_reason": reason})
+            self._queue_again(t, reason)
             run_id = t.user_attrs.get("mmclin.mlflow_run_id")
             if run_id and self._client is not None:
                 with contextlib.suppress(Exception):
@@ -862,6 +255,14 @@ class StudyRunner:
                     self._client.set_tag(run_id, "mmclin.error", reason)
                     self._client.set_terminated(run_id, status="KILLED")
             self.echo(f"trial {t.number} failed ({reason}); its values are queued again")
+
+    def _queue_again(self, failed: optuna.trial.FrozenTrial, reason: str) -> None:
+        """Queue a failed trial's values again with Optuna's own retry callback (it records ``retry_history``),
+        carrying over only what describes the values, not the dead worker's lease, heartbeat or error."""
+        carried = copy.deepcopy(failed)
+        carried.user_attrs = {**{k: v for k, v in failed.user_attrs.items() if k == "mmclin.baseline"},
+                              "mmclin.retry_reason": reason}
+        optuna.storages.RetryFailedTrialCallback(inherit_intermediate_values=False)(self.study, carried)
 
     def _ask(self) -> optuna.Trial | None:
         with self.lock.hold():
@@ -947,7 +348,7 @@ class StudyRunner:
             with contextlib.suppress(Exception):
                 trial.set_user_attr("mmclin.error", reason)
                 self.study.tell(trial, state=TrialState.FAIL)
-                self.study.enqueue_trial(trial.params, user_attrs={"mmclin.retry_of": trial.number, "mmclin.retry_reason": reason})
+                self._queue_again(self.study.get_trials(deepcopy=False)[trial.number], reason)
                 if run:
                     run.end(TrialState.FAIL, reason)
             raise
@@ -975,7 +376,7 @@ class StudyRunner:
         params = ", ".join(f"{k.split('.', 1)[1]}={_short(v)}" for k, v in trial.params.items())
         attrs = trial.user_attrs
         note = " (baseline)" if attrs.get("mmclin.baseline") else (
-            f" (retry of {attrs['mmclin.retry_of']})" if attrs.get("mmclin.retry_of") is not None else "")
+            f" (retry of {retry_of(trial)})" if retry_of(trial) is not None else "")
         # 1-based "k/N" for where the study is; Optuna's own 0-based number (#) is what `mmclin studies` lists
         self.echo(f"trial {trial.number + 1:>3}/{self.n_trials} (#{trial.number}){note} {state_name(state):<8} "
                   f"{shown[:160]}  [{params}]  {total:.1f} s")
@@ -1016,8 +417,8 @@ class StudyRunner:
     def _do_refit(self, best: optuna.trial.FrozenTrial) -> dict[str, Any]:
         import mlflow
 
+        from mmclin.interfaces.experiment import Experiment, log_fitted_model
         from mmclin.persistence import tracking
-        from mmclin.interfaces.experiment import Experiment
 
         removed = self.space.active_keys(best.params, self.base_dump)[1]
         cfg = self.space.apply(self.config, best.params, removed)
@@ -1054,7 +455,7 @@ class StudyRunner:
                 mlflow.log_artifacts(str(study_dir), "study")
                 tracking.log_frame(res.predictions, "test_predictions.parquet")
                 if self.config.tracking.log_model:
-                    tracking.log_fitted_model(res.fitted, res.model_dir)
+                    log_fitted_model(res.fitted, res.model_dir)
         info = {"trial": best.number, "status": "done", "time": time.time(), "test": res.metrics,
                 "model_dir": str(res.model_dir.resolve()), "best_value": best.value}
         self.study.set_user_attr("mmclin.refit", info)
@@ -1134,13 +535,6 @@ def _flat(d: Any, prefix: str = "") -> dict[str, str]:
     return {prefix.rstrip("."): json.dumps(d, sort_keys=True, default=str)}
 
 
-def _baseline_value(study: optuna.Study) -> float | None:
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.user_attrs.get("mmclin.baseline"):
-            return t.value
-    return None
-
-
 def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
@@ -1148,31 +542,3 @@ def _short(v: Any) -> str:
 def run_study(config: ExperimentConfig, **kwargs: Any) -> StudyResult:
     """Run (or resume, or join) the study of ``config.tune``; see :class:`StudyRunner` for the options."""
     return StudyRunner(config, **kwargs).run()
-
-
-# --- listing -----------------------------------------------------------------------------------------
-def list_studies(storage: str) -> pl.DataFrame:
-    """One row per study in ``storage``: trials by state, best and baseline values, the refit's test metric."""
-    path = _file_of(storage)
-    if path is not None and not path.exists():
-        raise FileNotFoundError(f"no study storage at {str(path)!r} (run `mmclin tune CONFIG` first, or pass --storage)")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    st = open_storage(storage)
-    rows = []
-    for s in optuna.get_all_study_summaries(st, include_best_trial=False):
-        study = optuna.load_study(study_name=s.study_name, storage=st)
-        trials = study.get_trials(deepcopy=False)
-        count = {state: sum(t.state == state for t in trials) for state in TrialState}
-        metric = s.user_attrs.get("mmclin.metric", "")
-        refit = s.user_attrs.get("mmclin.refit") or {}
-        best = study.best_trial if count[TrialState.COMPLETE] and len(study.directions) == 1 else None
-        rows.append({
-            "study": s.study_name, "metric": metric, "direction": "/".join(d.name.lower() for d in study.directions),
-            "complete": count[TrialState.COMPLETE], "pruned": count[TrialState.PRUNED], "failed": count[TrialState.FAIL],
-            "running": count[TrialState.RUNNING] + count[TrialState.WAITING],
-            "best_trial": best.number if best else None, "best_value": best.value if best else None,
-            "baseline_value": _baseline_value(study),
-            "test_value": (refit.get("test") or {}).get(metric) if refit.get("status") == "done" else None,
-            "started": s.datetime_start.strftime("%Y-%m-%d %H:%M") if s.datetime_start else "",
-        })
-    return pl.DataFrame(rows) if rows else pl.DataFrame(schema={"study": pl.String})
