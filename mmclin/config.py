@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mmclin.cohort import ModalitySpec
 
@@ -241,17 +248,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE (e.g. model.fusion.name=late), got {item!r}")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = raw
-        for p in parts[:-1]:
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {key}: {p!r} is a value, not a section")
-            node = nxt
-        node[parts[-1]] = parse_value(value)
+        set_dotted(raw, key.strip(), parse_value(value), f"--set {key}")
     return raw
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """``tree["a"]["b"]["c"] = value`` for ``key = "a.b.c"``, making missing sections; ``where`` names the key's
+    origin in the error when a part of the path is a value, not a section."""
+    *path, leaf = key.split(".")
+    node = tree
+    for part in path:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: {part!r} is a value, not a section")
+        node = nxt
+    node[leaf] = value
 
 
 def validate_config(raw: dict[str, Any], source: str = "") -> ExperimentConfig:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from mmclin.batch import FusionOutput, ModalityTokens
 from mmclin.fusion.base import FusionHead
-from mmclin.fusion.steps import INITIAL_STEP, check_order, check_step_names, per_step_loss
+from mmclin.fusion.steps import INITIAL_STEP, SequentialSteps
 from mmclin.registry import FUSIONS
 
 
@@ -55,7 +55,7 @@ class MixingStage(nn.Module):
 
 
 @FUSIONS.register("cascaded_transformer")
-class CascadedTransformerFusion(FusionHead):
+class CascadedTransformerFusion(SequentialSteps, FusionHead):
     """3MAT-style cascade of cross-attention stages, one per modality, in a configurable order.
 
     The running representation starts as ``n_queries`` learned tokens (3MAT starts from the
@@ -91,18 +91,14 @@ class CascadedTransformerFusion(FusionHead):
                  n_layers: int = 1, dropout: float = 0.1, order: list[str] | None = None,
                  step_loss_weight: float = 0.3, intra_layers: int = 1) -> None:
         super().__init__(input_dims)
-        check_step_names("cascaded_transformer", self.modalities)
         if d_model % n_heads:
             raise ValueError(f"fusion head 'cascaded_transformer': d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         if n_queries < 1 or n_layers < 1:
             raise ValueError(f"fusion head 'cascaded_transformer': n_queries and n_layers must be >= 1, got {n_queries}, {n_layers}")
         if intra_layers < 0:
             raise ValueError(f"fusion head 'cascaded_transformer': intra_layers must be >= 0, got {intra_layers}")
-        if step_loss_weight < 0:
-            raise ValueError(f"fusion head 'cascaded_transformer': step_loss_weight must be >= 0, got {step_loss_weight}")
-        self.order = check_order("cascaded_transformer", order, self.modalities)
+        self.init_steps("cascaded_transformer", order, step_loss_weight)
         self.output_dim = d_model
-        self.step_loss_weight = float(step_loss_weight)
         self.queries = nn.Parameter(torch.randn(n_queries, d_model) * d_model**-0.5)
         self.project = nn.ModuleDict({m: nn.Linear(d, d_model) for m, d in self.input_dims.items()})  # no LN: see MixingStage
         self.stages = nn.ModuleDict({m: nn.ModuleList(MixingStage(d_model, n_heads, dropout) for _ in range(n_layers))
@@ -117,9 +113,6 @@ class CascadedTransformerFusion(FusionHead):
     def per_step_decodable(self) -> bool:
         """Intermediate readouts are trained (and so meaningful to decode) only with a step loss."""
         return self.step_loss_weight > 0
-
-    def step_names(self) -> list[str]:
-        return [INITIAL_STEP, *self.order]
 
     def _read(self, h: Tensor) -> Tensor:
         return self.readout(h.mean(1))
@@ -146,11 +139,6 @@ class CascadedTransformerFusion(FusionHead):
             h = torch.where(active[:, None, None], mixed, h)
             per_step[m] = self._read(h)
         return FusionOutput(pooled=per_step[self.order[-1]], per_step=per_step)
-
-    def step_loss(self, fused: FusionOutput, present: dict[str, Tensor], head: nn.Module, task, target: Tensor) -> Tensor | None:
-        if self.step_loss_weight <= 0:
-            return None
-        return self.step_loss_weight * per_step_loss(fused, present, self.step_names(), head, task, target)
 
     @classmethod
     def example_options(cls) -> dict:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from mmclin.batch import FusionOutput, ModalityTokens
 from mmclin.fusion.base import FusionHead, mlp
-from mmclin.fusion.steps import INITIAL_STEP, check_order, check_step_names, per_step_loss
+from mmclin.fusion.steps import INITIAL_STEP, SequentialSteps
 from mmclin.registry import FUSIONS
 
 
@@ -38,7 +38,7 @@ class StateUpdate(nn.Module):
 
 
 @FUSIONS.register("sequential_modular")
-class SequentialModularFusion(FusionHead):
+class SequentialModularFusion(SequentialSteps, FusionHead):
     """MultiModN-style state machine over the modalities, in a configurable order.
 
     ``s_0`` is learned; ``s_k = s_{k-1} + p_k * U_k(s_{k-1}, t_k)`` with ``p_k`` the sample's
@@ -63,17 +63,10 @@ class SequentialModularFusion(FusionHead):
     def __init__(self, input_dims: dict[str, int], d_model: int = 64, n_layers: int = 1, dropout: float = 0.1,
                  order: list[str] | None = None, step_loss_weight: float = 1.0) -> None:
         super().__init__(input_dims)
-        check_step_names("sequential_modular", self.modalities)
-        if step_loss_weight < 0:
-            raise ValueError(f"fusion head 'sequential_modular': step_loss_weight must be >= 0, got {step_loss_weight}")
-        self.order = check_order("sequential_modular", order, self.modalities)
+        self.init_steps("sequential_modular", order, step_loss_weight)
         self.output_dim = d_model
-        self.step_loss_weight = float(step_loss_weight)
         self.initial_state = nn.Parameter(torch.randn(d_model) * d_model**-0.5)  # not zeros: LN(0) has no gradient
         self.updates = nn.ModuleDict({m: StateUpdate(d, d_model, n_layers, dropout) for m, d in self.input_dims.items()})
-
-    def step_names(self) -> list[str]:
-        return [INITIAL_STEP, *self.order]
 
     def forward(self, tokens: dict[str, ModalityTokens], present: dict[str, Tensor]) -> FusionOutput:
         b = present[self.order[0]].shape[0]
@@ -84,12 +77,6 @@ class SequentialModularFusion(FusionHead):
             state = torch.where(present[m].unsqueeze(-1), updated, state)  # skipped per sample: exactly unchanged
             per_step[m] = state
         return FusionOutput(pooled=state, per_step=per_step)
-
-    def step_loss(self, fused: FusionOutput, present: dict[str, Tensor], head: nn.Module, task, target: Tensor) -> Tensor | None:
-        """``w * per_step_loss``; called by the training module on the presence it trained with."""
-        if self.step_loss_weight <= 0:
-            return None
-        return self.step_loss_weight * per_step_loss(fused, present, self.step_names(), head, task, target)
 
     @classmethod
     def example_options(cls) -> dict:

@@ -59,3 +59,31 @@ def per_step_loss(fused: FusionOutput, present: dict[str, Tensor], step_names: l
     if not losses:
         return fused.pooled.new_zeros(())
     return torch.stack(losses).mean()
+
+
+class SequentialSteps:
+    """What the sequential heads share: a modality order, per-step names and the weighted per-step loss.
+
+    A head mixes this in and calls :meth:`init_steps` in its constructor; the training module calls
+    ``step_loss`` on the presence it trained with.
+    """
+
+    order: list[str]
+    step_loss_weight: float
+
+    def init_steps(self, head: str, order: list[str] | None, step_loss_weight: float) -> None:
+        check_step_names(head, self.modalities)
+        if step_loss_weight < 0:
+            raise ValueError(f"fusion head {head!r}: step_loss_weight must be >= 0, got {step_loss_weight}")
+        self.order = check_order(head, order, self.modalities)
+        self.step_loss_weight = float(step_loss_weight)
+
+    def step_names(self) -> list[str]:
+        return [INITIAL_STEP, *self.order]
+
+    def step_loss(self, fused: FusionOutput, present: dict[str, Tensor], head: nn.Module, task: Any,
+                  target: Tensor) -> Tensor | None:
+        """``w * per_step_loss``; None when the weight is 0."""
+        if self.step_loss_weight <= 0:
+            return None
+        return self.step_loss_weight * per_step_loss(fused, present, self.step_names(), head, task, target)

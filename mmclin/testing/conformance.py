@@ -55,14 +55,20 @@ def check_encoder_sample_independence(name: str) -> None:
     torch.testing.assert_close(full.tokens[:1], single.tokens, rtol=1e-4, atol=1e-5, msg=f"{name}: output depends on other samples")
 
 
+def _reloaded(module: torch.nn.Module, fresh: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
+    """A freshly built module (other random weights: ``seed``) with ``module``'s state loaded through bytes."""
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(seed)
+    other = fresh().eval()
+    other.load_state_dict(torch.load(buf))
+    return other
+
+
 def check_encoder_state_dict(name: str) -> None:
     enc = make_encoder(name).eval()
-    buf = io.BytesIO()
-    torch.save(enc.state_dict(), buf)
-    buf.seek(0)
-    torch.manual_seed(123)
-    other = ENCODERS.get(name).example().eval()
-    other.load_state_dict(torch.load(buf))
+    other = _reloaded(enc, ENCODERS.get(name).example, 123)
     x = enc.example_input(3)
     torch.testing.assert_close(enc(x).tokens, other(x).tokens, msg=f"{name}: state_dict round trip changed the output")
 
@@ -181,12 +187,7 @@ def check_fusion_no_nan_when_absent(name: str) -> None:
 
 def check_fusion_state_dict(name: str) -> None:
     head = make_fusion(name).eval()
-    buf = io.BytesIO()
-    torch.save(head.state_dict(), buf)
-    buf.seek(0)
-    torch.manual_seed(99)
-    other = FUSIONS.get(name)(input_dims=EXAMPLE_DIMS, **FUSIONS.get(name).example_options()).eval()
-    other.load_state_dict(torch.load(buf))
+    other = _reloaded(head, lambda: FUSIONS.get(name)(input_dims=EXAMPLE_DIMS, **FUSIONS.get(name).example_options()), 99)
     tokens, present = example_tokens(3)
     torch.testing.assert_close(head(_mask_absent(tokens, present), present).pooled,
                                other(_mask_absent(tokens, present), present).pooled)

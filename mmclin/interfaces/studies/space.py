@@ -6,7 +6,7 @@ from typing import Any, Iterator
 
 import optuna
 
-from mmclin.config import ConfigError, ExperimentConfig, SearchParam, validate_config
+from mmclin.config import ExperimentConfig, SearchParam, set_dotted, validate_config
 
 # --- the search space ------------------------------------------------------------------------
 _MISSING = object()
@@ -19,19 +19,6 @@ def get_key(tree: dict[str, Any], key: str, default: Any = None) -> Any:
             return default
         node = node[part]
     return node
-
-
-def _set_key(tree: dict[str, Any], key: str, value: Any) -> None:
-    *path, leaf = key.split(".")
-    node = tree
-    for part in path:
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"tune.space key {key!r}: {part!r} is a value, not a section")
-        node = nxt
-    node[leaf] = value
 
 
 def _del_key(tree: dict[str, Any], key: str) -> None:
@@ -123,7 +110,7 @@ class SearchSpace:
         for key in removed:
             _del_key(raw, key)
         for key, v in values.items():
-            _set_key(raw, key, v)
+            set_dotted(raw, key, v, f"tune.space key {key!r}")
         raw["tracking"]["enabled"] = False  # the study tracks trials itself
         raw["trainer"]["progress_bar"] = False
         return validate_config(raw, f"(trial values {values})")
