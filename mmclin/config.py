@@ -277,13 +277,12 @@ def validate_config(raw: dict[str, Any], source: str = "") -> ExperimentConfig:
 
 
 def _check_component_names(cfg: ExperimentConfig) -> None:
-    from mmclin.registry import FUSIONS, TASKS, load_builtin_components
+    from mmclin.registry import FUSIONS, TASKS, is_known, unknown_name_message
 
-    load_builtin_components()
-    if cfg.model.fusion.name not in FUSIONS:
-        raise ConfigError(f"model.fusion.name: {FUSIONS.unknown_message(cfg.model.fusion.name)}")
-    if cfg.model.task is not None and cfg.model.task.name not in TASKS:
-        raise ConfigError(f"model.task.name: {TASKS.unknown_message(cfg.model.task.name)}")
+    if not is_known(FUSIONS, cfg.model.fusion.name):
+        raise ConfigError(f"model.fusion.name: {unknown_name_message(FUSIONS, cfg.model.fusion.name)}")
+    if cfg.model.task is not None and not is_known(TASKS, cfg.model.task.name):
+        raise ConfigError(f"model.task.name: {unknown_name_message(TASKS, cfg.model.task.name)}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -43,10 +43,7 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def unknown_message(self, name: str) -> str:
-        choices = self.names()
-        close = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        return f"Unknown {self.kind} {name!r}.{hint} Choose one of {choices}."
+        return unknown_name_message(self, name)
 
     def create(self, name: str, /, **kwargs: Any) -> Any:
         return self.get(name)(**kwargs)  # type: ignore[operator]
@@ -65,6 +62,27 @@ ENCODERS: Registry = Registry("encoder")
 FEATURIZERS: Registry = Registry("featurizer")  # keyed by modality kind
 FUSIONS: Registry = Registry("fusion head")
 TASKS: Registry = Registry("task")
+
+
+# The names mmclin's own packages register, so that a config can be checked without importing them (and torch):
+# a typo in `model.fusion.name` is reported in well under a second. tests/test_startup.py keeps these true.
+BUILTIN_NAMES = {
+    "fusion head": ("cascaded_transformer", "concat", "hetero_graph", "late", "sequential_modular", "symile"),
+    "task": ("binary", "cox", "discrete_time", "multiclass", "multilabel", "multitask", "regression"),
+}
+
+
+def is_known(registry: Registry, name: str) -> bool:
+    """Whether ``name`` is (or will be, once the built-in packages are imported) registered in ``registry``."""
+    return name in registry or name in BUILTIN_NAMES.get(registry.kind, ())
+
+
+def unknown_name_message(registry: Registry, name: str) -> str:
+    """``Registry.unknown_message`` over the registered and the built-in names, importing nothing."""
+    choices = sorted(set(registry.names()) | set(BUILTIN_NAMES.get(registry.kind, ())))
+    close = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"Unknown {registry.kind} {name!r}.{hint} Choose one of {choices}."
 
 
 def load_builtin_components() -> None:

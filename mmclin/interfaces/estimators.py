@@ -10,17 +10,15 @@ import copy
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-from sklearn.utils.validation import check_is_fitted
-
 from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig
+from mmclin.interfaces.sklearn_api import EstimatorParams, check_fitted
 
 # Nested options: ``fusion__d_model=32`` is stored in ``fusion_options["d_model"]``, and
 # ``encoders__clinical__d_model=16`` in ``encoder_options["clinical"]["d_model"]``.
 _NESTED = {"fusion": "fusion_options", "task": "task_options", "encoders": "encoder_options"}
 
 
-class _MultimodalBase(BaseEstimator):
+class _MultimodalBase(EstimatorParams):
     _problem = ""
 
     def __init__(
@@ -148,7 +146,7 @@ class _MultimodalBase(BaseEstimator):
         return self
 
     def _outputs(self, X: Any) -> np.ndarray:
-        check_is_fitted(self, "model_")
+        check_fitted(self, "model_")
         return self.model_.predict_outputs(X)
 
     def predict(self, X: Any) -> np.ndarray:
@@ -167,7 +165,7 @@ class _MultimodalBase(BaseEstimator):
     def predict_per_step(self, X: Any) -> Any:
         """Predictions after every step of a sequential fusion head (``sequential_modular``):
         a polars frame with one row per subject and step (see ``FittedModel.predict_per_step``)."""
-        check_is_fitted(self, "model_")
+        check_fitted(self, "model_")
         return self.model_.predict_per_step(X)
 
     def missing_report(self, X: Any, y: Any, y_train: Any = None, **options: Any) -> Any:
@@ -175,7 +173,7 @@ class _MultimodalBase(BaseEstimator):
         a :class:`mmclin.evaluation.robustness.MissingReport` (``options``: see ``mmclin.evaluation.robustness.missing_report``)."""
         from mmclin.evaluation.robustness import missing_report
 
-        check_is_fitted(self, "model_")
+        check_fitted(self, "model_")
         return missing_report(self.model_, X, y, y_train=y_train, **options)
 
     def explain(self, X: Any, **options: Any) -> Any:
@@ -184,7 +182,7 @@ class _MultimodalBase(BaseEstimator):
         e.g. ``horizon=1825`` for survival at a time, ``levels=("modality",)``)."""
         from mmclin.explain import explain
 
-        check_is_fitted(self, "model_")
+        check_fitted(self, "model_")
         options.setdefault("num_threads", self.num_threads)
         return explain(self.model_, X, **options)
 
@@ -216,7 +214,7 @@ class _MultimodalBase(BaseEstimator):
         return compare(task.problem, task.primary_metric, y_checked, splits, scores, fitted, seed=split_seed)
 
     def save(self, path: str) -> str:
-        check_is_fitted(self, "model_")
+        check_fitted(self, "model_")
         return str(self.model_.save(path))
 
 
@@ -253,10 +251,17 @@ class MultimodalSurvivalModel(_MultimodalBase):
         return t, -np.log(np.clip(s, 1e-12, 1.0))
 
 
-class MultimodalClassifier(ClassifierMixin, _MultimodalBase):
+class MultimodalClassifier(_MultimodalBase):
     """Binary, multiclass or (with a 2-D 0/1 ``y``) multilabel classification."""
 
     _problem = "classification"
+    _estimator_type = "classifier"
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Accuracy of ``predict`` (scikit-learn's classifier ``score``); ``metrics`` gives AUROC and the rest."""
+        from sklearn.metrics import accuracy_score
+
+        return float(accuracy_score(y, self.predict(X), sample_weight=sample_weight))
 
     def _task_name(self, y: Any) -> str:
         if self.task:
@@ -277,10 +282,17 @@ class MultimodalClassifier(ClassifierMixin, _MultimodalBase):
         return self.task_.predict_proba(outputs)
 
 
-class MultimodalRegressor(RegressorMixin, _MultimodalBase):
+class MultimodalRegressor(_MultimodalBase):
     """Regression of a continuous outcome; targets are standardised on training rows."""
 
     _problem = "regression"
+    _estimator_type = "regressor"
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """R² of ``predict`` (scikit-learn's regressor ``score``)."""
+        from sklearn.metrics import r2_score
+
+        return float(r2_score(y, self.predict(X), sample_weight=sample_weight))
 
     def _task_name(self, y: Any) -> str:
         return self.task or "regression"

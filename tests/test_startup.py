@@ -1,0 +1,61 @@
+"""Start-up does no waste: what a user's first import and a config error load (timed in benchmarks/startup.py)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "sklearn", "scipy", "lightning", "mlflow", "optuna", "pandas", "captum")
+
+
+def _loaded_after(code: str) -> set[str]:
+    probe = code + "\nimport json, sys\nprint(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    return set(json.loads(out.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("code", [
+    "from mmclin import MultimodalClassifier, MultimodalSurvivalModel, ModalitySpec",
+    "import mmclin.interfaces.cli",
+])
+def test_first_import_loads_no_heavy_library(code):
+    heavy = _loaded_after(code) & set(HEAVY)
+    assert not heavy, f"{code!r} imports {sorted(heavy)} at start-up; import them where they are used"
+
+
+def test_a_config_error_is_found_without_the_heavy_libraries(tmp_path):
+    """A typo in a component name is reported by the config check alone, before torch is imported."""
+    code = ("from mmclin.config import ConfigError, load_config\n"
+            "try:\n    load_config('experiments/gse7390_survival.yaml', ['model.fusion.name=concatt'])\n"
+            "except ConfigError as err:\n    print(err)\n")
+    out = subprocess.run([sys.executable, "-c", code + "import sys; print(sorted(m for m in ('torch', 'sklearn') if m in sys.modules))"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "Did you mean 'concat'?" in out and out.strip().endswith("[]")
+
+
+def test_the_builtin_names_match_the_registries():
+    from mmclin.registry import BUILTIN_NAMES, FUSIONS, TASKS, load_builtin_components
+
+    load_builtin_components()
+    assert {FUSIONS.kind: tuple(FUSIONS.names()), TASKS.kind: tuple(TASKS.names())} == BUILTIN_NAMES
+
+
+def test_estimators_keep_the_sklearn_contract():
+    """Without BaseEstimator: clone, nested params, tags and the not-fitted error behave as scikit-learn's."""
+    from sklearn.base import clone, is_classifier, is_regressor
+    from sklearn.exceptions import NotFittedError
+
+    from mmclin import MultimodalClassifier, MultimodalRegressor, MultimodalSurvivalModel
+
+    clf = MultimodalClassifier(fusion="late", max_epochs=3)
+    assert is_classifier(clf) and not is_regressor(clf) and is_regressor(MultimodalRegressor())
+    assert not is_classifier(MultimodalSurvivalModel())
+    twin = clone(clf.set_params(fusion__d_model=8))
+    assert twin is not clf and twin.get_params()["fusion__d_model"] == 8 and twin.max_epochs == 3
+    assert repr(clf) == "MultimodalClassifier(fusion='late', fusion_options={'d_model': 8}, max_epochs=3)"
+    with pytest.raises(ValueError, match="Invalid parameter 'max_epoch' for estimator MultimodalClassifier"):
+        clf.set_params(max_epoch=2)
+    with pytest.raises(NotFittedError, match="This MultimodalClassifier instance is not fitted yet"):
+        clf.predict(None)
