@@ -82,6 +82,9 @@ class TrainerConfig(BaseModel):
     precision: str = "auto"  # "auto": bf16/16-mixed on GPU, 32 on CPU
     num_threads: int | None = Field(1, ge=1)  # torch CPU threads; 1 is as fast on 2 cores and robust
     seed: int = Field(0, ge=0)
+    # torch's deterministic algorithms (Lightning's `deterministic=True`): bit-identical GPU runs, at a cost there.
+    # Off by default: CPU runs with the same seed and thread count repeat bit for bit without it.
+    deterministic: bool = False
     progress_bar: bool = True
     # `mmclin fit`: checkpoint every N epochs (0: never) so `mmclin fit --resume` continues an interrupted run
     checkpoint_every: int = Field(1, ge=0)

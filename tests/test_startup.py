@@ -59,3 +59,43 @@ def test_estimators_keep_the_sklearn_contract():
         clf.set_params(max_epoch=2)
     with pytest.raises(NotFittedError, match="This MultimodalClassifier instance is not fitted yet"):
         clf.predict(None)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_algorithms_only_when_asked(deterministic):
+    """trainer.deterministic turns torch's deterministic algorithms on for the fit; they are not on silently."""
+    import lightning.pytorch as L
+    import torch
+
+    from mmclin import make_synthetic_cohort
+    from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig
+    from mmclin.training.core import fit_model
+
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, *args):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+
+    c = make_synthetic_cohort(n_subjects=60, seed=0)
+    fit_model(c.frame, c.y, c.modalities, ModelConfig(), TrainerConfig(max_epochs=1, deterministic=deterministic,
+              progress_bar=False), ComponentConfig(name="binary"), extra_callbacks=[Probe()])
+    assert seen and set(seen) == {deterministic}
+
+
+def test_binary_fit_runs_no_inference_over_the_training_rows(monkeypatch):
+    """calibrate does nothing for a binary task, so fit_model does not predict the training rows for it; cox does."""
+    from mmclin import load_cohort, make_synthetic_cohort
+    from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig
+    from mmclin.training.core import FittedModel, fit_model
+
+    calls = []
+    original = FittedModel.outputs_from_table
+    monkeypatch.setattr(FittedModel, "outputs_from_table", lambda self, table, *a, **k: calls.append(len(table)) or original(self, table, *a, **k))
+    trainer = TrainerConfig(max_epochs=1, progress_bar=False)
+    c = make_synthetic_cohort(n_subjects=60, seed=0)
+    fit_model(c.frame, c.y, c.modalities, ModelConfig(), trainer, ComponentConfig(name="binary"))
+    assert calls == []
+    s = load_cohort("gse7390")
+    fitted = fit_model(s.frame, s.y, s.modalities, ModelConfig(), trainer, ComponentConfig(name="cox"))
+    assert calls == [s.frame.height] and fitted.task.survival_function(fitted.predict_outputs(s.frame[:2]))[1].shape[0] == 2

@@ -43,6 +43,7 @@ class _MultimodalBase(EstimatorParams):
         random_state: int | None = None,
         verbose: bool = False,
         pretrained: str | None = None,
+        deterministic: bool = False,
     ) -> None:
         self.modalities = modalities
         self.fusion = fusion
@@ -64,6 +65,7 @@ class _MultimodalBase(EstimatorParams):
         self.random_state = random_state
         self.verbose = verbose
         self.pretrained = pretrained  # a `mmclin pretrain` directory the encoders start from
+        self.deterministic = deterministic  # torch's deterministic algorithms (bit-identical GPU runs)
 
     # --- nested parameters -------------------------------------------------------------
     def get_params(self, deep: bool = True) -> dict[str, Any]:
@@ -120,6 +122,7 @@ class _MultimodalBase(EstimatorParams):
             weight_decay=self.weight_decay, val_fraction=self.val_fraction, patience=self.patience,
             device=self.device, num_threads=self.num_threads,
             seed=0 if self.random_state is None else int(self.random_state), progress_bar=self.verbose,
+            deterministic=self.deterministic,
         )
         return model, trainer, ComponentConfig(name=task_name, **(self.task_options or {}))
 

@@ -244,7 +244,8 @@ def fit_model(
     net = members[0] if len(members) == 1 else EnsembleNet(members).eval()
     fitted = FittedModel(specs, featurizers, net, task_obj, model, task, encoder_kwargs, history, best_epochs[0], id_column,
                          presence_patterns(table.present))
-    task_obj.calibrate(fitted.outputs_from_table(table), y)
+    if type(task_obj).calibrate is not Task.calibrate:  # only then is inference over the training rows needed
+        task_obj.calibrate(fitted.outputs_from_table(table), y)
     return fitted
 
 
@@ -360,7 +361,7 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
         max_epochs=trainer.max_epochs, callbacks=callbacks, logger=False,
         enable_checkpointing=any(isinstance(cb, L.callbacks.Checkpoint) for cb in callbacks),
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        deterministic=accelerator != "gpu", limit_val_batches=1.0 if val_loader is not None else 0,
+        deterministic=trainer.deterministic, limit_val_batches=1.0 if val_loader is not None else 0,
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
