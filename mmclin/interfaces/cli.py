@@ -225,7 +225,10 @@ def _print_missing_report(name: str, report: Any, output_dir: Any = None) -> Non
 def cmd_predict(args: argparse.Namespace) -> int:
     from mmclin.interfaces.experiment import check_output_name, read_frame_or_cohort, resolve_model_path, write_atomic
 
+    from mmclin.persistence.atomic import check_writable_parent
+
     check_output_name(args.output)  # what can be checked without torch, first
+    check_writable_parent(args.output, "--output", writable=True)
     out, data = Path(args.output), Path(args.data)
     if data.exists() and out.exists() and out.resolve() == data.resolve():
         raise ValueError(f"--output {args.output!r} is the --data file: predictions never replace the input data")
@@ -336,6 +339,8 @@ def cmd_studies(args: argparse.Namespace) -> int:
 def _progress_messages() -> Iterator[None]:
     """mmclin's INFO lines (resuming from a checkpoint, events excluded before aggregation, ...) on stderr
     while a command runs: counts and paths only, never values (tests/test_log_privacy.py)."""
+    import warnings
+
     logger = logging.getLogger("mmclin")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
@@ -343,9 +348,21 @@ def _progress_messages() -> Iterator[None]:
     logger.addHandler(handler)
     if level == logging.NOTSET:
         logger.setLevel(logging.INFO)
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        # mmclin's own warnings (a metric on too few subjects, a survival curve asked outside the follow-up)
+        # as one line like its log messages; other packages' warnings as Python shows them
+        if category.__module__.startswith("mmclin"):
+            print(f"WARNING {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
         yield
     finally:
+        warnings.showwarning = original
         logger.removeHandler(handler)
         logger.setLevel(level)
 
@@ -370,6 +387,10 @@ def user_error_message(err: BaseException) -> str | None:
         return str(err) if "pip install" in str(err) else None
     if isinstance(err, KeyError):
         return str(err.args[0]) if err.args else None
+    from mmclin.persistence.atomic import WriteError  # light: no torch
+
+    if isinstance(err, WriteError):  # a full disk, a read-only directory: says which file was being written
+        return str(err)
     if isinstance(err, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)):
         return str(err)
     if isinstance(err, PermissionError):

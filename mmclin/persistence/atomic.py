@@ -1,14 +1,127 @@
 """Writes that a crash cannot leave half done: build under a temporary name beside the target
-(``.<name>.*``), then rename into place; a kill leaves the old version or the new one."""
+(``.<name>.*``), then rename into place; a kill leaves the old version or the new one.
+
+Temporary files are named ``.<name>.<host>-<pid>.<random>.tmp<suffix>``: the next write of the same
+target removes those whose writer (a process of this host) no longer exists, so a file left by a
+killed run never stays beside the output. A write the file system refuses (a read-only directory, a
+full disk) is a :class:`WriteError` naming the target, never a message about a temporary name.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+log = logging.getLogger("mmclin")
+
+_REFUSED = {
+    errno.ENOSPC: "the disk is full (no space left on device)",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied (the directory is read-only or not yours)",
+    errno.EPERM: "permission denied (the directory is read-only or not yours)",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+class WriteError(OSError):
+    """A write the file system refused, said with the file or directory mmclin was writing."""
+
+    def __init__(self, code: int, path: str | Path, fix: str = "free space or choose another location") -> None:
+        if code in (errno.EACCES, errno.EPERM, errno.EROFS) and fix == "free space or choose another location":
+            fix = "choose a directory you can write"
+        super().__init__(code, f"cannot write {str(path)!r}: {_REFUSED.get(code, os.strerror(code))}; {fix}", str(path))
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def refused_write(err: BaseException, path: str | Path, within: str | Path | None = None) -> WriteError | None:
+    """``err`` as a :class:`WriteError` about ``path`` when it is a refusal of the file system (full disk,
+    read-only or foreign directory), whatever library raised it; None otherwise. ``within``: an OSError that
+    names a file elsewhere (a file being read) is not about this write."""
+    if isinstance(err, WriteError):
+        return err
+    if isinstance(err, OSError):
+        if err.errno not in _REFUSED:
+            return None
+        if within is not None and err.filename and not os.path.abspath(str(err.filename)).startswith(
+                os.path.abspath(str(within))):
+            return None
+        return WriteError(err.errno, path)
+    text = str(err)
+    if "No space left on device" in text or "os error 28" in text:  # polars / pyarrow wrap the OSError in their own
+        return WriteError(errno.ENOSPC, path)
+    if "Permission denied" in text or "os error 13" in text:
+        return WriteError(errno.EACCES, path)
+    return None
+
+
+def check_writable_parent(path: str | Path, what: str = "output", writable: bool = False) -> None:
+    """Refuse, before any work, an output whose directory cannot be made: a file where a directory should be;
+    with ``writable``, also a directory the process may not write (as ``os.access`` tells; the write itself
+    still reports what the file system refuses, as a :class:`WriteError`)."""
+    path = Path(path)
+    for parent in [path.parent, *path.parent.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a directory")
+            if writable and not os.access(parent, os.W_OK | os.X_OK):
+                raise WriteError(errno.EACCES, path, f"{what}: choose a directory you can write")
+            return
+
+
+_OWNER = re.compile(r"\.(?P<host>[^./]+)-(?P<pid>\d+)\.[^./]+\.tmp")
+_OLD_STYLE = re.compile(r"\.[a-z0-9_]{8}\.tmp")  # mkstemp's names of mmclin <= 0.2: removed after an hour
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.{_HOST}-{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporary files of earlier writes of ``path`` whose writer is gone: a process of this host
+    that no longer runs (a ``kill -9`` between writing and renaming), or, for names of older mmclin versions,
+    one that is more than an hour old. Temporaries of live writers and of other hosts are left alone."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    start, removed = f".{path.name}.", []
+    for p in path.parent.iterdir():
+        if not p.name.startswith(start) or not p.is_file():
+            continue
+        rest = p.name[len(start) - 1:]
+        owner = _OWNER.match(rest)
+        if owner is not None:
+            stale = owner["host"] == _HOST and owner["pid"] != str(os.getpid()) and not _pid_alive(int(owner["pid"]))
+        else:
+            stale = bool(_OLD_STYLE.match(rest)) and time.time() - p.stat().st_mtime > 3600
+        if stale:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    if removed:
+        log.info("removed %d temporary file(s) of an interrupted write of %s", len(removed), path)
+    return removed
 
 
 def current_umask() -> int:
@@ -33,16 +146,27 @@ def honour_umask(path: str | Path) -> None:
 def write_file_atomic(path: str | Path, write: Callable[[str], Any]) -> Path:
     """``write(temporary_path)``, then rename over ``path`` (modes follow the umask)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the target's suffix last: writers that pick a format from the name (savefig) still can
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    check_writable_parent(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        # the target's suffix last: writers that pick a format from the name (savefig) still can
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=f".tmp{path.suffix}", dir=path.parent)
+    except OSError as err:
+        refused = refused_write(err, path)
+        if refused is None:
+            raise
+        raise refused from None
     os.close(fd)
     try:
         write(tmp)
         honour_umask(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        refused = refused_write(err, path, path.parent) if isinstance(err, Exception) else None
+        if refused is not None:
+            raise refused from None
         raise
     return path
 
@@ -67,14 +191,24 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yields a temporary directory beside ``path``; when the block succeeds it replaces ``path``
     (an existing one is swapped out, then removed), when it fails it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    check_writable_parent(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as err:
+        refused = refused_write(err, path)
+        if refused is None:
+            raise
+        raise refused from None
     try:
         yield tmp
         honour_umask(tmp)
         _swap_in(tmp, path)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        refused = refused_write(err, path, path.parent) if isinstance(err, Exception) else None
+        if refused is not None:
+            raise refused from None
         raise
 
 

@@ -19,6 +19,8 @@ from mmclin.persistence.atomic import atomic_directory
 from mmclin.persistence.weights import save_weights
 
 MANIFEST = "manifest.json"
+# what each metadata file must hold (besides format_version), so a file missing a part is "damaged", not a KeyError
+REQUIRED_KEYS = {"mmclin.json": ("modalities", "featurizers", "encoder_kwargs", "model", "task")}
 log = logging.getLogger("mmclin")
 
 
@@ -88,7 +90,13 @@ def read_model_metadata(path: str | Path, meta_name: str, format_version: int, w
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{str(meta_file)!r} is not valid JSON ({err}); the {what} is damaged") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{str(meta_file)!r} holds a JSON {type(meta).__name__}, not an object; the {what} is damaged")
     if meta.get("format_version") != format_version:
         raise ValueError(f"{str(path)!r}: {what} format {meta.get('format_version')} is not supported "
                          f"(expected {format_version})")
+    missing = [k for k in REQUIRED_KEYS.get(meta_name, ()) if k not in meta]
+    if missing:
+        raise ValueError(f"{str(meta_file)!r} lacks {', '.join(repr(k) for k in missing)}; the {what} is damaged "
+                         f"(save it again with {made_by})")
     return meta

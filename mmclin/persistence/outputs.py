@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmclin.persistence.atomic import write_json_atomic
+from mmclin.persistence.atomic import check_writable_parent, refused_write, write_json_atomic
 
 RUN_MARKER = "mmclin-run.json"
 
@@ -30,14 +30,20 @@ RUN_MARKER = "mmclin-run.json"
 def new_run_directory(parent: str | Path, verb: str, config_name: str) -> Path:
     """A fresh ``parent/<timestamp>[-N]`` directory with its ownership marker (status ``running``)."""
     parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
+    check_writable_parent(parent / "run", "output directory")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for k in range(1, 10_000):
         directory = parent / (stamp if k == 1 else f"{stamp}-{k}")
         try:
+            parent.mkdir(parents=True, exist_ok=True)
             directory.mkdir()  # exclusive: a concurrent run with the same stamp takes the next name
         except FileExistsError:
             continue
+        except OSError as err:
+            refused = refused_write(err, parent)
+            if refused is None:
+                raise
+            raise refused from None
         write_json_atomic(directory / RUN_MARKER, {
             "verb": verb, "config": config_name, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "host": socket.gethostname(), "pid": os.getpid(), "mlflow_run_id": None})

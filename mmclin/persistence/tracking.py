@@ -33,8 +33,66 @@ def open_store(uri: str | None = None) -> str:
     return uri
 
 
+class TrackingStoreError(ValueError):
+    """The MLflow store cannot be used (locked, not a database, not writable): one line naming the store."""
+
+
+def _store_problem(uri: str, err: BaseException) -> TrackingStoreError | None:
+    """A clear error for an MLflow / SQLAlchemy / OS error about the store at ``uri``; None when ``err`` is not one."""
+    try:
+        from mlflow.exceptions import MlflowException
+    except ImportError:  # pragma: no cover
+        MlflowException = ()  # type: ignore[assignment]  # noqa: N806
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+    except ImportError:  # pragma: no cover
+        SQLAlchemyError = ()  # type: ignore[assignment]  # noqa: N806
+    if not isinstance(err, (MlflowException, SQLAlchemyError, OSError)):
+        return None
+    text = str(getattr(err, "message", None) or err)
+    fix = "pass --no-tracking (tracking.enabled: false) or another --tracking-uri (tracking.uri)"
+    if "database is locked" in text:
+        why = "it is locked by another process that holds a write on it (another fit, mlflow ui or sqlite3 shell?)"
+        fix = "wait for it to finish, or " + fix
+    elif "file is not a database" in text:
+        why = "the file is not an SQLite database"
+    elif "readonly database" in text or "unable to open database file" in text or isinstance(err, PermissionError):
+        why = "it cannot be written (a read-only file or directory?)"
+    elif isinstance(err, OSError) and err.errno is not None:
+        why = f"{os.strerror(err.errno)}" + (f" ({err.filename!r})" if err.filename else "")
+    else:
+        why = text.splitlines()[0][:300] if text else type(err).__name__
+    return TrackingStoreError(f"MLflow store {redact_uri(uri)!r} cannot be used: {why}; {fix}")
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without a password (``postgresql://user:***@host/db``)."""
+    import re
+
+    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", uri)
+
+
+def _check_sqlite_file(uri: str) -> None:
+    """A ``sqlite:///`` store whose file exists but is not a database is refused before MLflow touches it."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///"):])
+    if db.is_file() and db.stat().st_size > 0:
+        with open(db, "rb") as f:
+            head = f.read(16)
+        if head != b"SQLite format 3\x00":
+            raise TrackingStoreError(f"MLflow store {uri!r} cannot be used: {str(db)!r} is not an SQLite database "
+                                     "(mmclin never overwrites it); pass another --tracking-uri (tracking.uri) or "
+                                     "--no-tracking")
+    elif db.is_dir():
+        raise TrackingStoreError(f"MLflow store {uri!r} cannot be used: {str(db)!r} is a directory; name a file, "
+                                 "e.g. sqlite:///mlruns.db")
+
+
 def _setup(cfg: TrackingConfig) -> str:
     import mlflow
+
+    _check_sqlite_file(cfg.uri)
 
     mlflow.set_tracking_uri(cfg.uri)
     exp = mlflow.get_experiment_by_name(cfg.experiment)
@@ -62,9 +120,15 @@ def tracked_run(cfg: TrackingConfig, run_name: str | None = None, nested: bool =
         return
     import mlflow
 
-    experiment_id = _setup(cfg)
-    if not nested:
-        mark_dead_runs_killed(experiment_id)
+    try:
+        experiment_id = _setup(cfg)
+        if not nested:
+            mark_dead_runs_killed(experiment_id)
+    except Exception as err:
+        problem = _store_problem(cfg.uri, err)
+        if problem is None or isinstance(err, TrackingStoreError):
+            raise
+        raise problem from None
     owner = {"mmclin.host": socket.gethostname(), "mmclin.pid": str(os.getpid())}
     all_tags = {**owner, **(tags or {})}
     if resume_run_id is not None:
@@ -81,9 +145,20 @@ def tracked_run(cfg: TrackingConfig, run_name: str | None = None, nested: bool =
             resume_run_id = None
         else:
             all_tags["mmclin.resumed"] = "true"
-    with mlflow.start_run(run_id=resume_run_id, experiment_id=None if resume_run_id else experiment_id,
-                          run_name=None if resume_run_id else run_name, nested=nested, tags=all_tags) as run:
-        yield run
+    try:
+        with mlflow.start_run(run_id=resume_run_id, experiment_id=None if resume_run_id else experiment_id,
+                              run_name=None if resume_run_id else run_name, nested=nested, tags=all_tags) as run:
+            yield run
+    except Exception as err:  # MLflow's own errors while logging say which store; the user's errors pass as they are
+        from mlflow.exceptions import MlflowException
+
+        try:
+            from sqlalchemy.exc import SQLAlchemyError
+        except ImportError:  # pragma: no cover
+            SQLAlchemyError = MlflowException  # type: ignore[misc,assignment]  # noqa: N806
+        if not isinstance(err, (MlflowException, SQLAlchemyError)):
+            raise
+        raise _store_problem(cfg.uri, err) from err
 
 
 def mark_dead_runs_killed(experiment_id: str) -> list[str]:
@@ -201,4 +276,7 @@ def quiet_mlflow() -> None:
 
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.pyfunc", "mlflow.models.model"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # a database error is raised to mmclin, which says it in one line naming the store (tracked_run): MLflow's own
+    # ERROR record of it, with the SQL and a traceback, would only bury that line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
