@@ -78,12 +78,42 @@ def to_polars(frame: Any) -> pl.DataFrame:
         import pandas as pd
 
         if isinstance(frame, pd.DataFrame):
-            return pl.from_pandas(frame.reset_index(drop=True))
+            frame = frame.reset_index(drop=True)
+            try:
+                return pl.from_pandas(frame)
+            except Exception as err:  # pyarrow refuses an object column of several types (ArrowTypeError / ArrowInvalid)
+                problem = _mixed_pandas_column(frame)
+                if problem is None:
+                    raise
+                raise ValueError(problem) from err
     except ImportError:  # pragma: no cover
         pass
     if isinstance(frame, dict):
         return pl.DataFrame(frame)
     raise TypeError(f"expected a polars or pandas DataFrame with one row per subject, got {type(frame).__name__}")
+
+
+def _mixed_pandas_column(frame: Any) -> str | None:
+    """The first object column of a pandas frame that mixes value types, said with a row of each type."""
+    for name in frame.columns:
+        col = frame[name]
+        if col.dtype != object:
+            continue
+        first: dict[str, int] = {}
+        for row, value in enumerate(col.tolist()):
+            if value is None or (isinstance(value, float) and value != value):
+                continue
+            kind = "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+            first.setdefault(kind, row)
+        if len(first) > 1:
+            (a, ra), (b, rb) = sorted(first.items(), key=lambda kv: kv[1])[:2]
+            names = {"number": "int/float", "str": "str"}
+            value = col.iloc[rb]
+            return (f"column {name!r} of the pandas frame mixes types: {names.get(a, a)} (first at row {ra}) and "
+                    f"{names.get(b, b)} (first at row {rb}: {value!r}); convert it to one type first, e.g. "
+                    f"df[{name!r}].astype(str) for ids, or pd.to_numeric(df[{name!r}], errors='coerce') for numbers "
+                    "(that turns text into missing values)")
+    return None
 
 
 def check_columns(frame: pl.DataFrame, specs: list[ModalitySpec], where: str = "the frame") -> None:

@@ -276,7 +276,47 @@ def validate_config(raw: dict[str, Any], source: str = "") -> ExperimentConfig:
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
     _check_component_names(cfg)
+    problems = component_option_problems(cfg)
+    if problems:
+        raise ConfigError("\n".join([f"invalid experiment config {source}:".replace(" :", ":"),
+                                      *(f"  {p}" for p in problems)]))
     return cfg
+
+
+# Options that mean the same in every registered encoder and fusion head, checked before anything is built so
+# that a bad value is an error naming its key (not a tensor of negative size or an assertion deep in torch).
+WIDTH_OPTIONS = ("d_model", "dim", "width", "d_attn", "d_time", "n_heads", "heads", "n_queries", "n_blocks", "n_ref",
+                 "n_freq", "hidden_size", "ff_mult", "n_features")  # whole numbers >= 1 (null: the component's default)
+DEPTH_OPTIONS = ("n_layers", "intra_layers")  # whole numbers >= 0
+FRACTION_OPTIONS = ("dropout",)  # 0 <= p < 1
+
+
+def _option_problem(key: str, value: Any) -> str | None:
+    name = key.rsplit(".", 1)[-1]
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if name in WIDTH_OPTIONS and value is not None and not (whole and value >= 1):
+        return f"{key}: expected a whole number >= 1, got {value!r}"
+    if name in DEPTH_OPTIONS and not (whole and value >= 0):
+        return f"{key}: expected a whole number >= 0, got {value!r}"
+    if name in FRACTION_OPTIONS and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                         and 0 <= value < 1):
+        return f"{key}: expected a number in [0, 1), got {value!r}"
+    return None
+
+
+def component_option_problems(cfg: "ExperimentConfig") -> list[str]:
+    """One line per encoder / fusion option whose value no component accepts (a negative width, a dropout of 1)."""
+    found = [(f"model.fusion.{k}", v) for k, v in cfg.model.fusion.options.items()]
+    for modality, options in cfg.model.encoders.items():
+        found += [(f"model.encoders.{modality}.{k}", v) for k, v in (options or {}).items()]
+    for i, spec in enumerate(cfg.data.modalities or []):
+        found += [(f"data.modalities.{i}.options.{k} (modality {spec.name!r})", v) for k, v in spec.options.items()]
+    problems = []
+    for key, value in found:
+        problem = _option_problem(key.split(" ")[0], value)
+        if problem is not None:
+            problems.append(problem.replace(key.split(" ")[0], key, 1))
+    return problems
 
 
 def _check_component_names(cfg: ExperimentConfig) -> None:

@@ -6,6 +6,7 @@ estimators (``mmclin.training.fit_model``).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import re
@@ -45,22 +46,27 @@ def read_table(path: str | Path, text_columns: list[str] | None = None,
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"data file {str(path)!r} is a directory; expected a .parquet or .csv/.tsv file")
     suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq", ".csv", ".tsv") and path.stat().st_size == 0:
+        raise ValueError(f"data file {str(path)!r} is empty (0 bytes); expected a {suffix} file with a header and rows")
     if suffix in (".parquet", ".pq"):
         try:
             frame = pl.read_parquet(path)
         except (pl.exceptions.ComputeError, OSError) as err:
-            raise ValueError(f"data file {str(path)!r} is not a readable parquet file ({str(err).splitlines()[0]})") from None
+            raise ValueError(f"data file {str(path)!r} is not a readable parquet file (truncated or damaged?: "
+                             f"{str(err).splitlines()[0]})") from None
     elif suffix in (".csv", ".tsv"):
         sep = "\t" if suffix == ".tsv" else ","
+        with open(path, "rb") as f:
+            if f.read(4) == b"PAR1":
+                raise ValueError(f"data file {str(path)!r} is a parquet file (it starts with PAR1), not {suffix}; "
+                                 "rename it .parquet")
         _check_header(path, sep)
-        try:
-            frame = pl.read_csv(path, separator=sep, infer_schema_length=10000, null_values=null_values,
-                                schema_overrides={c: pl.String for c in text_columns or []})
-        except pl.exceptions.NoDataError:
-            raise ValueError(f"data file {str(path)!r} is empty") from None
+        frame = _read_csv(path, sep, text_columns, null_values)
         if frame.width == 1:  # one column holding separators: the file uses another one
-            other = next((name for ch, name in (("\t", "tabs"), (";", "semicolons"), (",", "commas"))
+            other = next((name for ch, name in (("\t", "tabs"), (";", "semicolons"), (",", "commas"), ("|", "pipes ('|')"))
                           if ch != sep and ch in frame.columns[0]), None)
             if other:
                 fix = "name it .tsv" if other == "tabs" else "convert it to comma-separated CSV or parquet"
@@ -72,6 +78,39 @@ def read_table(path: str | Path, text_columns: list[str] | None = None,
     if frame.height == 0:
         raise ValueError(f"data file {str(path)!r} has a header but no rows")
     return frame
+
+
+def _read_csv(path: Path, sep: str, text_columns: list[str] | None, null_values: list[str] | None) -> pl.DataFrame:
+    """polars' CSV reader, its errors turned into one line naming the file and the line."""
+    from mmclin.datasets.events import readable_text
+
+    try:
+        with readable_text([(f"data file {str(path)!r}", path)]):
+            return pl.read_csv(path, separator=sep, infer_schema_length=10000, null_values=null_values,
+                               schema_overrides={c: pl.String for c in text_columns or []})
+    except pl.exceptions.NoDataError:
+        raise ValueError(f"data file {str(path)!r} is empty") from None
+    except pl.exceptions.ComputeError as err:
+        ragged = _ragged_line(path, sep)
+        if ragged is not None:
+            line, n, width = ragged
+            raise ValueError(f"data file {str(path)!r}, line {line}: {n} fields, but the header has {width}; a value "
+                             "holding the separator must be quoted (or the row fixed)") from None
+        raise ValueError(f"data file {str(path)!r} cannot be read as {'TSV' if sep == chr(9) else 'CSV'} "
+                         f"({str(err).splitlines()[0]})") from None
+
+
+def _ragged_line(path: Path, sep: str) -> tuple[int, int, int] | None:
+    """``(line, fields, header fields)`` of the first row with more fields than the header."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        rows = csv.reader(f, delimiter=sep)
+        header = next(rows, [])
+        for row in rows:
+            if len(row) > len(header):
+                return rows.line_num, len(row), len(header)
+    return None
 
 
 def _check_header(path: Path, sep: str) -> None:
@@ -205,18 +244,40 @@ class Experiment:
         # file paths of image/slide modalities stay under data.root when one is set
         cohort.modalities = apply_data_root(cohort.modalities, self.config.data.root)
         self._check_targets(cohort)
+        self._check_columns(cohort)
         return cohort
 
     def _check_targets(self, cohort: Cohort) -> None:
-        """Bad targets fail before any split or training, naming the row of the whole data."""
-        from mmclin.training.core import build_task
-
-        task = build_task(self.config.model.task or ComponentConfig(name=DEFAULT_TASK[cohort.task]))
+        """Bad targets fail before any split or training, naming the row of the whole data: what the task
+        refuses in any row, and what it could not learn from even all of them (no event, one class)."""
+        task = _build_task(self.config.model.task or ComponentConfig(name=DEFAULT_TASK[cohort.task]))
         try:
-            task.check_targets(cohort.y)
+            task.fit_targets(task.check_targets(cohort.y))
         except ValueError as err:
             where = f" in {cohort.source!r}" if cohort.source else ""
             raise ValueError(f"target column(s) {cohort.target_columns}{where}: {err}") from None
+
+    def _check_columns(self, cohort: Cohort) -> None:
+        """The group column exists, and the id column cannot collide with a column the predictions add
+        (found before training, not when the trained model's predictions are written)."""
+        import difflib
+
+        where = f"{cohort.source!r}" if cohort.source else f"cohort {cohort.name!r}"
+        group = self.config.data.group_column
+        if group is not None and group not in cohort.frame.columns:
+            close = difflib.get_close_matches(group, cohort.frame.columns, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; columns are {cohort.frame.columns[:10]}..."
+            raise ValueError(f"data.group_column {group!r} is not a column of {where}{hint}")
+        if group is not None and cohort.frame[group].null_count():
+            col = cohort.frame[group]
+            raise ValueError(f"data.group_column {group!r} in {where} is null in {col.null_count()} row(s), the first "
+                             f"at row {int(col.is_null().arg_max())}: every row needs its group")
+        id_col = cohort.id_column
+        if id_col:
+            clash = _output_column_clash(id_col, self._problem())
+            if clash:
+                raise ValueError(f"id column {id_col!r} of {where} has the name of {clash}; rename it (e.g. "
+                                 f"{id_col + '_id'!r}) before training")
 
     def _read_cohort(self) -> Cohort:
         d = self.config.data
@@ -231,9 +292,7 @@ class Experiment:
         task_cfg = self.config.model.task
         if task_cfg is None:
             raise ValueError("data.path needs model.task (e.g. {name: cox} or {name: binary})")
-        from mmclin.training.core import build_task
-
-        problem = build_task(task_cfg).problem
+        problem = _build_task(task_cfg).problem
         y = targets_from_frame(frame, d.target, problem)
         id_col = d.id_column
         check_unique_ids(frame, id_col)
@@ -259,9 +318,7 @@ class Experiment:
                          progress_label=progress_label)
 
     def _task(self):
-        from mmclin.training.core import build_task
-
-        return build_task(self.task_config())
+        return _build_task(self.task_config())
 
     def _problem(self) -> str:
         return self._task().problem
@@ -283,6 +340,7 @@ class Experiment:
         cfg, c = self.config, self.cohort
         if resume and not cfg.trainer.checkpoint_every:
             raise ValueError("--resume needs checkpoints, but trainer.checkpoint_every is 0 (checkpointing is off)")
+        _check_enough_rows(c, test_size=cfg.data.test_size)
         tr, te = holdout_split(c.y, self._problem(), cfg.data.test_size, cfg.data.split_seed, self._groups())
         out = self._run_directory(Path(output_dir or cfg.output_dir) / cfg.name, resume)
         store = None
@@ -291,8 +349,13 @@ class Experiment:
             where = unfinished_run_directory(Path(follow_checkpoints_of) / cfg.name) if follow else out
             if where is None:
                 raise ValueError(f"--resume: no unfinished run under {str(Path(follow_checkpoints_of) / cfg.name)!r}")
-            store = checkpoint_store(where / "checkpoints", c.frame[tr], _take(c.y, tr), c.modalities, cfg.model,
-                                     cfg.trainer, self.task_config(), resume, read_only=follow)
+            try:
+                store = checkpoint_store(where / "checkpoints", c.frame[tr], _take(c.y, tr), c.modalities, cfg.model,
+                                         cfg.trainer, self.task_config(), resume, read_only=follow)
+            except json.JSONDecodeError as err:  # the index of the checkpoints, damaged (a disk or a hand)
+                raise ValueError(f"--resume: the checkpoint index {str(where / 'checkpoints' / 'store.json')!r} is "
+                                 f"damaged (not valid JSON: {err}); nothing was deleted: move {str(where)!r} away to "
+                                 "train from the start") from None
         tracking.quiet_mlflow()
         resume_run_id = (store.run_id if store is not None else None) if resume else None
         with tracking.tracked_run(cfg.tracking, self.run_name("fit"), tags=self._run_tags("fit", out),
@@ -308,7 +371,7 @@ class Experiment:
             test_frame = c.frame[te]
             with rows_of_data(te):
                 outputs = check_finite_outputs(fitted.predict_outputs(test_frame), "the test subjects")
-                metrics = fitted.task.metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
+                metrics = fitted.task.reported_metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
             preds = prediction_frame(fitted, test_frame, c.id_column or None)
             model_dir = fitted.save(out / "model")
             write_atomic(preds, out / "test_predictions.parquet")
@@ -374,10 +437,12 @@ class Experiment:
 
             check_baselines(c.modalities, problem, None if baselines is True else list(baselines))
         if cv is None:
+            _check_enough_rows(c, test_size=cfg.data.test_size)
             splits = [holdout_split(c.y, problem, cfg.data.test_size, cfg.data.split_seed, self._groups())]
         else:
             if cv < 2:
                 raise ValueError(f"--cv must be at least 2, got {cv}")
+            _check_enough_rows(c, cv=cv)
             splits = list(cv_splits(c.y, problem, cv, cfg.data.split_seed, self._groups()))
         tracking.quiet_mlflow()
         rows, oof, reports, fold_scores = [], [], [], []
@@ -392,7 +457,7 @@ class Experiment:
                                            progress_label=f"fold {k + 1}/{len(splits)}" if cv else None)
                     with rows_of_data(te):
                         outputs = check_finite_outputs(fitted.predict_outputs(c.frame[te]), "the test subjects")
-                        metrics = fitted.task.metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
+                        metrics = fitted.task.reported_metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
                     if baselines:
                         from mmclin.evaluation.baselines import task_scores
 
@@ -440,6 +505,48 @@ class Experiment:
                 if run is not None:
                     comparison.log_to_mlflow()
         return CVResult(folds, summary, run.info.run_id if run else None, pl.concat(oof), report, comparison)
+
+
+def _build_task(cfg: ComponentConfig):
+    """The task of ``model.task``; a bad option is an error naming that key."""
+    from mmclin.training.core import build_task
+
+    try:
+        return build_task(cfg)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"model.task ({cfg.name}): {err}") from None
+
+
+def _output_column_clash(id_column: str, problem: str) -> str:
+    """What ``id_column`` would collide with in the predictions (``risk``, ``prediction``, ``proba_<class>``) or
+    in evaluate's out-of-fold frame (``fold``); '' when nothing."""
+    fixed = {"survival": ["risk"], "regression": ["prediction"]}.get(problem, ["prediction"])
+    if id_column in fixed or id_column == "fold":
+        return f"a prediction column ({[*fixed, 'fold']})"
+    prefixes = {"binary": ("proba_",), "multiclass": ("proba_",), "multilabel": ("proba_", "label_")}.get(problem, ())
+    if id_column.startswith(prefixes) or (problem == "multitask" and "/" in id_column):
+        return f"a prediction column (they are named {', '.join(p + '<class>' for p in prefixes) or '<task>/<column>'})"
+    return ""
+
+
+def _check_enough_rows(cohort: Cohort, test_size: float | None = None, cv: int | None = None) -> None:
+    """Enough rows for the split before anything is trained: a test row and 2 training rows (hold-out), or
+    ``cv`` folds that each leave 2 training rows."""
+    n = cohort.frame.height
+    where = f"data file {cohort.source!r}" if cohort.source else f"cohort {cohort.name!r}"
+    if cv is not None:
+        need = next(m for m in range(max(cv, 3), 10_000) if m - math.ceil(m / cv) >= 2)
+        if n < need:
+            raise ValueError(f"{where} has {n} row(s): too few for {cv}-fold cross-validation; at least {need} rows "
+                             f"are needed (or a smaller --cv)")
+        return
+    assert test_size is not None
+    need = next(m for m in range(3, 10_000) if m - math.ceil(m * test_size) >= 2)
+    if n < need:
+        n_test = math.ceil(n * test_size)
+        raise ValueError(f"{where} has {n} row(s): too few for a hold-out fit with data.test_size {test_size:g} "
+                         f"({n_test} test, {n - n_test} training row(s)); at least {need} rows are needed")
+
 
 @contextlib.contextmanager
 def rows_of_data(rows: np.ndarray) -> Iterator[None]:
