@@ -325,21 +325,33 @@ def compare(problem: str, metric: str, y: Any, splits: Sequence[tuple[np.ndarray
     """
     y_arr = y if problem == "survival" else np.asarray(y)
     baseline_predictions = baselines.predictions
+    thin = {k: why for k, (_, te) in enumerate(splits) if (why := fold_support(problem, y_arr[te])) is not None}
+    if thin:
+        import warnings
+
+        from mmclin.tasks.base import UndefinedMetricWarning
+
+        warnings.warn(f"{metric} undefined (NaN for mmclin and every baseline) on fold(s) "
+                      + "; ".join(f"{k + 1}: {why}" for k, why in thin.items()), UndefinedMetricWarning, stacklevel=2)
     rows = []
     for k, (_, te) in enumerate(splits):
-        rows.append({"model": "mmclin", "fold": k, "value": _safe(problem, y_arr[te], mmclin_predictions[k])})
+        rows.append({"model": "mmclin", "fold": k,
+                     "value": np.nan if k in thin else _safe(problem, y_arr[te], mmclin_predictions[k])})
         for name, preds in baseline_predictions.items():
-            rows.append({"model": name, "fold": k, "value": _safe(problem, y_arr[te], preds[k])})
+            rows.append({"model": name, "fold": k, "value": np.nan if k in thin else _safe(problem, y_arr[te], preds[k])})
     folds = pl.DataFrame(rows)
-    means = folds.filter(pl.col("model") != "mmclin").group_by("model").agg(pl.col("value").mean())
-    best = means.sort(["value", "model"], descending=[True, False])["model"][0]
-    observed = float(np.mean([r["value"] for r in rows if r["model"] == "mmclin"])
-                     - np.mean([r["value"] for r in rows if r["model"] == best]))
+    means = folds.filter(pl.col("model") != "mmclin").group_by("model").agg(
+        pl.col("value").filter(pl.col("value").is_not_nan()).mean())
+    best = means.sort(["value", "model"], descending=[True, False], nulls_last=True)["model"][0]
+    observed = float(_nanmean([r["value"] for r in rows if r["model"] == "mmclin"])
+                     - _nanmean([r["value"] for r in rows if r["model"] == best]))
     rng = np.random.default_rng(seed)
     diffs = []
     for _ in range(n_bootstrap):
         per_fold = []
         for k, (_, te) in enumerate(splits):
+            if k in thin:
+                continue
             pick = rng.integers(0, len(te), len(te))
             a = _safe(problem, y_arr[te][pick], mmclin_predictions[k][pick])
             b = _safe(problem, y_arr[te][pick], baseline_predictions[best][k][pick])
@@ -350,6 +362,36 @@ def compare(problem: str, metric: str, y: Any, splits: Sequence[tuple[np.ndarray
     low, high = (np.percentile(diffs, [2.5, 97.5]) if diffs else (np.nan, np.nan))
     return BaselineComparison(metric, folds, best, observed, float(low), float(high), len(diffs), baselines.columns,
                               baselines.skipped, baselines.seconds)
+
+
+def _nanmean(values: list[float]) -> float:
+    arr = np.asarray(values, dtype=float)
+    return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
+
+
+def fold_support(problem: str, y: Any) -> str | None:
+    """Why the primary metric is undefined on the test subjects ``y`` (too few subjects, events or subjects of a
+    class: the thresholds of :mod:`mmclin.tasks.base`), or None when it is supported."""
+    from mmclin.tasks.base import MIN_EVENTS, MIN_PER_CLASS, MIN_SUBJECTS
+
+    n = len(y)
+    if problem == "survival":
+        events = int(np.asarray(y[y.dtype.names[0]]).astype(bool).sum())
+        if events < MIN_EVENTS or n < MIN_SUBJECTS:
+            return f"{events} event(s) among {n} subject(s), at least {MIN_EVENTS} events and {MIN_SUBJECTS} subjects needed"
+        return None
+    if problem in ("binary", "multiclass"):
+        values, counts = np.unique(np.asarray(y), return_counts=True)
+        thin = [f"{v!s} ({c} of {n})" for v, c in zip(values.tolist(), counts.tolist())
+                if c < MIN_PER_CLASS or n - c < MIN_PER_CLASS]
+        if problem == "binary" and len(values) < 2:
+            thin = [f"{values[0]!s} only" if len(values) else "no subject"]
+        if thin:
+            return f"class(es) {', '.join(thin)}: at least {MIN_PER_CLASS} subjects in and out of each class needed"
+        return None
+    if n < MIN_SUBJECTS:
+        return f"{n} subject(s), at least {MIN_SUBJECTS} needed"
+    return None
 
 
 def _safe(problem: str, y: Any, prediction: np.ndarray) -> float:

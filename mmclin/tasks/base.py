@@ -11,6 +11,48 @@ import torch
 from torch import Tensor, nn
 
 
+# --- support of a metric -----------------------------------------------------------------------------
+# A metric computed on too few subjects or events is noise that looks like a result (a C-index of 1.0 from
+# 2 patients). Below these counts in the scored rows it is reported as undefined: NaN, the reason in
+# ``metrics.undefined`` and in an :class:`UndefinedMetricWarning` that states the count.
+MIN_SUBJECTS = 10  # every metric: at least 10 scored subjects
+MIN_PER_CLASS = 5  # ranking metrics (AUROC, AUPRC, F1) of a class or label: at least 5 subjects in it and 5 not in it
+MIN_EVENTS = 10  # survival metrics (C-index, Uno's C, Brier, AUC): at least 10 events
+
+
+class UndefinedMetricWarning(UserWarning):
+    """A metric is reported as undefined (NaN) because it rests on too few subjects or events."""
+
+
+class ExtrapolationWarning(UserWarning):
+    """A prediction was asked outside what the training data covered (e.g. after the follow-up)."""
+
+
+class UnknownOptionError(TypeError, ValueError):
+    """An option a task does not take (a TypeError, as Python says of an unexpected keyword; a ValueError, as
+    sklearn says of a bad parameter)."""
+
+
+class Metrics(dict):
+    """The metrics of a task: ``{name: value}``, a plain dict, plus ``undefined``: ``{name: reason}`` for those
+    reported as NaN because their support is too small (see ``MIN_SUBJECTS``, ``MIN_PER_CLASS``, ``MIN_EVENTS``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.undefined: dict[str, str] = {}
+
+    def mark_undefined(self, names: list[str], reason: str, warn: bool = True) -> "Metrics":
+        """Set ``names`` to NaN with ``reason`` (one warning for all of them)."""
+        names = [n for n in names if n in self]
+        for n in names:
+            self[n] = math.nan
+            self.undefined[n] = reason
+        if names and warn:
+            warnings.warn(f"{', '.join(names)} undefined (reported as NaN): {reason}", UndefinedMetricWarning,
+                          stacklevel=4)
+        return self
+
+
 class Task:
     """What to predict and how to score it.
 
@@ -50,7 +92,7 @@ class Task:
             choices = sorted(self.option_defaults)
             close = difflib.get_close_matches(unknown[0], choices, n=1, cutoff=0.5)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise TypeError(
+            raise UnknownOptionError(
                 f"Unknown option {unknown[0]!r} for task {self.task_name!r}.{hint} "
                 f"Options are {choices}."
             )
@@ -100,6 +142,26 @@ class Task:
     def score(self, y_true: Any, outputs: np.ndarray) -> float:
         """The sklearn-convention ``score`` (accuracy, R^2, Harrell's C)."""
         raise NotImplementedError
+
+    def undefined_metrics(self, y_true: Any) -> dict[str, str]:
+        """``{metric: reason}`` for the metrics that ``y_true`` has too few subjects or events to support
+        (thresholds ``MIN_SUBJECTS``, ``MIN_PER_CLASS``, ``MIN_EVENTS``); none by default."""
+        return {}
+
+    def reported_metrics(self, y_true: Any, outputs: np.ndarray, y_train: Any = None) -> "Metrics":
+        """:meth:`metrics` as mmclin reports them (fit, evaluate, the estimators' ``metrics``): a metric resting on
+        too few subjects or events (:meth:`undefined_metrics`) is NaN, its reason in ``.undefined``, said in one
+        :class:`UndefinedMetricWarning` per reason. ``metrics`` itself computes whatever the data allow."""
+        raw = self.metrics(y_true, outputs, y_train=y_train)
+        out = Metrics(raw)
+        out.undefined.update(getattr(raw, "undefined", {}))
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.undefined_metrics(y_true).items():
+            if name in out:
+                by_reason.setdefault(reason, []).append(name)
+        for reason, names in by_reason.items():
+            out.mark_undefined(names, reason)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {}

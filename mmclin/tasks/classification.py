@@ -23,7 +23,7 @@ from sklearn.metrics import (
 from torch import Tensor
 
 from mmclin.registry import TASKS
-from mmclin.tasks.base import Task, safe_metric, shown
+from mmclin.tasks.base import MIN_PER_CLASS, Task, safe_metric, shown
 
 _NAN = float("nan")
 
@@ -39,6 +39,23 @@ def _one_vs_rest(y: np.ndarray, scores: np.ndarray, metric: Any) -> list[float]:
         defined = len(np.unique(y[:, k])) == 2
         out.append(safe_metric(lambda: metric(y[:, k], scores[:, k])) if defined else _NAN)
     return out
+
+
+def _thin_columns(y: np.ndarray, names: list[str], what: str, absent_too: bool) -> list[str]:
+    """``"class 'a' (3 subject(s) in it, 27 not)"`` for each column of ``y`` ``[N, K]`` (0/1) with fewer than
+    ``MIN_PER_CLASS`` rows of either value; a column with none of one value only when ``absent_too`` (a macro
+    average leaves the classes absent from the scored rows out, as it always did)."""
+    thin = []
+    low = 0 if absent_too else 1
+    for k, name in enumerate(names):
+        positives = int((np.asarray(y)[:, k] == 1).sum())
+        if low <= positives < MIN_PER_CLASS or low <= len(y) - positives < MIN_PER_CLASS:
+            thin.append(f"{what} {name!r} ({positives} subject(s) in it, {len(y) - positives} not)")
+    return thin
+
+
+def _rule(what: str) -> str:
+    return f"ranking metrics need at least {MIN_PER_CLASS} subjects in and {MIN_PER_CLASS} not in each {what}"
 
 
 def _nanmean(values: list[float]) -> float:
@@ -128,6 +145,20 @@ class _LabelTask(Task):
             "f1": f1,
             "log_loss": safe_metric(lambda: log_loss(idx, proba, labels=list(range(k)))),
         }
+
+    def undefined_metrics(self, y_true: Any) -> dict[str, str]:
+        """AUROC, AUPRC (and F1 for binary) need ``MIN_PER_CLASS`` subjects in and out of each class scored
+        (binary: of the positive class; multiclass: of each class present, absent ones being left out)."""
+        idx = self._indices(y_true)
+        assert self.classes_ is not None
+        k = len(self.classes_)
+        onehot = np.eye(k, dtype=int)[idx]
+        names = [str(c) for c in self.classes_]
+        if k == 2:
+            thin, ranking = _thin_columns(onehot[:, 1:], names[1:], "class", absent_too=True), ["auroc", "auprc", "f1"]
+        else:
+            thin, ranking = _thin_columns(onehot, names, "class", absent_too=False), ["auroc", "auprc"]
+        return dict.fromkeys(ranking, f"{', '.join(thin)}; {_rule('class')}") if thin else {}
 
     def score(self, y_true: Any, outputs: np.ndarray) -> float:
         """Accuracy (sklearn's classifier ``score``)."""
@@ -351,6 +382,21 @@ class MultilabelTask(Task):
         }
         assert self.labels_ is not None
         out.update({f"auroc/{name}": v for name, v in zip(self.labels_, aurocs)})
+        return out
+
+    def undefined_metrics(self, y_true: Any) -> dict[str, str]:
+        """A label's AUROC needs ``MIN_PER_CLASS`` subjects with and without it; the macro AUROC / AUPRC need
+        that of every label present."""
+        y = self.check_targets(y_true)
+        assert self.labels_ is not None
+        out: dict[str, str] = {}
+        for k, name in enumerate(self.labels_):
+            thin = _thin_columns(y[:, [k]], [str(name)], "label", absent_too=True)
+            if thin:
+                out[f"auroc/{name}"] = f"{thin[0]}; {_rule('label')}"
+        thin = _thin_columns(y, [str(n) for n in self.labels_], "label", absent_too=False)
+        if thin:
+            out.update(dict.fromkeys(["auroc", "auprc"], f"{', '.join(thin)}; {_rule('label')}"))
         return out
 
     def score(self, y_true: Any, outputs: np.ndarray) -> float:

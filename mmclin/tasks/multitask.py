@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mmclin.registry import TASKS
-from mmclin.tasks.base import Task
+from mmclin.tasks.base import Metrics, Task
 
 
 @TASKS.register("multitask")
@@ -161,15 +161,29 @@ class MultiTask(Task):
         outputs = self.as_numpy(outputs)
         y = self.check_targets(y_true)
         y_tr = None if y_train is None else self.check_targets(y_train)
-        out: dict[str, float] = {}
+        out = Metrics()
         for key, sub, o_sl, _ in self.layout():
             keep, part = self._observed_part(sub, y[key])
             if not keep.any():
                 out[f"{key}/{sub.primary_metric}"] = math.nan
+                out.undefined[f"{key}/{sub.primary_metric}"] = f"no labelled row of sub-task {key!r}"
                 continue
             ref = None if y_tr is None else self._observed_part(sub, y_tr[key])[1]
-            for name, value in sub.metrics(part, outputs[keep][:, o_sl], y_train=ref).items():
+            sub_metrics = sub.metrics(part, outputs[keep][:, o_sl], y_train=ref)
+            for name, value in sub_metrics.items():
                 out[f"{key}/{name}"] = value
+            for name, why in getattr(sub_metrics, "undefined", {}).items():
+                out.undefined[f"{key}/{name}"] = f"sub-task {key!r}: {why}"
+        return out
+
+    def undefined_metrics(self, y_true: Any) -> dict[str, str]:
+        """Each sub-task's, on its labelled rows, named ``key/metric``."""
+        y = self.check_targets(y_true)
+        out: dict[str, str] = {}
+        for key, sub, _, _ in self.layout():
+            keep, part = self._observed_part(sub, y[key])
+            if keep.any():
+                out.update({f"{key}/{m}": f"sub-task {key!r}: {why}" for m, why in sub.undefined_metrics(part).items()})
         return out
 
     def score(self, y_true: Any, outputs: np.ndarray) -> float:

@@ -10,7 +10,7 @@ from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 from torch import Tensor
 
 from mmclin.registry import TASKS
-from mmclin.tasks.base import Task, is_missing, safe_metric, shown
+from mmclin.tasks.base import MIN_SUBJECTS, Task, is_missing, safe_metric, shown
 
 _LOSSES = ("mse", "huber")
 
@@ -113,6 +113,12 @@ class RegressionTask(Task):
             "rmse": safe_metric(lambda: np.sqrt(mean_squared_error(y, pred))),
             "r2": safe_metric(lambda: r2_score(y, pred)),
         }
+
+    def undefined_metrics(self, y_true: Any) -> dict[str, str]:
+        """Every metric needs ``MIN_SUBJECTS`` (10) scored subjects."""
+        n = len(self.check_targets(y_true))
+        return dict.fromkeys(["mae", "rmse", "r2"], f"{n} subject(s) scored; regression metrics need at least "
+                                                    f"{MIN_SUBJECTS}") if n < MIN_SUBJECTS else {}
 
     def score(self, y_true: Any, outputs: np.ndarray) -> float:
         """R^2 (sklearn's regressor ``score``)."""

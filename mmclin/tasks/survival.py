@@ -8,6 +8,7 @@ dict ``{"event": ..., "time": ...}``, a tuple ``(event, time)`` or a two-column 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,16 @@ from sksurv.metrics import (
 from torch import Tensor
 
 from mmclin.registry import TASKS
-from mmclin.tasks.base import Task, is_missing, safe_metric, shown
+from mmclin.tasks.base import (
+    MIN_EVENTS,
+    MIN_SUBJECTS,
+    ExtrapolationWarning,
+    Metrics,
+    Task,
+    is_missing,
+    safe_metric,
+    shown,
+)
 
 SURVIVAL_DTYPE = np.dtype([("event", bool), ("time", np.float64)])
 
@@ -187,12 +197,38 @@ class _SurvivalTask(Task):
     problem = "survival"
     primary_metric = "c_index"
 
+    METRICS = ("c_index", "uno_c", "integrated_brier", "mean_auc")
+
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.fitted_ = False
+        self.follow_up_: tuple[float, float] | None = None  # (first, last) time of the training targets
 
     def check_targets(self, y: Any) -> np.ndarray:
         return to_survival_array(y)
+
+    def _learn_follow_up(self, s: np.ndarray) -> None:
+        self.follow_up_ = (float(s["time"].min()), float(s["time"].max()))
+
+    def follow_up_end(self) -> float | None:
+        """The last time of the training follow-up (None before ``fit_targets``)."""
+        return None if self.follow_up_ is None else self.follow_up_[1]
+
+    def _warn_outside_follow_up(self, times: np.ndarray) -> None:
+        """Say when a survival curve is asked at negative times or after the training follow-up."""
+        t = np.asarray(times, dtype=np.float64).reshape(-1)
+        negative = t[t < 0]
+        if negative.size:
+            warnings.warn(f"survival function asked at {negative.size} negative time(s) (the first {negative[0]:g}): "
+                          "time starts at 0 (inclusion), where S(t) = 1; nothing is estimated before it",
+                          ExtrapolationWarning, stacklevel=3)
+        last = self.follow_up_end()
+        if last is not None:
+            beyond = t[t > last]
+            if beyond.size:
+                warnings.warn(f"survival function asked at {beyond.size} time(s) after the training follow-up (up to "
+                              f"{beyond.max():g}; the follow-up window is [0, {last:g}]): it extrapolates, holding "
+                              f"S(t) at its value at {last:g}", ExtrapolationWarning, stacklevel=3)
 
     def missing_rows(self, y: Any) -> np.ndarray:
         event, time = split_event_time(y)
@@ -214,13 +250,22 @@ class _SurvivalTask(Task):
         fall back to ``y_true`` itself (optimistic on small test sets). A metric that cannot be
         computed for this split (all censored, no valid time grid, ``cox`` not calibrated for
         the Brier score) is NaN.
+
+        Test times after the training follow-up are said with an ``ExtrapolationWarning`` (the
+        time-dependent metrics use times up to its end only). Support: see :meth:`undefined_metrics`.
         """
         y = self.check_targets(y_true)
         ref = y if y_train is None else self.check_targets(y_train)
+        last = float(ref["time"].max())
+        beyond = int((y["time"] > last).sum()) if y_train is not None else 0
+        if beyond:
+            warnings.warn(f"{beyond} of {len(y)} test subject(s) have times beyond the training follow-up (its last "
+                          f"time is {last:g}, the test's {float(y['time'].max()):g}): uno_c, integrated_brier and "
+                          f"mean_auc use times up to {last:g} only", ExtrapolationWarning, stacklevel=2)
         risk = self.predict(outputs)
-        out = {"c_index": safe_metric(lambda: concordance_index_censored(y["event"], y["time"], risk)[0])}
+        out = Metrics(c_index=safe_metric(lambda: concordance_index_censored(y["event"], y["time"], risk)[0]))
         if len(y) < 2 or not y["event"].any():
-            return {**out, "uno_c": math.nan, "integrated_brier": math.nan, "mean_auc": math.nan}
+            return Metrics({**out, "uno_c": math.nan, "integrated_brier": math.nan, "mean_auc": math.nan})
         yc = _clip_to_reference(y, ref)
         grid = _time_grid(yc["time"], ref["time"])
         # truncate Uno's C at the 90th percentile of test times (the grid's top): near the end of
@@ -238,7 +283,20 @@ class _SurvivalTask(Task):
         # time-dependent risk 1 - S(t) where a curve exists (discrete time), else the risk score
         auc_risk = 1.0 - surv if surv is not None else risk
         out["mean_auc"] = safe_metric(lambda: cumulative_dynamic_auc(ref, yc, auc_risk, grid)[1]) if enough else math.nan
+        if not enough:
+            out.mark_undefined(["uno_c", "integrated_brier", "mean_auc"] if not len(grid) else ["integrated_brier", "mean_auc"],
+                               f"{len(grid)} evaluation time(s) inside both the test follow-up and the training "
+                               f"follow-up (up to {last:g}); at least 2 are needed")
         return out
+
+    def undefined_metrics(self, y_true: Any) -> dict[str, str]:
+        """Every survival metric needs ``MIN_EVENTS`` (10) events and ``MIN_SUBJECTS`` (10) subjects scored."""
+        y = self.check_targets(y_true)
+        n_events = int(y["event"].sum())
+        if n_events >= MIN_EVENTS and len(y) >= MIN_SUBJECTS:
+            return {}
+        return dict.fromkeys(self.METRICS, f"{n_events} event(s) among {len(y)} subject(s); survival metrics need "
+                                           f"at least {MIN_EVENTS} events and {MIN_SUBJECTS} subjects")
 
     def score(self, y_true: Any, outputs: np.ndarray) -> float:
         """Harrell's concordance index (scikit-survival's ``score``)."""
@@ -284,7 +342,7 @@ class CoxTask(_SurvivalTask):
         self.baseline_cumhaz_: np.ndarray | None = None
 
     def fit_targets(self, y: Any) -> "CoxTask":
-        to_survival_array(y, require_event=True)  # nothing to learn; fail early on bad targets
+        self._learn_follow_up(to_survival_array(y, require_event=True))  # fail early on bad targets
         self.fitted_ = True
         return self
 
@@ -327,6 +385,8 @@ class CoxTask(_SurvivalTask):
                 "The 'cox' task has no baseline hazard yet; call task.calibrate(outputs_train, y_train) "
                 "after training."
             )
+        if times is not None:
+            self._warn_outside_follow_up(times)
         times = self.baseline_times_ if times is None else np.asarray(times, dtype=np.float64).reshape(-1)
         k = np.searchsorted(self.baseline_times_, times, side="right") - 1
         h0 = np.where(k >= 0, self.baseline_cumhaz_[np.clip(k, 0, None)], 0.0)
@@ -337,13 +397,22 @@ class CoxTask(_SurvivalTask):
     def state_dict(self) -> dict[str, Any]:
         as_list = lambda a: None if a is None else a.tolist()  # noqa: E731
         return {"fitted": self.fitted_, "baseline_times": as_list(self.baseline_times_),
-                "baseline_cumhaz": as_list(self.baseline_cumhaz_)}
+                "baseline_cumhaz": as_list(self.baseline_cumhaz_),
+                "follow_up": None if self.follow_up_ is None else list(self.follow_up_)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         as_array = lambda v: None if v is None else np.asarray(v, dtype=np.float64)  # noqa: E731
         self.fitted_ = bool(state.get("fitted", False))
         self.baseline_times_ = as_array(state.get("baseline_times"))
         self.baseline_cumhaz_ = as_array(state.get("baseline_cumhaz"))
+        follow_up = state.get("follow_up")
+        self.follow_up_ = None if follow_up is None else (float(follow_up[0]), float(follow_up[1]))
+
+    def follow_up_end(self) -> float | None:
+        """The last training time; for a model saved before it was recorded, the baseline hazard's last time."""
+        if self.follow_up_ is None and self.baseline_times_ is not None and len(self.baseline_times_):
+            return float(self.baseline_times_[-1])
+        return super().follow_up_end()
 
 
 @TASKS.register("discrete_time")
@@ -380,6 +449,7 @@ class DiscreteTimeTask(_SurvivalTask):
         s = to_survival_array(y, require_event=True)
         q = np.linspace(0.0, 1.0, int(self.options["n_bins"]) + 1)[1:]
         self.edges_ = np.unique(np.quantile(s["time"][s["event"]], q))
+        self._learn_follow_up(s)
         self.fitted_ = True
         return self
 
@@ -423,6 +493,7 @@ class DiscreteTimeTask(_SurvivalTask):
         s_edges = np.cumprod(1.0 - expit(self.as_numpy(outputs).astype(np.float64)), axis=1)
         if times is None:
             return self.edges_.copy(), s_edges
+        self._warn_outside_follow_up(times)
         times = np.asarray(times, dtype=np.float64).reshape(-1)
         k = np.searchsorted(self.edges_, times, side="right")
         s = np.concatenate([np.ones((len(s_edges), 1)), s_edges], axis=1)
@@ -437,8 +508,17 @@ class DiscreteTimeTask(_SurvivalTask):
         return -(s_start * widths).sum(axis=1)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"edges": None if self.edges_ is None else self.edges_.tolist()}
+        return {"edges": None if self.edges_ is None else self.edges_.tolist(),
+                "follow_up": None if self.follow_up_ is None else list(self.follow_up_)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.edges_ = None if state.get("edges") is None else np.asarray(state["edges"], dtype=np.float64)
         self.fitted_ = self.edges_ is not None
+        follow_up = state.get("follow_up")
+        self.follow_up_ = None if follow_up is None else (float(follow_up[0]), float(follow_up[1]))
+
+    def follow_up_end(self) -> float | None:
+        """The last training time; for a model saved before it was recorded, the last interval's end."""
+        if self.follow_up_ is None and self.edges_ is not None and len(self.edges_):
+            return float(self.edges_[-1])
+        return super().follow_up_end()
