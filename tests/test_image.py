@@ -8,11 +8,13 @@ import polars as pl
 import pytest
 import torch
 
-from conftest import importorskip, requires
+from conftest import requires
 from mmclin.datasets.radiology import crop_or_pad, normalise_intensity, preprocess, read_image
 
-pytestmark = requires("pydicom")  # the [imaging] extra
-pydicom = importorskip("pydicom")
+try:
+    import pydicom  # the [imaging] extra: the reading tests need it, the checkpoint tests do not
+except ImportError:
+    pydicom = None
 
 from mmclin.datasets.radiology import pydicom_test_file  # noqa: E402
 
@@ -22,6 +24,7 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
+@requires("pydicom")
 def test_dicom_ct_is_in_hounsfield_units_with_its_spacing():
     v = read_image(pydicom_test_file("CT_small.dcm"))
     raw = pydicom.dcmread(pydicom_test_file("CT_small.dcm"))
@@ -32,6 +35,7 @@ def test_dicom_ct_is_in_hounsfield_units_with_its_spacing():
     assert x.shape == (1, 64, 64) and -1 <= x.min() and x.max() <= 1  # CT window scaled to [-1, 1]
 
 
+@requires("pydicom")
 def test_dicom_series_directory_is_stacked_in_patient_order(tmp_path):
     src = pydicom.dcmread(pydicom_test_file("CT_small.dcm"))
     for i, z in enumerate([10.0, -5.0, 2.5]):  # written out of order on purpose
@@ -48,6 +52,7 @@ def test_dicom_series_directory_is_stacked_in_patient_order(tmp_path):
     assert v.spacing[0] == pytest.approx(7.5)
 
 
+@requires("pydicom")
 @requires("nibabel", "nilearn")
 def test_nifti_mni152_volume_resampled_to_3d_tensor():
     pytest.importorskip("nibabel")
@@ -67,6 +72,7 @@ def test_nifti_mni152_volume_resampled_to_3d_tensor():
         preprocess(read_image(pydicom_test_file("MR_small.dcm")), (8, 8, 8))
 
 
+@requires("pydicom")
 def test_png_and_bad_inputs(tmp_path):
     from PIL import Image
 
@@ -106,6 +112,7 @@ def _planted_ct_set(tmp_path, n=48):
     return pl.DataFrame(rows), np.array(y)
 
 
+@requires("pydicom")
 def test_image_featurizer_two_views_ragged_and_errors(tmp_path):
     from mmclin.cohort import ModalitySpec
     from mmclin.encoders.image import ImageFeaturizer
@@ -123,6 +130,7 @@ def test_image_featurizer_two_views_ragged_and_errors(tmp_path):
         f.transform(bad)
 
 
+@requires("pydicom")
 def test_image_model_learns_planted_disc(tmp_path):
     from sklearn.metrics import roc_auc_score
 
@@ -138,6 +146,7 @@ def test_image_model_learns_planted_disc(tmp_path):
     assert roc_auc_score(y[te], clf.predict_proba(frame[te])[:, 1]) >= 0.9
 
 
+@requires("pydicom")
 @requires("nibabel", "nilearn")
 def test_3d_volumes_through_featurizer_and_3d_cnn(tmp_path):
     pytest.importorskip("nibabel")
@@ -158,3 +167,185 @@ def test_3d_volumes_through_featurizer_and_3d_cnn(tmp_path):
     out = enc(ragged.pad(torch.arange(3)))
     assert out.tokens.shape == (3, 2, 8) and out.mask.tolist() == [[True, True], [False, False], [True, False]]
     torch.testing.assert_close(out.tokens[0, 0], out.tokens[2, 0])  # same scan, same token
+
+
+# --- pretrained backbones from a local checkpoint (no pydicom, no network) ---------------------
+def _torchvision_resnet18_state(dims: int = 2, in_channels: int = 3, seed: int = 0) -> dict:
+    """A state dict in torchvision's ``resnet18`` layout (what ``torchvision.models.resnet18().state_dict()``
+    holds, 1000-class ``fc`` included), random weights and non-trivial BatchNorm statistics."""
+    from mmclin.encoders.image_backbones import ResNet18
+
+    torch.manual_seed(seed)
+    net = ResNet18(dims=dims, in_channels=in_channels)
+    state = {}
+    for k, v in net.state_dict().items():
+        if k.endswith("running_var"):
+            v = torch.rand_like(v) + 0.5
+        elif k.endswith(("running_mean", "bn1.bias", "bn2.bias")):
+            v = torch.randn_like(v) * 0.1
+        elif k.endswith(("bn1.weight", "bn2.weight")) or k.endswith("downsample.1.weight"):
+            v = torch.rand_like(v) + 0.5
+        state[k] = v.clone()
+    state["fc.weight"], state["fc.bias"] = torch.randn(1000, 512), torch.randn(1000)
+    return state
+
+
+def _reference_resnet18(state: dict, x: torch.Tensor) -> torch.Tensor:
+    """The resnet18 feature maps computed from the weights with torch.nn.functional alone."""
+    import torch.nn.functional as F
+
+    dims = x.dim() - 2
+    conv = {2: F.conv2d, 3: F.conv3d}[dims]
+    pool = {2: F.max_pool2d, 3: F.max_pool3d}[dims]
+
+    def bn(h, p):
+        return F.batch_norm(h, state[p + ".running_mean"], state[p + ".running_var"], state[p + ".weight"],
+                            state[p + ".bias"], False, 0.0, 1e-5)
+
+    h = pool(F.relu(bn(conv(x, state["conv1.weight"], stride=2, padding=3), "bn1")), 3, 2, 1)
+    for layer in range(1, 5):
+        for block in range(2):
+            p = f"layer{layer}.{block}"
+            stride = 2 if layer > 1 and block == 0 else 1
+            out = F.relu(bn(conv(h, state[p + ".conv1.weight"], stride=stride, padding=1), p + ".bn1"))
+            out = bn(conv(out, state[p + ".conv2.weight"], padding=1), p + ".bn2")
+            short = bn(conv(h, state[p + ".downsample.0.weight"], stride=stride), p + ".downsample.1") \
+                if p + ".downsample.0.weight" in state else h
+            h = F.relu(out + short)
+    return h
+
+
+def _images(n: int, size, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, 2, dtype=torch.bool)
+    mask[1, 1] = False
+    return {"image": torch.randn(n, 2, 1, *size, generator=g), "view": torch.tensor([[0, 1]] * n), "mask": mask}
+
+
+def _expected_tokens(enc, state: dict, inputs: dict) -> torch.Tensor:
+    x = inputs["image"][inputs["mask"]]
+    h = _reference_resnet18(state, x.expand(-1, 3, *x.shape[2:]) if state["conv1.weight"].shape[1] == 3 else x).flatten(2)
+    out = enc.proj(torch.cat([h.mean(2), h.amax(2)], 1)) + enc.view(inputs["view"][inputs["mask"]])
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_resnet18_starts_from_a_torchvision_checkpoint(tmp_path, fmt, monkeypatch):
+    """The loaded weights are the ones used: tokens equal a functional resnet18 on the file's
+    weights, with the RGB first layer applied to the grey image repeated on 3 channels."""
+    import socket
+
+    from mmclin.encoders.image import ImageCNNEncoder
+
+    state = _torchvision_resnet18_state()
+    path = tmp_path / f"resnet18.{fmt}"
+    if fmt == "pth":
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+        save_file({f"module.{k}": v.contiguous() for k, v in state.items()}, str(path))  # DataParallel prefix
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the checkpoint must be read locally")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    enc = ImageCNNEncoder(size=[32, 32], n_views=2, d_model=8, backbone="resnet18", checkpoint=str(path)).eval()
+    torch.testing.assert_close(enc.cnn.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
+    torch.testing.assert_close(enc.cnn.layer3[0].bn1.running_var, state["layer3.0.bn1.running_var"])
+    inputs = _images(3, (32, 32))
+    out = enc(inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(out.tokens[inputs["mask"]], _expected_tokens(enc, state, inputs), rtol=1e-4, atol=1e-4)
+    # a randomly initialised resnet18 gives other tokens: the file's weights are what made them
+    other = ImageCNNEncoder(size=[32, 32], n_views=2, d_model=8, backbone="resnet18").eval()
+    other.proj.load_state_dict(enc.proj.state_dict())
+    other.view.load_state_dict(enc.view.state_dict())
+    assert (other(inputs).tokens - out.tokens).abs().max() > 1e-2
+
+
+def test_resnet18_3d_from_a_monai_style_checkpoint_and_training_is_batch_independent(tmp_path):
+    """A 3-D, one-channel checkpoint wrapped as {"state_dict": {"module.…": …}} (MedicalNet / MONAI
+    style) loads; BatchNorm keeps the checkpoint's statistics in training too, so a sample's
+    token does not depend on the batch, and the backbone can be frozen."""
+    from mmclin.encoders.image import ImageCNNEncoder
+
+    state = _torchvision_resnet18_state(dims=3, in_channels=1, seed=1)
+    path = tmp_path / "resnet_18.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items() if not k.startswith("fc.")}, "epoch": 3}, path)
+    enc = ImageCNNEncoder(size=[16, 16, 16], d_model=8, n_views=2, backbone="resnet18", checkpoint=str(path)).train()
+    inputs = _images(2, (16, 16, 16))
+    out = enc(inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(out.tokens[inputs["mask"]], _expected_tokens(enc, state, inputs), rtol=1e-4, atol=1e-4)
+    single = enc({k: v[:1] for k, v in inputs.items()})
+    torch.testing.assert_close(single.tokens[0], out.tokens[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(enc.cnn.bn1.running_mean, state["bn1.running_mean"])  # not updated by training
+    frozen = ImageCNNEncoder(size=[16, 16, 16], d_model=8, backbone="resnet18", checkpoint=str(path), freeze_backbone=True)
+    frozen(_images(2, (16, 16, 16))).tokens.sum().backward()
+    assert all(p.grad is None for p in frozen.cnn.parameters()) and frozen.proj.weight.grad.abs().sum() > 0
+
+
+def test_checkpoint_that_does_not_fit_is_refused_naming_file_and_keys(tmp_path):
+    from mmclin.encoders.image import ImageCNNEncoder
+
+    state = _torchvision_resnet18_state()
+    bad = {k: v for k, v in state.items() if not k.startswith("layer4.1.")}
+    bad["layer1.2.conv1.weight"] = torch.zeros(64, 64, 3, 3)  # a resnet34 block
+    path = tmp_path / "resnet34ish.pth"
+    torch.save(bad, path)
+    with pytest.raises(ValueError) as err:
+        ImageCNNEncoder(size=[32, 32], backbone="resnet18", checkpoint=str(path))
+    msg = str(err.value)
+    assert "resnet34ish.pth" in msg and "does not fit backbone 'resnet18'" in msg
+    assert "missing keys: layer4.1.bn1.bias" in msg and "unexpected keys: layer1.2.conv1.weight" in msg
+    shaped = dict(state, **{"conv1.weight": torch.zeros(64, 3, 5, 5)})
+    torch.save(shaped, path)
+    with pytest.raises(ValueError, match=r"mis-shaped: conv1.weight \(64, 1, 5, 5\) \(expected \(64, 1, 7, 7\)\)"):
+        ImageCNNEncoder(size=[32, 32], backbone="resnet18", checkpoint=str(path))
+    with pytest.raises(ValueError, match=r"does not fit backbone 'cnn'.*missing keys: 0.bias"):
+        ImageCNNEncoder(size=[32, 32], checkpoint=str(path))  # a resnet file for the small CNN
+
+
+class PickledObject:
+    """An arbitrary class: unpickling it would run code from this module."""
+
+
+def test_checkpoint_with_pickled_code_or_unknown_format_is_refused(tmp_path):
+    from mmclin.encoders.image import ImageCNNEncoder
+
+    path = tmp_path / "with_code.pt"
+    torch.save({"conv1.weight": torch.zeros(1), "obj": PickledObject()}, path)  # a whole pickled object inside
+    with pytest.raises(ValueError, match=r"with_code.pt.*weights_only=True\) refused it"):
+        ImageCNNEncoder(size=[32, 32], backbone="resnet18", checkpoint=str(path))
+    torch.save({"conv1.weight": torch.zeros(1), "epochs": 3}, path)  # loads, but is not a state dict
+    with pytest.raises(ValueError, match=r"expected a state dict \(names -> tensors\), found keys \['conv1.weight', 'epochs'\]"):
+        ImageCNNEncoder(size=[32, 32], backbone="resnet18", checkpoint=str(path))
+    (tmp_path / "w.onnx").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"w.onnx.*expected a .safetensors file or one of"):
+        ImageCNNEncoder(size=[32, 32], backbone="resnet18", checkpoint=str(tmp_path / "w.onnx"))
+    with pytest.raises(FileNotFoundError, match=r"nope.pth.*never downloaded"):
+        ImageCNNEncoder(size=[32, 32], backbone="resnet18", checkpoint=str(tmp_path / "nope.pth"))
+    with pytest.raises(ValueError, match=r"'backbone' must be one of \['cnn', 'resnet18'\], got 'resnet50'"):
+        ImageCNNEncoder(size=[32, 32], backbone="resnet18".replace("18", "50"))
+
+
+def test_resnet18_backbone_passes_the_encoder_checks(monkeypatch):
+    from mmclin.encoders.image import ImageCNNEncoder
+    from mmclin.testing.conformance import ENCODER_CHECKS
+
+    monkeypatch.setattr(ImageCNNEncoder, "example", classmethod(
+        lambda cls: cls(size=[32, 32], n_views=2, d_model=8, backbone="resnet18")))
+    for check in ENCODER_CHECKS:
+        check("image")
+
+
+def test_checkpoint_option_reaches_the_encoder_from_the_modality_spec(tmp_path):
+    """``ModalitySpec(options={"backbone": ..., "checkpoint": ...})`` is how a user asks for it."""
+    from mmclin.cohort import ModalitySpec
+    from mmclin.training.pretrain import build_encoders
+
+    state = _torchvision_resnet18_state(seed=2)
+    torch.save(state, tmp_path / "r18.pth")
+    spec = ModalitySpec(name="rad", kind="image", columns=["ct"],
+                        options={"size": [32, 32], "backbone": "resnet18", "checkpoint": str(tmp_path / "r18.pth")})
+    enc = build_encoders([spec], {"rad": {"size": [32, 32], "n_views": 1}}, {})["rad"]
+    torch.testing.assert_close(enc.cnn.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])

@@ -1,5 +1,6 @@
 """Radiology images (kind ``image``): featurizer (paths -> resampled, normalised tensors) and a
-2-D / 3-D CNN encoder giving one token per image (views, time points).
+2-D / 3-D CNN encoder giving one token per image (views, time points): a small CNN from
+scratch, or a resnet18 that starts from a local pretrained checkpoint (never downloaded).
 
 A subject's images come from several path columns (one per view, e.g. ``["ct_path", "mr_path"]``)
 or one ``list[str]`` column (any number of images). Each image is a token; a learned view
@@ -110,16 +111,28 @@ FEATURIZERS.register("image")(ImageFeaturizer)
 
 @ENCODERS.register("image")
 class ImageCNNEncoder(ModalityEncoder):
-    """A small 2-D or 3-D CNN per image (conv-GroupNorm-ReLU blocks, stride 2, global average
-    pool concatenated with global max pool (a small lesion survives max pooling), linear)
-    plus a learned view embedding; one token per image.
+    """A 2-D or 3-D CNN per image (a small conv-GroupNorm-ReLU net from scratch, or a resnet18
+    that can start from a local torchvision / timm / MONAI checkpoint), global average pool
+    concatenated with global max pool (a small lesion survives max pooling), linear, plus a
+    learned view embedding; one token per image.
 
-    GroupNorm (not BatchNorm) keeps each image's embedding independent of the batch.
+    GroupNorm (``"cnn"``) and BatchNorm with frozen running statistics (``"resnet18"``) keep
+    each image's embedding independent of the batch. A checkpoint is read from a local file
+    only (``.safetensors``, or ``.pt``/``.pth`` through ``torch.load(weights_only=True)``); RGB
+    first-layer weights are summed for the one-channel images, the checkpoint's classifier is
+    dropped, and a checkpoint that does not fit is refused with its missing/unexpected keys
+    (:func:`mmclin.encoders.image_backbones.load_checkpoint`). It is read when the encoder is
+    built, so a model saved after fitting still needs the file where it is loaded again.
 
     Args:
         size: image size ``[H, W]`` or ``[D, H, W]`` (from the data; picks 2-D or 3-D convs).
         n_views: number of view slots (path columns; from the data). d_model: token width D.
-        width: channels of the first block (doubled per block). n_blocks: conv blocks.
+        width: ``"cnn"``: channels of the first block (doubled per block). n_blocks: ``"cnn"``: conv blocks.
+        backbone: ``"cnn"`` (default) or ``"resnet18"`` (torchvision's architecture and key
+            names, widths 64-512; without a checkpoint its BatchNorms start as identities).
+        checkpoint: path of a local state dict for the backbone (None: random initialisation).
+        freeze_backbone: keep the backbone's weights fixed (only the projection and view
+            embedding learn).
 
     Shapes:
         inputs["image"]: ``[B, T, 1, *size]``; inputs["view"]: ``[B, T]`` long; inputs["mask"]: ``[B, T]`` bool.
@@ -128,17 +141,32 @@ class ImageCNNEncoder(ModalityEncoder):
 
     kind = "image"
 
-    def __init__(self, size: list[int], n_views: int = 1, d_model: int = 32, width: int = 8, n_blocks: int = 3) -> None:
+    def __init__(self, size: list[int], n_views: int = 1, d_model: int = 32, width: int = 8, n_blocks: int = 3,
+                 backbone: str = "cnn", checkpoint: str | None = None, freeze_backbone: bool = False) -> None:
         super().__init__()
+        from mmclin.encoders.image_backbones import BACKBONES, load_checkpoint
+
         self.size, self.n_views, self.output_dim = list(size), n_views, d_model
-        conv = {2: nn.Conv2d, 3: nn.Conv3d}[len(size)]
-        layers: list[nn.Module] = []
-        cin = 1
-        for i in range(n_blocks):
-            cout = width * 2**i
-            layers += [conv(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(min(4, cout), cout), nn.ReLU()]
-            cin = cout
-        self.cnn = nn.Sequential(*layers)
+        if len(self.size) not in (2, 3):
+            raise ValueError(f"image encoder: 'size' must be [H, W] or [D, H, W], got {size}")
+        if backbone == "cnn":
+            conv = {2: nn.Conv2d, 3: nn.Conv3d}[len(size)]
+            layers: list[nn.Module] = []
+            cin = 1
+            for i in range(n_blocks):
+                cout = width * 2**i
+                layers += [conv(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(min(4, cout), cout), nn.ReLU()]
+                cin = cout
+            self.cnn: nn.Module = nn.Sequential(*layers)
+        elif backbone in BACKBONES:
+            self.cnn = BACKBONES[backbone](dims=len(self.size), in_channels=1)
+            cin = self.cnn.output_channels
+        else:
+            raise ValueError(f"image encoder: option 'backbone' must be one of {['cnn', *BACKBONES]}, got {backbone!r}")
+        if checkpoint is not None:
+            load_checkpoint(self.cnn, checkpoint, backbone)
+        if freeze_backbone:
+            self.cnn.requires_grad_(False)
         self.proj = nn.Linear(2 * cin, d_model)
         self.view = nn.Embedding(n_views, d_model)
         nn.init.normal_(self.view.weight, std=0.02)  # small: must not drown the image content at init
