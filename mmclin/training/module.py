@@ -30,6 +30,16 @@ class TrainingDiverged(ValueError):
 
 
 class MultimodalModule(pl_.LightningModule):
+    # Lightning sets `_current_fx_name` on the module before every hook (a dozen times a step); nn.Module's
+    # __setattr__ checks parameters, buffers and submodules each time, which is a tenth of a small model's step
+    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._PLAIN_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def __init__(self, net: MultimodalNet, task: Task, learning_rate: float = 1e-3, weight_decay: float = 1e-4,
                  modality_dropout: float = 0.0, seed: int = 0) -> None:
         super().__init__()
@@ -50,6 +60,9 @@ class MultimodalModule(pl_.LightningModule):
         self._train_loss_sum: Tensor | None = None
         self._train_batches = 0
         self.epoch_sink = None  # callable(metrics, epoch), e.g. MLflow logging
+        # One optimizer, no closure to re-run: stepping by hand skips Lightning's closure machinery, a large
+        # share of a small model's step on CPU (benchmarks/peers). Precision plugins still scale the loss.
+        self.automatic_optimization = False
 
     def forward(self, batch: ModalityBatch) -> Tensor:
         return self.net(batch.inputs, batch.present)[0]
@@ -69,7 +82,11 @@ class MultimodalModule(pl_.LightningModule):
 
     def training_step(self, batch: ModalityBatch, batch_idx: int) -> Tensor:
         present = modality_dropout(batch.present, self.modality_dropout, self.dropout_rng)
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
         loss = self._loss(batch, present)
+        self.manual_backward(loss)
+        optimizer.step()
         # accumulate on device; one host sync per epoch rather than per step
         detached = loss.detach()
         self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
@@ -135,7 +152,10 @@ class MultimodalModule(pl_.LightningModule):
         return self(batch).float()
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.AdamW(self.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
+        params = [p for p in self.parameters() if p.requires_grad]
+        # the fused kernel: one pass over all parameters (4x faster than per-tensor AdamW on CPU here)
+        fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay, fused=fused or None)
 
 
 class BestWeights(pl_.Callback):
