@@ -20,12 +20,7 @@ import bad_inputs_catalogue as catalogue  # noqa: E402
 
 # cases whose fix lies outside this change, with what it needs (a strict xfail: it fails once fixed, so the
 # marker is removed then)
-PENDING = {
-    "encoder heads that do not divide the width":
-        "the tabular encoder builds nn.MultiheadAttention(d_model, n_heads) without checking d_model % n_heads "
-        "(an AssertionError); needs a ValueError in mmclin/encoders/tabular.py and build_member "
-        "(mmclin/training/core.py) naming model.encoders.<modality>",
-}
+PENDING: dict[str, str] = {}  # cases whose fix is still to come: name -> why (strict xfail)
 
 
 @pytest.fixture(scope="module")

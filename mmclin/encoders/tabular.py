@@ -148,6 +148,8 @@ class TabularEncoder(ModalityEncoder):
         super().__init__()
         if n_numeric + len(cardinalities) == 0:
             raise ValueError("tabular encoder needs at least one numeric or categorical column")
+        if n_layers > 0 and d_model % n_heads:
+            raise ValueError(f"tabular encoder: d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.output_dim = d_model
         self.n_numeric = n_numeric
         self.weight = nn.Parameter(torch.randn(n_numeric, d_model) * d_model**-0.5)

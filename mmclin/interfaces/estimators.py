@@ -163,7 +163,7 @@ class _MultimodalBase(EstimatorParams):
     def metrics(self, X: Any, y: Any, y_train: Any = None) -> dict[str, float]:
         """All the task's metrics (e.g. Harrell's and Uno's C, integrated Brier score)."""
         outputs = self._outputs(X)
-        return self.task_.metrics(self.task_.check_targets(y), outputs, y_train=y_train)
+        return self.task_.reported_metrics(self.task_.check_targets(y), outputs, y_train=y_train)
 
     def predict_per_step(self, X: Any) -> Any:
         """Predictions after every step of a sequential fusion head (``sequential_modular``):

@@ -60,7 +60,7 @@ class CheckpointStore:
         if self.read_only and not resume:
             raise ValueError("a read-only checkpoint store can only resume")
         if resume and store.exists():
-            found = json.loads(store.read_text()).get("fingerprint")
+            found = _read_store(store).get("fingerprint")
             if found != self.fingerprint:
                 raise ValueError(
                     f"--resume: the checkpoints in {str(self.root)!r} were written by a run with a different config or "
@@ -89,7 +89,7 @@ class CheckpointStore:
     @property
     def run_id(self) -> str | None:
         store = self.root / STORE
-        return json.loads(store.read_text()).get("mlflow_run_id") if store.exists() else None
+        return _read_store(store).get("mlflow_run_id") if store.exists() else None
 
     @run_id.setter
     def run_id(self, value: str) -> None:
@@ -163,3 +163,15 @@ class EpochCheckpoint(Checkpoint):
         self.directory.mkdir(parents=True, exist_ok=True)
         write_file_atomic(self.directory / LAST, lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))
         write_json_atomic(self.directory / LAST_META, {"epoch": trainer.current_epoch, "history": module.history})
+
+
+def _read_store(store: Path) -> dict[str, Any]:
+    try:
+        found = json.loads(store.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"checkpoint index {str(store)!r} is damaged ({err}); move the checkpoint directory "
+                         f"{str(store.parent)!r} away to train from the start") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"checkpoint index {str(store)!r} is damaged (not a JSON object); move the checkpoint "
+                         f"directory {str(store.parent)!r} away to train from the start")
+    return found

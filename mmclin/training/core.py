@@ -70,13 +70,16 @@ def build_member(specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str, 
             options.pop(key, None)  # featurizer options (e.g. max_events), not the encoder's
         try:
             encoders[s.name] = cls(**encoder_kwargs[s.name], **options)
-        except TypeError as err:
-            raise ValueError(f"modality {s.name!r}: bad options {sorted(options)} for encoder {s.encoder_name!r}: {err}") from None
+        except (TypeError, ValueError, RuntimeError, AssertionError) as err:  # torch asserts on e.g. d_model % n_heads
+            shown = {k: v for k, v in options.items()}
+            raise ValueError(f"model.encoders.{s.name} (modality {s.name!r}, encoder {s.encoder_name!r}, options "
+                             f"{shown}): {err or type(err).__name__}") from None
     dims = {m: e.output_dim for m, e in encoders.items()}
     try:
         fusion = FUSIONS.create(model.fusion.name, input_dims=dims, **model.fusion.options)
-    except TypeError as err:
-        raise ValueError(f"bad options {sorted(model.fusion.options)} for fusion head {model.fusion.name!r}: {err}") from None
+    except (TypeError, ValueError, RuntimeError, AssertionError) as err:
+        raise ValueError(f"model.fusion (fusion head {model.fusion.name!r}, options {dict(model.fusion.options)}): "
+                         f"{err or type(err).__name__}") from None
     return MultimodalNet(encoders, fusion, task.build_head(fusion.output_dim))
 
 
