@@ -218,3 +218,20 @@ def test_unfitted_estimator_raises_not_fitted(boring_binary, method):
 def test_binary_training_targets_of_one_class(boring_binary):
     with pytest.raises(ValueError, match=r"binary training targets hold one class only \(\[0\] in all 160 rows\)"):
         MultimodalClassifier(modalities=boring_binary.modalities, **FAST).fit(boring_binary.frame, np.zeros(160, int))
+
+
+def test_devices_a_cpu_only_machine_does_not_have_are_refused(monkeypatch):
+    """trainer.devices: 4 with no GPU would quietly become 4 CPU processes; device: gpu would fail deep in Lightning."""
+    import torch
+
+    from mmclin.config import TrainerConfig
+    from mmclin.training.core import resolve_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"trainer.devices: 4 asks for several devices, but this machine has no GPU; "
+                                         r"set trainer.device: cpu"):
+        resolve_accelerator(TrainerConfig(devices=4))
+    with pytest.raises(ValueError, match=r"trainer.device: 'gpu', but torch sees no GPU"):
+        resolve_accelerator(TrainerConfig(device="gpu"))
+    assert resolve_accelerator(TrainerConfig(device="cpu", devices=2))[0] == "cpu"  # asked for on purpose
+    assert resolve_accelerator(TrainerConfig())[0] == "cpu"

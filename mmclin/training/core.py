@@ -86,7 +86,16 @@ def build_member(specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str, 
 def resolve_accelerator(trainer: TrainerConfig) -> tuple[str, str]:
     """``(accelerator, precision)`` for Lightning: GPU + mixed precision when there is one."""
     accelerator = {"cuda": "gpu"}.get(trainer.device, trainer.device)
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise ValueError(f"trainer.device: {trainer.device!r}, but torch sees no GPU on this machine "
+                         "(torch.cuda.is_available() is False); use device: auto or cpu")
     on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    n = trainer.devices
+    several = (isinstance(n, int) and n > 1) or (isinstance(n, str) and n not in ("auto", "-1") and (not n.isdigit() or int(n) > 1))
+    if accelerator == "auto" and not on_gpu and several:
+        # Lightning would quietly run that many CPU processes instead of the GPUs asked for
+        raise ValueError(f"trainer.devices: {trainer.devices!r} asks for several devices, but this machine has no GPU; "
+                         "set trainer.device: cpu to run that many CPU processes (DDP) on purpose, or devices: auto")
     if accelerator == "auto":
         accelerator = "gpu" if on_gpu else "cpu"
     precision = trainer.precision
