@@ -1,6 +1,7 @@
-"""Every fusion head, with and without modality dropout, on the same folds in one run.
+"""Every registered fusion head on the same folds in one run; before/after tables from two runs.
 
-    python benchmarks/fusion_heads.py [--part synthetic|gse7390|both] [--folds 5] [--quick]
+    python benchmarks/fusion_heads.py [--part synthetic|real|both] [--folds 3] [--quick] [--output PREFIX]
+    python benchmarks/fusion_heads.py --compare BEFORE_PREFIX AFTER_PREFIX
 
 1. **Synthetic** (binary, 4 modalities, planted signal in each): ``make_synthetic_cohort``
    drawn three times with one seed, so features and labels are identical and only absence
@@ -8,15 +9,24 @@
    absent at random) and *MNAR* (the same fractions, but sicker subjects, i.e. higher planted
    risk, lose them more often). Models train on the MCAR rows of each training fold and are
    scored (AUROC) on the test fold as complete, as MCAR (no shift) and as MNAR (a missingness
-   shift), and, on the complete test fold, with only k of the 4 modalities given (mean over
-   the subsets of that size, from ``missing_report``).
-2. **GSE7390** (real: clinical + 76 genes, survival): the quick-start config with each head,
-   5 subject-level folds; Harrell's C with both modalities, clinical only, genes only, and
-   under an MNAR shift hiding genes from half of the test patients (early events first);
-   the paired per-fold difference to concat (same dropout) says whether a head is worse
-   than concat by more than noise.
+   shift); the paired per-fold difference to concat on the MNAR test says whether a head
+   earns its place beside concat.
+2. **Real** built-in survival cohorts with two modalities, Harrell's C: ``gse7390``
+   (clinical + 76 genes) and ``pbcseq`` (baseline + irregular labs): with both modalities,
+   and under an MNAR shift hiding the second modality from the half of the test patients
+   whose events come first (events before censorings, earliest first); paired difference
+   to concat.
 
-Every model of one fold has the same seed; CPU, one torch thread. Mean +- SD over folds.
+Every head sees the same folds and, within a fold, the same seed; every head trains with the
+same modality dropout (``--dropout``, 0.3: the setting in which all heads see every subset of
+modalities). CPU, one torch thread. Mean ± SD over folds.
+
+*Before/after*: run this script once at the old commit (``git worktree add /tmp/heads_before
+<commit>``; ``PYTHONPATH=/tmp/heads_before python benchmarks/fusion_heads.py --output before``)
+and once at the current one (``--output after``), then ``--compare before after`` prints one
+table per part with both runs side by side. The script imports only what has been public
+since before the head rework (estimators, ``make_synthetic_cohort``, ``load_cohort``,
+``cv_splits``, the fusion registry).
 """
 from __future__ import annotations
 
@@ -27,154 +37,154 @@ import numpy as np
 import polars as pl
 import torch
 
-from mmclin import MultimodalClassifier, make_synthetic_cohort
-from mmclin.interfaces.experiment import Experiment
+from mmclin import MultimodalClassifier, MultimodalSurvivalModel, make_synthetic_cohort
+from mmclin.datasets import load_cohort
+from mmclin.registry import FUSIONS, load_builtin_components
 from mmclin.training.splits import cv_splits
 
-HEADS = ("concat", "late", "cascaded_transformer", "sequential_modular")
-DROPOUTS = (0.0, 0.3)
 SYN_MODALITIES = {"clinical": ("tabular", 8), "labs": ("tabular", 6), "genes": ("genomics", 32), "methylation": ("genomics", 24)}
 SYN_SIGNAL = {"clinical": 0.8, "labs": 0.8, "genes": 1.0, "methylation": 0.8}
 SYN_MISSING = {"labs": 0.3, "genes": 0.4, "methylation": 0.4}
+REAL = {"gse7390": "genes", "pbcseq": "labs"}  # cohort: the modality the MNAR shift hides
 
 
-def pm(values: list[float]) -> str:
+def heads() -> list[str]:
+    load_builtin_components()
+    names = FUSIONS.names()
+    return ["concat", *[n for n in names if n != "concat"]]  # concat first: the reference
+
+
+def pm(values) -> str:
     arr = np.asarray(values, dtype=float)
     return f"{np.nanmean(arr):.3f} ± {np.nanstd(arr, ddof=1):.3f}" if len(arr) > 1 else f"{arr[0]:.3f}"
 
 
 def synthetic(args: argparse.Namespace) -> pl.DataFrame:
-    from sklearn.metrics import roc_auc_score
-
-    n = args.n_subjects
-    common = dict(n_subjects=n, modalities=SYN_MODALITIES, task="binary", signal=SYN_SIGNAL, seed=args.seed)
+    common = dict(n_subjects=args.n_subjects, modalities=SYN_MODALITIES, task="binary", signal=SYN_SIGNAL, seed=args.seed)
     complete = make_synthetic_cohort(**common)
     mcar = make_synthetic_cohort(**common, missing=SYN_MISSING, missing_mechanism="mcar")
     mnar = make_synthetic_cohort(**common, missing=SYN_MISSING, missing_mechanism="mnar")
     y = complete.y
     assert np.array_equal(y, mcar.y) and np.array_equal(y, mnar.y), "the three draws must share labels"
-    eta = complete.extra["linear_predictor"][:, 0]
-    for name, c in (("MCAR", mcar), ("MNAR", mnar)):
-        absent = {m: ~c.extra["present"][m] for m in SYN_MISSING}
-        print(f"{name}: planted risk of subjects lacking " + ", ".join(
-            f"{m} {eta[a].mean():+.2f}" for m, a in absent.items()) + f" (cohort mean {eta.mean():+.2f})")
-    folds = list(cv_splits(y, "binary", args.folds, args.seed))
-    oracle = [roc_auc_score(y[te], eta[te]) for _, te in folds]
-    print(f"synthetic: {n} subjects, positives {y.mean():.2f}; AUROC of the planted risk itself {pm(oracle)}")
-    specs = complete.modalities
     rows = []
-    for head in HEADS:
-        for p in DROPOUTS:
-            for k, (tr, te) in enumerate(folds):
-                t0 = time.perf_counter()
-                est = MultimodalClassifier(
-                    modalities=specs, fusion=head, fusion_options={"d_model": 32, "dropout": 0.1},
-                    encoder_options={m: {"d_model": 32} for m in SYN_MODALITIES}, modality_dropout=p,
-                    max_epochs=args.epochs, batch_size=128, weight_decay=0.01, patience=10, random_state=k,
-                ).fit(mcar.frame[tr], y[tr])
-                seconds = time.perf_counter() - t0
-                row = {"head": head, "dropout": p, "fold": k, "fit_s": seconds}
-                for name, c in (("complete", complete), ("mcar", mcar), ("mnar", mnar)):
-                    row[name] = est.metrics(c.frame[te], y[te])["auroc"]
-                report = est.missing_report(complete.frame[te], y[te], mechanisms=())
-                by_k = report.subsets.group_by("n_modalities").agg(pl.col("auroc").mean())
-                row.update({f"given_{r['n_modalities']}": r["auroc"] for r in by_k.to_dicts()})
-                rows.append(row)
-                print(f"  {head:22s} dropout {p:.1f} fold {k}: complete {row['complete']:.3f} mcar {row['mcar']:.3f} "
-                      f"mnar {row['mnar']:.3f} 1-of-4 {row['given_1']:.3f} ({seconds:.1f} s)", flush=True)
-    return pl.DataFrame(rows)
-
-
-def synthetic_table(per_fold: pl.DataFrame) -> pl.DataFrame:
-    out = []
-    for (head, p), g in per_fold.group_by(["head", "dropout"], maintain_order=True):
-        out.append({
-            "head": head, "mod. dropout": p,
-            "complete": pm(g["complete"]), "MCAR test": pm(g["mcar"]), "MNAR test": pm(g["mnar"]),
-            "MNAR - MCAR": pm((g["mnar"] - g["mcar"]).to_list()),
-            "3 of 4 given": pm(g["given_3"]), "2 of 4": pm(g["given_2"]), "1 of 4": pm(g["given_1"]),
-            "fit s": f"{g['fit_s'].median():.1f}",
-        })
-    return pl.DataFrame(out)
-
-
-def gse7390(args: argparse.Namespace) -> pl.DataFrame:
-    rows = []
-    for head in HEADS:
-        for p in DROPOUTS:
-            exp = Experiment.from_yaml(args.config, [
-                f"model.fusion.name={head}", f"model.modality_dropout={p}", f"model.ensemble_size={args.ensemble}",
-                f"trainer.max_epochs={args.gse_epochs}", "tracking.enabled=false", "trainer.progress_bar=false"])
+    for k, (tr, te) in enumerate(cv_splits(y, "binary", args.folds, args.seed)):
+        for head in heads():
             t0 = time.perf_counter()
-            res = exp.evaluate(cv=args.folds, missing_report={"mechanisms": ("mnar",), "n_repeats": 5, "seed": 0})
-            seconds = (time.perf_counter() - t0) / args.folds
-            sub = res.missing_report.subsets
-            shift = res.missing_report.shift.filter((pl.col("mechanism") == "mnar") & (pl.col("hidden") == "genes"))
-            mnar_genes = shift.group_by("fold").agg(pl.col("c_index").mean()).sort("fold")["c_index"]
-            for k in range(args.folds):
-                fold = sub.filter(pl.col("fold") == k)
-                rows.append({
-                    "head": head, "dropout": p, "fold": k, "fit_s": seconds,
-                    "both": res.folds["c_index"][k],
-                    "uno_c": res.folds["uno_c"][k],
-                    "clinical": fold.filter(pl.col("subset") == "clinical")["c_index"][0],
-                    "genes": fold.filter(pl.col("subset") == "genes")["c_index"][0],
-                    "mnar_genes": mnar_genes[k],
-                })
-            print(f"  {head:22s} dropout {p:.1f}: C {res.folds['c_index'].mean():.3f}", flush=True)
+            est = MultimodalClassifier(
+                modalities=complete.modalities, fusion=head, fusion_options={"d_model": 32},
+                encoder_options={m: {"d_model": 32} for m in SYN_MODALITIES}, modality_dropout=args.dropout,
+                max_epochs=args.epochs, batch_size=64, weight_decay=0.01, patience=8, random_state=k,
+            ).fit(mcar.frame[tr], y[tr])
+            row = {"head": head, "fold": k, "fit_s": time.perf_counter() - t0}
+            for split, c in (("complete", complete), ("mcar", mcar), ("mnar", mnar)):
+                row[split] = est.metrics(c.frame[te], y[te])["auroc"]
+            rows.append(row)
+            print(f"  synthetic fold {k} {head:22s} complete {row['complete']:.3f} mcar {row['mcar']:.3f} "
+                  f"mnar {row['mnar']:.3f} ({row['fit_s']:.1f} s)", flush=True)
     return pl.DataFrame(rows)
 
 
-def gse_table(per_fold: pl.DataFrame) -> pl.DataFrame:
+def hide_first_events(frame: pl.DataFrame, y: np.ndarray, columns: list[str], fraction: float = 0.5) -> pl.DataFrame:
+    """The modality's columns set to null for the ``fraction`` of rows whose events come first."""
+    event, time_ = (y[n] for n in y.dtype.names)  # scikit-survival layout: (event, time) fields
+    order = np.lexsort((time_, ~event.astype(bool)))  # events before censorings, earliest first
+    hide = np.zeros(len(y), dtype=bool)
+    hide[order[: int(round(fraction * len(y)))]] = True
+    mask = pl.Series("hide", hide)
+    return frame.with_columns([pl.when(mask).then(None).otherwise(pl.col(c)).alias(c) for c in columns])
+
+
+def real(args: argparse.Namespace) -> pl.DataFrame:
+    rows = []
+    for cohort_name, hidden in REAL.items():
+        c = load_cohort(cohort_name)
+        spec = next(s for s in c.modalities if s.name == hidden)
+        for k, (tr, te) in enumerate(cv_splits(c.y, "survival", args.folds, args.seed)):
+            shifted = hide_first_events(c.frame[te], c.y[te], list(spec.columns))
+            for head in heads():
+                t0 = time.perf_counter()
+                est = MultimodalSurvivalModel(
+                    modalities=c.modalities, fusion=head, fusion_options={"d_model": 32}, modality_dropout=args.dropout,
+                    max_epochs=args.real_epochs, batch_size=32, patience=10, random_state=k,
+                ).fit(c.frame[tr], c.y[tr])
+                row = {"cohort": cohort_name, "head": head, "fold": k, "fit_s": time.perf_counter() - t0,
+                       "both": est.metrics(c.frame[te], c.y[te], y_train=c.y[tr])["c_index"],
+                       "mnar": est.metrics(shifted, c.y[te], y_train=c.y[tr])["c_index"]}
+                rows.append(row)
+                print(f"  {cohort_name} fold {k} {head:22s} C {row['both']:.3f} MNAR-hide-{hidden} {row['mnar']:.3f} "
+                      f"({row['fit_s']:.1f} s)", flush=True)
+    return pl.DataFrame(rows)
+
+
+PARTS = {  # part: (title, group keys, {column: label}, the column the paired difference to concat is taken on)
+    "synthetic": ("synthetic 4-modality, AUROC (train MCAR, test as noted)", ["head"],
+                  {"complete": "complete", "mcar": "MCAR test", "mnar": "MNAR test"}, "mnar"),
+    "real": ("real cohorts, Harrell's C", ["cohort", "head"],
+             {"both": "C (all modalities)", "mnar": "C, MNAR: 2nd modality hidden from first-event half"}, "both"),
+}
+
+
+def table(per_fold: pl.DataFrame, part: str) -> pl.DataFrame:
+    _, keys, metrics, paired = PARTS[part]
     out = []
-    for (head, p), g in per_fold.group_by(["head", "dropout"], maintain_order=True):
-        ref = per_fold.filter((pl.col("head") == "concat") & (pl.col("dropout") == p)).sort("fold")
-        diff = (g.sort("fold")["both"] - ref["both"]).to_list()
-        out.append({
-            "head": head, "mod. dropout": p, "C (both)": pm(g["both"]), "Uno C": pm(g["uno_c"]),
-            "C clinical only": pm(g["clinical"]), "C genes only": pm(g["genes"]),
-            "C, MNAR hide genes 50%": pm(g["mnar_genes"]),
-            "C - concat (paired)": "–" if head == "concat" else pm(diff),
-            "fit s / fold": f"{g['fit_s'].median():.1f}",
-        })
+    for key, g in per_fold.group_by(keys, maintain_order=True):
+        ids = dict(zip(keys, key))
+        ref = per_fold.filter(pl.all_horizontal([pl.col(k) == v for k, v in {**ids, "head": "concat"}.items()])).sort("fold")
+        diff = (g.sort("fold")[paired] - ref[paired]).to_list()
+        out.append({**ids, **{label: pm(g[col]) for col, label in metrics.items()},
+                    f"{metrics[paired]} - concat (paired)": "–" if ids["head"] == "concat" else pm(diff),
+                    "fit s": f"{g['fit_s'].median():.1f}"})
     return pl.DataFrame(out)
+
+
+def compare(before: pl.DataFrame, after: pl.DataFrame, part: str) -> pl.DataFrame:
+    """One row per head (and cohort): each metric before -> after."""
+    _, keys, metrics, _ = PARTS[part]
+    tb, ta = table(before, part), table(after, part)
+    joined = tb.join(ta, on=keys, how="full", suffix=" after", coalesce=True, maintain_order="right")
+    cols = [c for c in tb.columns if c not in keys]
+    return joined.select(*keys, *[pl.concat_str([pl.col(c).fill_null("–"), pl.col(f"{c} after").fill_null("–")],
+                                                separator="  →  ").alias(c) for c in cols])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("synthetic", "gse7390", "both"), default="both")
-    ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--n-subjects", type=int, default=1500)
-    ap.add_argument("--epochs", type=int, default=60, help="synthetic: max epochs (early stopping, patience 10)")
+    ap.add_argument("--part", choices=("synthetic", "real", "both"), default="both")
+    ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument("--n-subjects", type=int, default=800)
+    ap.add_argument("--epochs", type=int, default=25, help="synthetic: max epochs (early stopping, patience 8)")
+    ap.add_argument("--real-epochs", type=int, default=25, help="real cohorts: max epochs (patience 10)")
+    ap.add_argument("--dropout", type=float, default=0.3, help="modality dropout, the same for every head")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--config", default="experiments/gse7390_survival.yaml")
-    ap.add_argument("--ensemble", type=int, default=1, help="GSE7390: ensemble size (the quick start uses 5)")
-    ap.add_argument("--gse-epochs", type=int, default=60)
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 2 folds, 400 subjects, 3 epochs")
-    ap.add_argument("--output", help="write the per-fold rows to this parquet prefix (<prefix>_synthetic.parquet, ...)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 2 folds, 300 subjects, 2 epochs")
+    ap.add_argument("--output", help="write the per-fold rows to <prefix>_synthetic.parquet and <prefix>_real.parquet")
+    ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print before -> after tables from two --output prefixes")
     args = ap.parse_args()
     if args.quick:
-        args.folds, args.n_subjects, args.epochs, args.gse_epochs = 2, 400, 3, 3
-    torch.set_num_threads(1)
-    cfg = pl.Config(tbl_cols=-1, tbl_width_chars=250, tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True,
-                    fmt_str_lengths=40, tbl_formatting="MARKDOWN", tbl_rows=-1)
+        args.folds, args.n_subjects, args.epochs, args.real_epochs = 2, 300, 2, 2
+    cfg = pl.Config(tbl_cols=-1, tbl_width_chars=300, tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True,
+                    fmt_str_lengths=60, tbl_formatting="MARKDOWN", tbl_rows=-1)
+    parts = ("synthetic", "real") if args.part == "both" else (args.part,)
     tables = {}
-    if args.part in ("synthetic", "both"):
-        per_fold = synthetic(args)
-        tables["synthetic"] = synthetic_table(per_fold)
-        if args.output:
-            per_fold.write_parquet(f"{args.output}_synthetic.parquet")
-    if args.part in ("gse7390", "both"):
-        per_fold = gse7390(args)
-        tables["gse7390"] = gse_table(per_fold)
-        if args.output:
-            per_fold.write_parquet(f"{args.output}_gse7390.parquet")
+    if args.compare:
+        from pathlib import Path
+
+        for part in parts:
+            paths = [Path(f"{prefix}_{part}.parquet") for prefix in args.compare]
+            if all(p.exists() for p in paths):
+                tables[part] = compare(*(pl.read_parquet(p) for p in paths), part)
+    else:
+        torch.set_num_threads(1)
+        for part in parts:
+            per_fold = synthetic(args) if part == "synthetic" else real(args)
+            if args.output:
+                per_fold.write_parquet(f"{args.output}_{part}.parquet")
+            tables[part] = table(per_fold, part)
     with cfg:
-        for name, table in tables.items():
-            title = ("synthetic, AUROC (train MCAR, test as noted)" if name == "synthetic"
-                     else f"GSE7390, Harrell's C, {args.folds}-fold CV, ensemble {args.ensemble}")
-            print(f"\n{title}, mean ± SD over {args.folds} folds")
-            print(table)
+        for part, t in tables.items():
+            n = args.folds if not args.compare else "the"
+            print(f"\n{PARTS[part][0]}, mean ± SD over {n} folds" + (" (before  →  after)" if args.compare else ""))
+            print(t)
 
 
 if __name__ == "__main__":
