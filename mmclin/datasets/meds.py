@@ -1,32 +1,154 @@
-"""MEDS reader: a MEDS dataset (+ a MEDS label table) -> a :class:`~mmclin.cohort.Cohort`.
+"""MEDS reader: a MEDS dataset (+ an ACES / MEDS label table) -> a :class:`~mmclin.cohort.Cohort`.
 
 MEDS (Medical Event Data Standard, https://github.com/Medical-Event-Data-Standard/meds)
-stores one event per row in parquet shards under ``data/``: ``subject_id`` (int64),
-``time`` (datetime; null for static facts such as ``GENDER//F``), ``code`` (string),
-``numeric_value`` (float, nullable) and optionally ``text_value`` (string). A label table
-(the MEDS label schema) has ``subject_id``, ``prediction_time`` and one of
-``boolean_value`` / ``integer_value`` / ``float_value`` / ``categorical_value``; each label
-row is one prediction. ``metadata/subject_splits.parquet`` (``subject_id``, ``split``), when
-present, is returned in ``cohort.extra["split"]``.
+stores one event per row in parquet shards under ``data/`` (``data/**/*.parquet``):
+``subject_id`` (int64), ``time`` (timestamp; null for static facts such as ``GENDER//F``),
+``code`` (string), ``numeric_value`` (float32, nullable, may be omitted) and optionally
+``text_value`` (string). Each shard's schema is checked against ``meds.DataSchema`` (metadata
+only, nothing read); ``metadata/codes.parquet``, ``metadata/subject_splits.parquet`` and
+``metadata/dataset.json`` against their ``meds`` schemas, when present. A label table (the MEDS
+label schema, what ACES writes; :func:`~mmclin.datasets.meds_labels.read_meds_labels`) defines
+the samples: one row per ``(subject_id, prediction_time)``.
 
 Static events become a tabular modality (one column per static code), timed numeric events
 one ``irregular_series`` modality per code-prefix group, and timed text events a ``notes``
-modality; events after each row's ``prediction_time`` are removed before aggregation.
+modality, all through :func:`~mmclin.datasets.events.events_to_frame` /
+:func:`~mmclin.datasets.events.notes_to_frame` on lazy scans of the shards: each sample's
+events with ``time <= prediction_time`` are kept (the label schema's "up to and including"),
+later ones are removed before aggregation. The dataset's own splits become a ``split`` column
+(and ``cohort.extra["split"]``; :func:`meds_split_indices`).
 """
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mmclin.cohort import Cohort, ModalitySpec
-from mmclin.datasets.events import events_to_frame, notes_to_frame, scan_table
+from mmclin.datasets.events import events_to_frame, notes_to_frame
+from mmclin.datasets.meds_labels import (LABEL_VALUE_COLUMNS, meds_predictions_frame, read_meds_labels,
+                                         write_meds_predictions)
 
-__all__ = ["read_meds"]
+__all__ = ["read_meds", "read_meds_labels", "meds_split_indices", "meds_predictions_frame", "write_meds_predictions"]
 
-_LABEL_TASKS = {"boolean_value": "binary", "integer_value": "multiclass", "categorical_value": "multiclass",
-                "float_value": "regression"}
+log = logging.getLogger("mmclin.datasets")
+# MEDS DataSchema columns: (required, the schema's type, what a reader can take without changing a value)
+_DATA_COLUMNS = {
+    "subject_id": (True, "int64", pa.types.is_integer),
+    "time": (True, "timestamp[us]", lambda t: pa.types.is_null(t) or (pa.types.is_timestamp(t) and t.tz is None)),
+    "code": (True, "string", lambda t: _is_text(t) or (pa.types.is_dictionary(t) and _is_text(t.value_type))),
+    "numeric_value": (False, "float", lambda t: pa.types.is_null(t) or pa.types.is_floating(t) or pa.types.is_integer(t)),
+    "text_value": (False, "large_string", lambda t: pa.types.is_null(t) or _is_text(t)),
+}
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _: False)(t)
+
+
+def _check_shard(shard: Path) -> pa.Schema:
+    """A shard's arrow schema (parquet metadata only), checked against ``meds.DataSchema``: a missing
+    required column or a column whose type cannot hold the schema's values is one error naming the file."""
+    try:
+        schema = pq.read_schema(shard)
+    except Exception as err:
+        raise ValueError(f"MEDS events file {str(shard)!r} is not a readable parquet file ({err})") from None
+    try:  # the meds package's own schema, when installed (pip install 'mmclin[meds]')
+        from meds import DataSchema
+
+        want = {c: str(DataSchema.column_type(c)) for c in DataSchema.columns()}
+        required = set(DataSchema.required_columns())
+    except ImportError:
+        want = {c: t for c, (_, t, _) in _DATA_COLUMNS.items()}
+        required = {c for c, (r, _, _) in _DATA_COLUMNS.items() if r}
+    lacking = [c for c in _DATA_COLUMNS if c in required and c not in schema.names]
+    if lacking:
+        raise ValueError(f"MEDS events file {str(shard)!r} lacks column(s) {lacking}; it has columns {schema.names}; "
+                         f"MEDS needs {sorted(required, key=list(_DATA_COLUMNS).index)}")
+    for col, (_, _, ok) in _DATA_COLUMNS.items():
+        if col in schema.names and not ok(schema.field(col).type):
+            raise ValueError(f"MEDS events file {str(shard)!r} column {col!r} has type {schema.field(col).type}; "
+                             f"the MEDS DataSchema wants {want[col]}")
+    return schema
+
+
+def _scan_shard(shard: Path, schema: pa.Schema) -> pl.LazyFrame:
+    """One shard, lazily, in the canonical dtypes (so shards written by different tools concatenate)."""
+    names = set(schema.names)
+    return pl.scan_parquet(shard).select(
+        pl.col("subject_id").cast(pl.Int64), pl.col("time").cast(pl.Datetime("us")), pl.col("code").cast(pl.String),
+        (pl.col("numeric_value") if "numeric_value" in names else pl.lit(None)).cast(pl.Float64).alias("numeric_value"),
+        (pl.col("text_value") if "text_value" in names else pl.lit(None)).cast(pl.String).alias("text_value"))
+
+
+def _read_metadata(root: Path) -> dict[str, Any]:
+    """``metadata/`` files, each checked against its ``meds`` schema (when meds is installed)."""
+    meta = root / "metadata"
+    out: dict[str, Any] = {}
+    try:
+        import meds
+    except ImportError:
+        meds = None
+    path = meta / "dataset.json"
+    if path.exists():
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"MEDS metadata file {str(path)!r} is not valid JSON ({err})") from None
+        if not isinstance(info, dict):
+            raise ValueError(f"MEDS metadata file {str(path)!r} holds a {type(info).__name__}; expected a JSON object")
+        if meds is not None:
+            try:
+                meds.DatasetMetadataSchema.validate(info)
+            except Exception as err:
+                cause = getattr(err.__cause__, "message", None) or str(err)
+                where = "/".join(str(p) for p in getattr(err.__cause__, "path", [])) or "?"
+                raise ValueError(f"MEDS metadata file {str(path)!r} field {where!r}: {cause} "
+                                 "(meds.DatasetMetadataSchema)") from None
+        out["dataset_metadata"] = info
+    for name, schema_name, key in (("codes.parquet", "CodeMetadataSchema", "code_metadata"),
+                                   ("subject_splits.parquet", "SubjectSplitSchema", "subject_splits")):
+        path = meta / name
+        if not path.exists():
+            continue
+        table = pq.read_table(path)
+        need = {"codes.parquet": ["code"], "subject_splits.parquet": ["subject_id", "split"]}[name]
+        lacking = [c for c in need if c not in table.schema.names]
+        if lacking:
+            raise ValueError(f"MEDS metadata file {str(path)!r} lacks column(s) {lacking}; it has {table.schema.names}")
+        if meds is not None:
+            schema = getattr(meds, schema_name)
+            try:
+                schema.align(table.select(need if name == "subject_splits.parquet" else table.schema.names))
+            except Exception as err:
+                raise ValueError(f"MEDS metadata file {str(path)!r} does not conform to meds.{schema_name}: {err}") from None
+        frame = pl.from_arrow(table)
+        if name == "subject_splits.parquet":
+            frame = frame.select(pl.col("subject_id").cast(pl.Int64), pl.col("split").cast(pl.String))
+            dup = frame["subject_id"].is_duplicated()
+            if dup.any():
+                i = int(dup.arg_max())
+                raise ValueError(f"MEDS metadata file {str(path)!r} row {i}: subject_id {frame['subject_id'][i]} "
+                                 "has more than one split; a subject sits in exactly one")
+        out[key] = frame
+    return out
+
+
+def meds_split_indices(cohort: Cohort) -> dict[str, np.ndarray]:
+    """Row indices of each of the dataset's own splits (``metadata/subject_splits.parquet``):
+    ``{"train": [...], "tuning": [...], "held_out": [...]}`` (whatever names the file uses).
+    Rows whose subject has no split are in none of them."""
+    split = cohort.extra.get("split")
+    if split is None:
+        raise ValueError(f"cohort {cohort.name!r} has no MEDS splits (no metadata/subject_splits.parquet was read)")
+    split = np.asarray(split, dtype=object)
+    return {str(name): np.flatnonzero(split == name) for name in dict.fromkeys(s for s in split if s is not None)}
 
 
 def _prefix_filter(prefixes: list[str]) -> pl.Expr:
@@ -46,11 +168,13 @@ def read_meds(
     max_events: int | None = None,
     max_static_codes: int = 50,
 ) -> Cohort:
-    """Read a MEDS dataset and a MEDS label table into a one-row-per-prediction cohort.
+    """Read a MEDS dataset and a MEDS (ACES) label table into a one-row-per-prediction cohort.
 
     Args:
-        root: the dataset folder (with ``data/``), or a folder / file of event parquet shards.
-        labels: label table (frame or parquet/CSV path) in the MEDS label schema.
+        root: the dataset folder (with ``data/`` and optionally ``metadata/``), or a folder / file
+            of event parquet shards.
+        labels: label table (frame or parquet/CSV path) in the MEDS label schema; each row is one
+            sample, and a subject may have many (one per prediction time).
         series: ``{modality: [code prefixes]}`` for numeric events (default: all of them in
             one ``events`` modality); an event goes to the first modality whose prefix matches.
         notes: ``{modality: [code prefixes]}`` for text events (default: all text events in
@@ -61,9 +185,12 @@ def read_meds(
 
     Returns:
         ``Cohort`` whose frame has ``sample_id`` (``"<subject_id>@<prediction_time>"``),
-        ``subject_id`` (use it as the group column: one subject may have several rows), the
-        static columns, one column per modality and the label column; ``task`` follows the
-        label column (boolean -> binary, integer/categorical -> multiclass, float -> regression).
+        ``subject_id`` (the group column: one subject may have several rows; ``extra["group_column"]``),
+        ``prediction_time``, the label column, ``split`` (when the dataset has
+        ``metadata/subject_splits.parquet``), the static columns and one column per modality;
+        ``task`` follows the label column (boolean -> binary, integer/categorical -> multiclass,
+        float -> regression). Every modality of a row holds only events with
+        ``time <= prediction_time`` of that row.
     """
     root = Path(root)
     data = root / "data" if (root / "data").is_dir() else root
@@ -75,44 +202,52 @@ def read_meds(
         if not shards:
             raise FileNotFoundError(f"MEDS data folder {str(data)!r} holds no .parquet files")
     else:
-        shards = [data] if data.suffix.lower() in (".parquet", ".pq") else []
-    for shard in shards:
-        cols = pl.read_parquet_schema(shard)
-        lacking = [c for c in ("subject_id", "time", "code", "numeric_value") if c not in cols]
-        if lacking:
-            raise ValueError(f"MEDS events file {str(shard)!r} lacks column(s) {lacking}; it has columns {list(cols)}; "
-                             "MEDS needs subject_id, time, code, numeric_value")
-    events = scan_table(str(data) if data.is_dir() else data, "MEDS events")
-    schema = events.collect_schema()
-    missing = [c for c in ("subject_id", "time", "code", "numeric_value") if c not in schema]
-    if missing:
-        raise ValueError(f"MEDS events in {str(data)!r} lack columns {missing}; MEDS needs subject_id, time, code, numeric_value")
-    lab = scan_table(labels, "MEDS labels").collect()
-    value_cols = [c for c in _LABEL_TASKS if c in lab.columns and lab[c].null_count() < lab.height]
-    if "subject_id" not in lab.columns or "prediction_time" not in lab.columns or len(value_cols) != 1:
-        raise ValueError("MEDS labels need subject_id, prediction_time and exactly one non-empty value column of "
-                         f"{list(_LABEL_TASKS)}; got columns {lab.columns}")
-    label = value_cols[0]
-    subjects = lab.select(
-        pl.format("{}@{}", "subject_id", pl.col("prediction_time").dt.strftime("%Y-%m-%dT%H:%M:%S")).alias("sample_id"),
-        "subject_id", "prediction_time", label)
+        if data.suffix.lower() not in (".parquet", ".pq"):
+            raise ValueError(f"MEDS data {str(data)!r}: expected a folder of .parquet shards or a .parquet file")
+        shards = [data]
+    scans = [_scan_shard(shard, _check_shard(shard)) for shard in shards]
+    events = pl.concat(scans, how="vertical") if len(scans) > 1 else scans[0]
+    has_text = any("text_value" in pq.read_schema(shard).names for shard in shards)
+    meta = _read_metadata(root) if (root / "metadata").is_dir() else {}
 
-    # static facts (null time) -> tabular columns; numeric_value when given, else 1 (the fact holds)
+    lab, label = read_meds_labels(labels)
+    ts = pl.col("prediction_time")
+    stamp = pl.when(ts.dt.microsecond() != 0).then(ts.dt.strftime("%Y-%m-%dT%H:%M:%S%.6f")) \
+        .otherwise(ts.dt.strftime("%Y-%m-%dT%H:%M:%S"))
+    frame = lab.select(pl.format("{}@{}", "subject_id", stamp).alias("sample_id"), "subject_id", "prediction_time",
+                       label)
+    extra: dict[str, Any] = {"group_column": "subject_id", "label_column": label}
+    if "subject_splits" in meta:
+        frame = frame.join(meta["subject_splits"], on="subject_id", how="left", maintain_order="left")
+        n_none = frame["split"].null_count()
+        if n_none:
+            log.warning("MEDS labels: %d of %d row(s) are of subjects absent from metadata/subject_splits.parquet "
+                        "(split null; the first at row %d)", n_none, frame.height, int(frame["split"].is_null().arg_max()))
+        extra["split"] = frame["split"].to_numpy()
+    for key in ("dataset_metadata", "code_metadata"):
+        if key in meta:
+            extra[key] = meta[key]
+
+    # static facts (null time) -> tabular columns; numeric_value when given, else 1 (the fact holds); of
+    # several values of one code for one subject, the last in the shards' order (path order, then row order)
     static = (events.filter(pl.col("time").is_null())
-              .select("subject_id", "code", pl.col("numeric_value").cast(pl.Float64).fill_null(1.0).alias("v"))
+              .select("subject_id", "code", pl.col("numeric_value").fill_null(1.0).alias("v"))
               .collect())
-    keep = static["code"].value_counts(sort=True).head(max_static_codes)["code"].to_list()
+    keep = static["code"].value_counts(sort=True).sort(["count", "code"], descending=[True, False]) \
+        .head(max_static_codes)["code"].to_list()
     static_cols: list[str] = []
-    frame = subjects
     if keep:
-        wide = (static.filter(pl.col("code").is_in(keep)).group_by("subject_id", "code").agg(pl.col("v").last())
-                .pivot(on="code", index="subject_id", values="v"))
+        wide = (static.filter(pl.col("code").is_in(keep)).group_by("subject_id", "code", maintain_order=True)
+                .agg(pl.col("v").last()).pivot(on="code", index="subject_id", values="v"))
         static_cols = sorted(c for c in wide.columns if c != "subject_id")
-        frame = frame.join(wide.select("subject_id", *static_cols), on="subject_id", how="left")
+        clash = [c for c in static_cols if c in frame.columns]
+        if clash:
+            raise ValueError(f"MEDS static code(s) {clash} have the name of a column of the cohort frame; they cannot "
+                             "become tabular columns")
+        frame = frame.join(wide.select("subject_id", *static_cols), on="subject_id", how="left", maintain_order="left")
 
     timed = events.filter(pl.col("time").is_not_null())
-    has_text = "text_value" in schema
-    numeric = timed.filter(pl.col("text_value").is_null()) if has_text else timed
+    numeric = timed.filter(pl.col("text_value").is_null())
     specs = [ModalitySpec(name="static", kind="tabular", columns=static_cols)] if static_cols else []
     groups = series or {"events": [""]}
     taken = pl.lit(False)
@@ -132,18 +267,14 @@ def read_meds(
                 specs.append(ModalitySpec(name=name, kind="notes", columns=[name]))
             else:
                 frame = frame.drop(name)
-    frame = frame.drop("prediction_time")
-    task = _LABEL_TASKS[label]
+    task = LABEL_VALUE_COLUMNS[label][0]
     y = frame[label].cast(pl.Int64).to_numpy() if label == "boolean_value" else frame[label].to_numpy()
-    extra: dict[str, Any] = {"group_column": "subject_id", "label_column": label}
-    splits = root / "metadata" / "subject_splits.parquet"
-    if splits.exists():
-        split = frame.select("subject_id").join(pl.read_parquet(splits), on="subject_id", how="left")["split"]
-        extra["split"] = split.to_numpy()
+    name = (meta.get("dataset_metadata") or {}).get("dataset_name") or root.name or "meds"
     return Cohort(
-        name=root.name or "meds", frame=frame, modalities=specs, y=y, task=task, id_column="sample_id",
+        name=str(name), frame=frame, modalities=specs, y=y, task=task, id_column="sample_id",
         target_columns=[label],
         description=(f"MEDS dataset {str(root)!r}: {frame.height} predictions for {frame['subject_id'].n_unique()} subjects; "
                      f"modalities {[s.name for s in specs]}; label {label!r}."),
-        source=str(root), licence="as the source dataset's", extra=extra,
+        source=str(root), licence=str((meta.get("dataset_metadata") or {}).get("license") or "as the source dataset's"),
+        extra=extra,
     )
