@@ -131,7 +131,7 @@ def _read_metadata(root: Path) -> dict[str, Any]:
         frame = pl.from_arrow(table)
         if name == "subject_splits.parquet":
             frame = frame.select(pl.col("subject_id").cast(pl.Int64), pl.col("split").cast(pl.String))
-            dup = frame["subject_id"].is_duplicated()
+            dup = ~frame["subject_id"].is_first_distinct()
             if dup.any():
                 i = int(dup.arg_max())
                 raise ValueError(f"MEDS metadata file {str(path)!r} row {i}: subject_id {frame['subject_id'][i]} "

@@ -82,10 +82,9 @@ def read_meds_labels(labels: Any) -> tuple[pl.DataFrame, str]:
         "prediction_time": _cast(lab, "prediction_time", pl.Datetime("us"), what, "timestamps (datetime[us])"),
         label: _cast(lab, label, dtype, what, f"{dtype}"),
     })
-    dup = out.select(pl.struct("subject_id", "prediction_time").is_duplicated().arg_max().alias("i"),
-                     pl.struct("subject_id", "prediction_time").is_duplicated().any().alias("any")).row(0, named=True)
-    if dup["any"]:
-        first = int(dup["i"])
+    repeat = ~out.select(pl.struct("subject_id", "prediction_time").is_first_distinct()).to_series()
+    if repeat.any():
+        first = int(repeat.arg_max())
         raise ValueError(f"{what} row {first} repeats another row's subject_id and prediction_time "
                          f"(subject_id={out['subject_id'][first]}, prediction_time={out['prediction_time'][first]}); "
                          "each (subject, prediction time) is one sample")
@@ -94,7 +93,7 @@ def read_meds_labels(labels: Any) -> tuple[pl.DataFrame, str]:
     except ImportError:
         return out, label
     try:
-        LabelSchema.validate(out.to_arrow())
+        LabelSchema.align(out.to_arrow())  # safe casts only (large_string -> string)
     except Exception as err:  # flexible_schema's Schema/TableValidationError
         raise ValueError(f"{what} does not conform to meds.LabelSchema: {err}") from None
     return out, label
@@ -137,7 +136,7 @@ def meds_predictions_frame(frame: Any, probability: Any, *, label_column: str = 
         raise ValueError(f"{p.shape[0]} probabilities for a frame of {frame.height} rows")
     bad = np.flatnonzero(~np.isfinite(p) | (p < 0) | (p > 1))
     if bad.size:
-        raise ValueError(f"probability at row {int(bad[0])} is {p[bad[0]]!r}; expected a number in [0, 1]")
+        raise ValueError(f"probability at row {int(bad[0])} is {float(p[bad[0]])}; expected a number in [0, 1]")
     truth = frame[label_column]
     if truth.dtype != pl.Boolean:
         values = set(truth.drop_nulls().unique().to_list())
