@@ -65,7 +65,15 @@ def test_planted_modality_gets_most_attribution(planted):
     share = dict(zip(s["modality"], s["share"]))
     assert share[a] >= MODALITY_SHARE, f"planted modality {a!r} got {share[a]:.3f} of the attribution"
     assert s["modality"][0] == a
-    assert expl.completeness()["modality_max_error"] < 1e-5
+    # per subject, not only on average: the planted modality's Shapley value follows its planted contribution
+    # sum_j beta_j (x_j - training mean_j) (random or constant values would not: measured r 0.96 genes, 0.99 clinical)
+    X, train = c.frame[-100:], c.frame[:-100]
+    coef = dict(zip(next(m for m in c.modalities if m.name == a).columns, c.extra["coefficients"][a][:, 0]))
+    contribution = np.nansum([b * (X[col].to_numpy() - np.nanmean(train[col].to_numpy()))
+                              for col, b in coef.items() if col in c.extra["informative_columns"][a]], 0)
+    m = expl.modality.filter(pl.col("modality") == a).sort("row")
+    r = np.corrcoef(m["attribution"].to_numpy(), contribution[m["row"].to_numpy()])[0, 1]
+    assert r > 0.85, f"{a}: per-subject Shapley value vs planted contribution r = {r:.3f}"
 
 
 def test_planted_feature_ranks_first(planted):
@@ -74,7 +82,24 @@ def test_planted_feature_ranks_first(planted):
     f = expl.summary("feature")
     assert f["feature"][0] == informative[0], f.head(5)
     assert sorted(f.filter(pl.col("modality") == a)["feature"][:3].to_list()) == sorted(informative)
-    assert expl.completeness()["ig_max_relative_delta"] < 0.05
+    # noise features of the planted modality stay near zero (measured: mean |IG| 0.12x genes, 0.27x clinical)
+    own = f.filter(pl.col("modality") == a)
+    noise = own.filter(~pl.col("feature").is_in(informative))["mean_abs"].mean()
+    assert noise < 0.4 * own.filter(pl.col("feature").is_in(informative))["mean_abs"].mean(), own
+    # the outcome is linear in the planted features, so the learnt function is close to k * sum_j beta_j x_j and IG
+    # is close to its closed form k * beta_j * (x_j - training mean_j), with ONE k for every informative feature
+    # and subject (measured R^2 0.92 genes, 0.99 clinical; shuffled, random or constant attributions give ~0)
+    X, train = c.frame[-100:], c.frame[:-100]
+    coef = dict(zip(next(m for m in c.modalities if m.name == a).columns, c.extra["coefficients"][a][:, 0]))
+    closed, got = [], []
+    for col in informative:
+        g = expl.feature.filter((pl.col("feature") == col) & ~pl.col("missing")).sort("row")
+        closed.append(coef[col] * (X[col].to_numpy()[g["row"].to_numpy()] - np.nanmean(train[col].to_numpy())))
+        got.append(g["attribution"].to_numpy())
+    closed, got = np.concatenate(closed), np.concatenate(got)
+    k = closed @ got / (closed @ closed)
+    r2 = 1 - ((got - k * closed) ** 2).sum() / ((got - got.mean()) ** 2).sum()
+    assert k > 0 and r2 > 0.8, f"{a}: IG vs k * beta * (x - mean): k = {k:.3f}, R^2 = {r2:.3f}"
 
 
 def test_shuffling_the_weights_destroys_the_explanation(planted):
@@ -96,19 +121,85 @@ def test_shuffling_the_weights_destroys_the_explanation(planted):
                                expl.modality["attribution"].to_numpy())
 
 
+class _PolyEncoder(torch.nn.Module):
+    """One token ``[w . x, v . x^2]``: with a summing fusion the network computes ``f(x) = w . x + v . x^2``."""
+
+    output_dim = 2
+
+    def __init__(self, w: torch.Tensor, v: torch.Tensor, baseline: torch.Tensor) -> None:
+        super().__init__()
+        self.w, self.v, self.b = w, v, baseline
+
+    def forward(self, inputs):
+        from mmclin.batch import ModalityTokens
+
+        x = inputs["x"]
+        t = torch.stack([(self.w * x).sum(-1), (self.v * x**2).sum(-1)], -1).unsqueeze(1)
+        return ModalityTokens(t, torch.ones(len(x), 1, dtype=torch.bool))
+
+    def attributable_inputs(self):
+        from mmclin.explain.attributable import AttributableInput
+
+        return [AttributableInput(key="x", baseline=lambda enc, x, inp: enc.b.expand_as(x), baseline_text="b")]
+
+
+class _SumFusion(torch.nn.Module):
+    def forward(self, tokens, present):
+        from mmclin.batch import FusionOutput
+
+        return FusionOutput(sum(t.tokens[:, 0].sum(-1, keepdim=True) for t in tokens.values()))
+
+
+def test_integrated_gradients_match_their_closed_form():
+    """IG of f(x) = w . x + v . x^2 from baseline b is w (x - b) + v (x^2 - b^2), exactly (Gauss-Legendre is exact
+    for this polynomial path integral). Gradient x input would give w x + 2 v x^2, a zero baseline w x + v x^2, an
+    endpoint gradient w (x - b) + 2 v x (x - b): each is off by O(1) on these inputs."""
+    from types import SimpleNamespace
+
+    from mmclin.explain.features import integrated_gradients
+    from mmclin.explain.targets import resolve_target
+    from mmclin.training.model import MultimodalNet
+
+    g = torch.Generator().manual_seed(0)
+    x, b = torch.randn(6, 5, generator=g), torch.randn(5, generator=g)
+    w, v = torch.tensor([2.0, -1.0, 0.5, 0.0, 0.0]), torch.tensor([0.0, 1.0, -2.0, 0.5, 0.0])
+    net = MultimodalNet({"m": _PolyEncoder(w, v, b)}, _SumFusion(), torch.nn.Identity()).eval()
+    present = {"m": torch.ones(6, dtype=torch.bool)}
+    out = net({"m": {"x": x}}, present)[0].detach().numpy()
+    tgt = resolve_target(SimpleNamespace(task_name="raw", output_dim=1, problem="regression"), out)
+    _, attrs, reference, _ = integrated_gradients(net, {"m": {"x": x}}, present, tgt, np.arange(6), n_steps=8)
+    expected = w * (x - b) + v * (x**2 - b**2)
+    torch.testing.assert_close(attrs[0].double(), expected.double(), rtol=0, atol=1e-5)
+    assert (attrs[0][:, 4].abs() < 1e-6).all()  # a feature the function ignores gets nothing
+    np.testing.assert_allclose(reference.numpy(), (w * b + v * b**2).sum().item(), rtol=1e-6)  # f(b)
+
+
 def test_ensemble_explanations_add_up():
     c = example_cohort()
     fitted = untrained_model(c, "concat", ensemble_size=3)
     expl = explain(fitted, c.frame, n_steps=16)
     np.testing.assert_allclose(expl.outputs["output"].to_numpy(), fitted.predict_outputs(c.frame)[:, 0], rtol=1e-4, atol=1e-5)
-    assert expl.completeness()["modality_max_error"] < 1e-5
     # categorical embeddings: one IG input per member, summed into one row per column
     cat = expl.feature.filter(pl.col("input") == "categorical")
     assert cat.group_by("row", "modality", "feature").len()["len"].max() == 1
-    sums = expl.feature.group_by("row").agg(pl.col("attribution").sum().alias("s"))
-    o = expl.outputs.join(sums, on="row")
-    np.testing.assert_allclose(o["s"], o["output"] - o["reference"] + o["ig_delta"], atol=1e-4)
     assert expl.info["ensemble_size"] == 3
+    # the ensemble averages its members' outputs, and both IG and Shapley values are linear in the explained
+    # function: the ensemble's attributions are the mean of each member's own explanation (the members differ
+    # from one another by up to ~0.17, the mean matches to ~1e-8)
+    import copy
+
+    feats, mods = [], []
+    for member in fitted.net.members:
+        alone = copy.copy(fitted)
+        alone.net = member
+        e = explain(alone, c.frame, n_steps=16)
+        feats.append(e.feature.sort("row", "modality", "feature")["attribution"].to_numpy())
+        mods.append(e.modality.sort("row", "modality")["attribution"].to_numpy())
+    assert np.abs(feats[0] - feats[1]).max() > 1e-2  # the members really differ, so the mean is a real check
+    np.testing.assert_allclose(expl.feature.sort("row", "modality", "feature")["attribution"].to_numpy(),
+                               np.mean(feats, 0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(expl.modality.sort("row", "modality")["attribution"].to_numpy(), np.mean(mods, 0),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_batching_does_not_change_the_explanation():
@@ -302,7 +393,10 @@ def test_time_and_note_levels_on_icu_stays(tmp_path):
     total = pl.concat([f.select("row", "attribution") for f in (expl.feature, t, notes)]).group_by("row").agg(
         pl.col("attribution").sum().alias("s"))
     o = expl.outputs.join(total, on="row")
-    np.testing.assert_allclose(o["s"], o["output"] - o["reference"] + o["ig_delta"], atol=1e-4)
+    # completeness against the model's own outputs (not Captum's delta): every level's rows together account for
+    # output - reference up to the integration error (measured 2.4 % of the largest span at 16 steps)
+    span = (o["output"] - o["reference"]).to_numpy()
+    assert np.abs(o["s"].to_numpy() - span).max() < 0.05 * np.abs(span).max(), (o["s"].to_numpy(), span)
     top = expl.top("note", 1)
     assert top["row"].n_unique() == top.height == notes["row"].n_unique()
     assert expl.summary("time_by_variable")["variable"].n_unique() > 5
@@ -342,8 +436,8 @@ def test_patch_level_with_attention_and_coordinates():
     r0 = frame.filter(pl.col("row") == 0).sort("patch")
     assert r0["x"].to_list() == [64 * k for k in range(n_real[0])]
     s = frame.group_by("row").agg(pl.col("attribution").sum()).sort("row")["attribution"].to_numpy()
-    expected = (out[[0, 1, 3], 0] - reference.numpy()[[0, 1, 3]] + delta.numpy()[[0, 1, 3]])
-    np.testing.assert_allclose(s, expected, atol=1e-4)
+    span = out[[0, 1, 3], 0] - reference.numpy()[[0, 1, 3]]  # the network's own outputs, not Captum's delta
+    assert np.abs(s - span).max() < 0.05 * np.abs(span).max(), (s, span)
 
 
 # --- the report, for a clinical reader ------------------------------------------------------------
