@@ -259,10 +259,10 @@ def test_meds_shard_missing_a_column_is_named(tmp_path):
     (tmp_path / "data").mkdir()
     good = pl.DataFrame({"subject_id": [1], "time": [dt.datetime(2100, 1, 1)], "code": ["HR"], "numeric_value": [1.0]})
     good.write_parquet(tmp_path / "data" / "0.parquet")
-    good.drop("numeric_value").write_parquet(tmp_path / "data" / "1.parquet")
+    good.drop("code").write_parquet(tmp_path / "data" / "1.parquet")  # numeric_value is optional in MEDS; code is not
     labels = pl.DataFrame({"subject_id": [1], "prediction_time": [dt.datetime(2100, 1, 2)], "boolean_value": [True]})
-    with pytest.raises(ValueError, match=r"MEDS events file '.*data/1\.parquet' lacks column\(s\) \['numeric_value'\]; "
-                                         r"it has columns \['subject_id', 'time', 'code'\]"):
+    with pytest.raises(ValueError, match=r"MEDS events file '.*data/1\.parquet' lacks column\(s\) \['code'\]; "
+                                         r"it has columns \['subject_id', 'time', 'numeric_value'\]"):
         read_meds(tmp_path, labels)
     (tmp_path / "data" / "0.parquet").unlink()
     (tmp_path / "data" / "1.parquet").unlink()

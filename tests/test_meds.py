@@ -269,3 +269,25 @@ def test_meds_evaluation_reads_mmclin_predictions(tmp_path):
     assert per_sample["roc_auc_score"] == pytest.approx(roc_auc_score(c.y, proba))
     assert per_sample["binary_accuracy"] == pytest.approx(float(np.mean((proba >= 0.5) == c.y.astype(bool))))
     assert set(results["subjects_equally_weighted"]) >= {"roc_auc_score", "brier_score"}
+
+
+def test_cli_predict_writes_the_meds_evaluation_table(tmp_path, capsys):
+    """`mmclin predict --format meds` writes what write_meds_predictions writes; a CSV output or a non-binary model is refused."""
+    from mmclin.interfaces.cli import main
+
+    make_meds(tmp_path)
+    c = read_meds(tmp_path, tmp_path / "labels.parquet", series=SERIES)
+    assert "boolean_value" in c.frame.columns
+    clf = MultimodalClassifier(modalities=c.modalities, max_epochs=2, batch_size=32, num_threads=1, val_fraction=0,
+                               random_state=0).fit(c.frame, c.y)
+    clf.save(str(tmp_path / "model"))
+    c.frame.write_parquet(tmp_path / "samples.parquet")
+    out = tmp_path / "meds_predictions.parquet"
+    assert main(["predict", str(tmp_path / "model"), "--data", str(tmp_path / "samples.parquet"), "--output", str(out),
+                 "--format", "meds"]) == 0
+    expected = write_meds_predictions(clf, c.frame, tmp_path / "expected.parquet")
+    assert pl.read_parquet(out).equals(expected)
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "model"), "--data", str(tmp_path / "samples.parquet"),
+                 "--output", str(tmp_path / "p.csv"), "--format", "meds"]) == 2
+    assert "--format meds writes parquet" in capsys.readouterr().err

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-column", help="copy this id column into the predictions")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (never the --data file)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ models")
+    p.add_argument("--format", choices=["table", "meds"], default="table",
+                   help="meds: the MEDS-evaluation table (subject_id, prediction_time, boolean_value, "
+                        "predicted_boolean_value, predicted_boolean_probability; binary tasks; --data needs "
+                        "subject_id, prediction_time and boolean_value; --output .parquet)")
 
     sub.add_parser("cohorts", help="list the built-in cohorts")
 
@@ -229,6 +233,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     check_output_name(args.output)  # what can be checked without torch, first
     check_writable_parent(args.output, "--output", writable=True)
+    if args.format == "meds" and not args.output.endswith(".parquet"):
+        raise ValueError(f"--format meds writes parquet (what meds-evaluation reads); --output {args.output!r} "
+                         "should end in .parquet")
     out, data = Path(args.output), Path(args.data)
     if data.exists() and out.exists() and out.resolve() == data.resolve():
         raise ValueError(f"--output {args.output!r} is the --data file: predictions never replace the input data")
@@ -242,6 +249,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     fitted = FittedModel.load(model_dir)
     print(f"predicting {frame.height} rows with {model_dir}")
     preds = prediction_frame(fitted, frame, id_col)
+    if args.format == "meds":
+        if fitted.task.problem != "binary":
+            raise ValueError(f"--format meds is for binary tasks; this model's task is {fitted.task.problem!r}")
+        from mmclin.datasets.meds_labels import meds_predictions_frame
+
+        positive = [c for c in preds.columns if c.startswith("proba_")][-1]  # classes sorted: the positive one last
+        preds = meds_predictions_frame(frame, preds[positive].to_numpy())
     write_atomic(preds, args.output)
     print(f"wrote {preds.height} predictions to {args.output}")
     return 0
