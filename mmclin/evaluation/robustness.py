@@ -367,7 +367,7 @@ def missing_report(
         if len(rows) == 0:
             return 0, {}
         outputs = fitted.outputs_from_table(replace(table, present=present))
-        return len(rows), task.metrics(task.take_rows(y, rows), outputs[rows], y_train=y_train)
+        return len(rows), task.reported_metrics(task.take_rows(y, rows), outputs[rows], y_train=y_train)
 
     subset_rows = []
     for sub in modality_subsets(names, max_subsets, seed):
