@@ -1,6 +1,6 @@
 """Every registered fusion head on the same folds in one run; before/after tables from two runs.
 
-    python benchmarks/fusion_heads.py [--part synthetic|real|both] [--folds 3] [--quick] [--output PREFIX]
+    python benchmarks/fusion_heads.py [--part synthetic|real|both] [--folds 5] [--quick] [--output PREFIX]
     python benchmarks/fusion_heads.py --compare BEFORE_PREFIX AFTER_PREFIX
 
 1. **Synthetic** (binary, 4 modalities, planted signal in each): ``make_synthetic_cohort``
@@ -150,10 +150,10 @@ def compare(before: pl.DataFrame, after: pl.DataFrame, part: str) -> pl.DataFram
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("synthetic", "real", "both"), default="both")
-    ap.add_argument("--folds", type=int, default=3)
-    ap.add_argument("--n-subjects", type=int, default=800)
-    ap.add_argument("--epochs", type=int, default=25, help="synthetic: max epochs (early stopping, patience 8)")
-    ap.add_argument("--real-epochs", type=int, default=25, help="real cohorts: max epochs (patience 10)")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--n-subjects", type=int, default=1200)
+    ap.add_argument("--epochs", type=int, default=30, help="synthetic: max epochs (early stopping, patience 8)")
+    ap.add_argument("--real-epochs", type=int, default=30, help="real cohorts: max epochs (patience 10)")
     ap.add_argument("--dropout", type=float, default=0.3, help="modality dropout, the same for every head")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a smoke run: 2 folds, 300 subjects, 2 epochs")
