@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from mmclin.persistence.processes import process_alive
+
 log = logging.getLogger("mmclin")
 
 _REFUSED = {
@@ -88,14 +90,6 @@ def _temporary_prefix(path: Path) -> str:
     return f".{path.name}.{_HOST}-{os.getpid()}."
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_temporaries(path: str | Path) -> list[Path]:
@@ -112,7 +106,7 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
         rest = p.name[len(start) - 1:]
         owner = _OWNER.match(rest)
         if owner is not None:
-            stale = owner["host"] == _HOST and owner["pid"] != str(os.getpid()) and not _pid_alive(int(owner["pid"]))
+            stale = owner["host"] == _HOST and owner["pid"] != str(os.getpid()) and not process_alive(int(owner["pid"]))
         else:
             stale = bool(_OLD_STYLE.match(rest)) and time.time() - p.stat().st_mtime > 3600
         if stale:

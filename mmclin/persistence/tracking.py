@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mmclin.config import ExperimentConfig, TrackingConfig, config_to_yaml
-
+from mmclin.persistence.processes import process_alive
 
 DEFAULT_URI = TrackingConfig.model_fields["uri"].default  # where `mmclin fit` records runs by default
 # MLflow 3's UI opens an experiment on its GenAI "Traces" page unless the experiment says it holds models
@@ -172,20 +172,12 @@ def mark_dead_runs_killed(experiment_id: str) -> list[str]:
         tags = run.data.tags
         if tags.get("mmclin.host") != host or not tags.get("mmclin.pid", "").isdigit():
             continue
-        if not _pid_alive(int(tags["mmclin.pid"])):
+        if not process_alive(int(tags["mmclin.pid"])):
             client.set_terminated(run.info.run_id, status="KILLED")
             killed.append(run.info.run_id)
     return killed
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

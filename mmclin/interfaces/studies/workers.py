@@ -13,43 +13,25 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import optuna
+
+from mmclin.persistence.processes import process_alive, process_start
 
 HOST = socket.gethostname()
 
 
 # --- worker liveness ----------------------------------------------------------------------------
-def _proc_start(pid: int) -> str | None:
-    """Start time of a process (Linux ``/proc``), to tell a reused pid from the original."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _process_alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return start is None or _proc_start(pid) in (None, start)
-
-
 def worker_lease() -> dict[str, Any]:
-    return {"host": HOST, "pid": os.getpid(), "start": _proc_start(os.getpid()), "time": time.time()}
+    return {"host": HOST, "pid": os.getpid(), "start": process_start(os.getpid()), "time": time.time()}
 
 
 def lease_alive(lease: dict[str, Any] | None, last_beat: float, stale_after: float, now: float | None = None) -> bool:
     """Same host: is the process still there? Other hosts: was there a heartbeat within ``stale_after``?"""
     now = time.time() if now is None else now
     if lease and lease.get("host") == HOST and isinstance(lease.get("pid"), int):
-        return _process_alive(lease["pid"], lease.get("start"))
+        return process_alive(lease["pid"], lease.get("start"))
     return now - last_beat <= stale_after
 
 
