@@ -59,7 +59,14 @@ def pm(values) -> str:
     return f"{np.nanmean(arr):.3f} ± {np.nanstd(arr, ddof=1):.3f}" if len(arr) > 1 else f"{arr[0]:.3f}"
 
 
-def synthetic(args: argparse.Namespace) -> pl.DataFrame:
+def head_variants() -> dict[str, tuple[str, dict]]:
+    """Every registered head with its default options: name -> (fusion head, fusion options)."""
+    return {h: (h, {}) for h in heads()}
+
+
+def synthetic(args: argparse.Namespace, variants: dict[str, tuple[str, dict]] | None = None) -> pl.DataFrame:
+    """Per-fold rows (head, fold, fit_s, complete, mcar, mnar); ``variants``: name -> (head, options), default every head."""
+    variants = variants or head_variants()
     common = dict(n_subjects=args.n_subjects, modalities=SYN_MODALITIES, task="binary", signal=SYN_SIGNAL, seed=args.seed)
     complete = make_synthetic_cohort(**common)
     mcar = make_synthetic_cohort(**common, missing=SYN_MISSING, missing_mechanism="mcar")
@@ -68,10 +75,10 @@ def synthetic(args: argparse.Namespace) -> pl.DataFrame:
     assert np.array_equal(y, mcar.y) and np.array_equal(y, mnar.y), "the three draws must share labels"
     rows = []
     for k, (tr, te) in enumerate(cv_splits(y, "binary", args.folds, args.seed)):
-        for head in heads():
+        for head, (fusion, options) in variants.items():
             t0 = time.perf_counter()
             est = MultimodalClassifier(
-                modalities=complete.modalities, fusion=head, fusion_options={"d_model": 32},
+                modalities=complete.modalities, fusion=fusion, fusion_options={"d_model": 32, **options},
                 encoder_options={m: {"d_model": 32} for m in SYN_MODALITIES}, modality_dropout=args.dropout,
                 max_epochs=args.epochs, batch_size=64, weight_decay=0.01, patience=8, random_state=k,
             ).fit(mcar.frame[tr], y[tr])
@@ -79,7 +86,7 @@ def synthetic(args: argparse.Namespace) -> pl.DataFrame:
             for split, c in (("complete", complete), ("mcar", mcar), ("mnar", mnar)):
                 row[split] = est.metrics(c.frame[te], y[te])["auroc"]
             rows.append(row)
-            print(f"  synthetic fold {k} {head:22s} complete {row['complete']:.3f} mcar {row['mcar']:.3f} "
+            print(f"  synthetic fold {k} {head:26s} complete {row['complete']:.3f} mcar {row['mcar']:.3f} "
                   f"mnar {row['mnar']:.3f} ({row['fit_s']:.1f} s)", flush=True)
     return pl.DataFrame(rows)
 
@@ -94,24 +101,27 @@ def hide_first_events(frame: pl.DataFrame, y: np.ndarray, columns: list[str], fr
     return frame.with_columns([pl.when(mask).then(None).otherwise(pl.col(c)).alias(c) for c in columns])
 
 
-def real(args: argparse.Namespace) -> pl.DataFrame:
+def real(args: argparse.Namespace, variants: dict[str, tuple[str, dict]] | None = None) -> pl.DataFrame:
+    """Per-fold rows (cohort, head, fold, fit_s, both, mnar); ``variants`` as in :func:`synthetic`."""
+    variants = variants or head_variants()
     rows = []
     for cohort_name, hidden in REAL.items():
         c = load_cohort(cohort_name)
         spec = next(s for s in c.modalities if s.name == hidden)
         for k, (tr, te) in enumerate(cv_splits(c.y, "survival", args.folds, args.seed)):
             shifted = hide_first_events(c.frame[te], c.y[te], list(spec.columns))
-            for head in heads():
+            for head, (fusion, options) in variants.items():
                 t0 = time.perf_counter()
                 est = MultimodalSurvivalModel(
-                    modalities=c.modalities, fusion=head, fusion_options={"d_model": 32}, modality_dropout=args.dropout,
+                    modalities=c.modalities, fusion=fusion, fusion_options={"d_model": 32, **options},
+                    modality_dropout=args.dropout,
                     max_epochs=args.real_epochs, batch_size=32, patience=10, random_state=k,
                 ).fit(c.frame[tr], c.y[tr])
                 row = {"cohort": cohort_name, "head": head, "fold": k, "fit_s": time.perf_counter() - t0,
                        "both": est.metrics(c.frame[te], c.y[te], y_train=c.y[tr])["c_index"],
                        "mnar": est.metrics(shifted, c.y[te], y_train=c.y[tr])["c_index"]}
                 rows.append(row)
-                print(f"  {cohort_name} fold {k} {head:22s} C {row['both']:.3f} MNAR-hide-{hidden} {row['mnar']:.3f} "
+                print(f"  {cohort_name} fold {k} {head:26s} C {row['both']:.3f} MNAR-hide-{hidden} {row['mnar']:.3f} "
                       f"({row['fit_s']:.1f} s)", flush=True)
     return pl.DataFrame(rows)
 
