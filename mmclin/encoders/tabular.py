@@ -185,14 +185,24 @@ class TabularEncoder(ModalityEncoder):
         return cls(n_numeric=3, cardinalities=[4, 3], d_model=8, n_layers=1, n_heads=2)
 
     def example_input(self, batch_size: int, seed: int = 0) -> dict[str, Tensor]:
-        g = torch.Generator().manual_seed(seed)
-        num = torch.randn(batch_size, self.n_numeric, generator=g)
-        miss = torch.rand(batch_size, self.n_numeric, generator=g) < 0.3
-        miss[0, 0] = True  # so the missing token is exercised in every example
-        num = num.masked_fill(miss, 0.0)
-        n_cat = 0 if self.embedding is None else self.offsets.numel()
-        cards = torch.diff(torch.cat([self.offsets, torch.tensor([self.embedding.num_embeddings])])) if n_cat else None
-        cat = torch.zeros(batch_size, n_cat, dtype=torch.long)
-        for j in range(n_cat):
-            cat[:, j] = torch.arange(batch_size) % int(cards[j])
-        return {"numeric": num, "numeric_missing": miss, "categorical": cat}
+        n_codes = 0 if self.embedding is None else self.embedding.num_embeddings
+        # the first value missing, so the missing token is exercised in every example
+        return example_tabular_input(batch_size, self.n_numeric, self.offsets, n_codes, seed, first_missing=True)
+
+
+def example_tabular_input(batch_size: int, n_numeric: int, offsets: Tensor, n_codes: int, seed: int = 0,
+                          first_missing: bool = False) -> dict[str, Tensor]:
+    """A tabular featurizer's output for the conformance checks: standard-normal values, 30 % missing, every
+    category code of each column (``offsets`` into ``n_codes`` codes in all) cycled through the batch."""
+    g = torch.Generator().manual_seed(seed)
+    num = torch.randn(batch_size, n_numeric, generator=g)
+    miss = torch.rand(batch_size, n_numeric, generator=g) < 0.3
+    if first_missing:
+        miss[0, 0] = True
+    num = num.masked_fill(miss, 0.0)
+    n_cat = offsets.numel() if n_codes else 0
+    cards = torch.diff(torch.cat([offsets, torch.tensor([n_codes])])) if n_cat else None
+    cat = torch.zeros(batch_size, n_cat, dtype=torch.long)
+    for j in range(n_cat):
+        cat[:, j] = torch.arange(batch_size) % int(cards[j])
+    return {"numeric": num, "numeric_missing": miss, "categorical": cat}

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from mmclin.batch import ModalityTokens
 from mmclin.encoders.base import ModalityEncoder
+from mmclin.encoders.tabular import example_tabular_input
 from mmclin.registry import ENCODERS
 
 
@@ -92,13 +93,5 @@ class TabularMLPEncoder(ModalityEncoder):
         return cls(n_numeric=3, cardinalities=[4, 3], hidden=(16, 8), d_model=8)
 
     def example_input(self, batch_size: int, seed: int = 0) -> dict[str, Tensor]:
-        g = torch.Generator().manual_seed(seed)
-        num = torch.randn(batch_size, self.n_numeric, generator=g)
-        miss = torch.rand(batch_size, self.n_numeric, generator=g) < 0.3
-        num = num.masked_fill(miss, 0.0)
-        n_cat = 0 if self.categorical_in is None else self.offsets.numel()
-        cards = torch.diff(torch.cat([self.offsets, torch.tensor([self.categorical_in.num_embeddings])])) if n_cat else None
-        cat = torch.zeros(batch_size, n_cat, dtype=torch.long)
-        for j in range(n_cat):
-            cat[:, j] = torch.arange(batch_size) % int(cards[j])
-        return {"numeric": num, "numeric_missing": miss, "categorical": cat}
+        n_codes = 0 if self.categorical_in is None else self.categorical_in.num_embeddings
+        return example_tabular_input(batch_size, self.n_numeric, self.offsets, n_codes, seed)
