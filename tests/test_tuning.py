@@ -310,14 +310,14 @@ def test_killed_study_resumes_with_the_same_command(tmp_path, mlruns, monkeypatc
     import mlflow
 
     raw = small_config(tmp_path, n_trials=4, pruner={"name": "none"})
-    raw["trainer"]["max_epochs"] = 25  # a trial lasts long enough to be caught running
+    raw["trainer"]["max_epochs"] = 100  # a trial lasts a few seconds, long enough to be caught running
     raw["tracking"]["log_model"] = False  # the parent run's model is checked in the in-process study test
     cfg_path = write_yaml(tmp_path / "tiny.yaml", raw)
     cmd = ["tune", str(cfg_path)]
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     proc = subprocess.Popen([sys.executable, "-m", "mmclin.interfaces.cli", *cmd], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    deadline, killed_trial = time.time() + 120, None
+    deadline, killed_trial = time.time() + 180, None
     while time.time() < deadline and killed_trial is None:
         time.sleep(0.1)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -327,9 +327,20 @@ def test_killed_study_resumes_with_the_same_command(tmp_path, mlruns, monkeypatc
             continue
         running = [t for t in trials if t.state == TrialState.RUNNING and "mmclin.mlflow_run_id" in t.user_attrs]
         if sum(t.state == TrialState.COMPLETE for t in trials) >= 1 and running:
-            killed_trial = running[0]
             os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+            proc.wait(timeout=30)
+            # The trial seen running may have finished between that read and the kill: the killed
+            # trial is the one the storage still holds as running once the worker is dead.
+            after = optuna.load_study(study_name="tiny", storage=storage).get_trials(deepcopy=False)
+            still = [t for t in after if t.state == TrialState.RUNNING and "mmclin.mlflow_run_id" in t.user_attrs]
+            if not still:  # every trial had ended; start the worker again and catch the next one
+                proc = subprocess.Popen([sys.executable, "-m", "mmclin.interfaces.cli", *cmd], cwd=tmp_path,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                continue
+            killed_trial = still[0]
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
     assert killed_trial is not None, "the study never reached a running second trial"
     monkeypatch.chdir(tmp_path)
     assert main(cmd) == 0  # resume: the same command
