@@ -105,7 +105,8 @@ def snn(in_dim: int, hidden: int, n_layers: int, dropout: float) -> nn.Sequentia
     for i in range(n_layers):
         lin = nn.Linear(in_dim if i == 0 else hidden, hidden)
         nn.init.normal_(lin.weight, std=(1.0 / lin.in_features) ** 0.5)  # LeCun normal, as SELU needs
-        nn.init.zeros_(lin.bias)
+        # the bias keeps nn.Linear's small uniform init: a zero bias maps the mean patient (all values 0
+        # standardised) to a zero token, near-singular for a later LayerNorm and for gradients there
         layers += [lin, nn.SELU(), nn.AlphaDropout(dropout)]
     return nn.Sequential(*layers)
 

@@ -153,7 +153,10 @@ class TabularEncoder(ModalityEncoder):
         self.output_dim = d_model
         self.n_numeric = n_numeric
         self.weight = nn.Parameter(torch.randn(n_numeric, d_model) * d_model**-0.5)
-        self.bias = nn.Parameter(torch.zeros(n_numeric, d_model))
+        # A non-zero bias, as FT-Transformer initialises it: with a zero bias a value at its column's
+        # mean (0 standardised) gives a zero token, where a later LayerNorm is near-singular and
+        # gradients (Integrated Gradients starts at that mean) explode.
+        self.bias = nn.Parameter(torch.randn(n_numeric, d_model) * d_model**-0.5)
         self.missing_token = nn.Parameter(torch.randn(n_numeric, d_model) * 0.02)
         offsets = torch.tensor([0, *np.cumsum(cardinalities)[:-1].tolist()], dtype=torch.long)
         self.register_buffer("offsets", offsets[: len(cardinalities)], persistent=False)

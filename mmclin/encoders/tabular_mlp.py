@@ -68,8 +68,9 @@ class TabularMLPEncoder(ModalityEncoder):
         self.numeric_in = nn.Linear(2 * n_numeric, first) if n_numeric else None
         offsets = torch.tensor([0, *np.cumsum(cardinalities)[:-1].tolist()], dtype=torch.long)
         self.register_buffer("offsets", offsets[: len(cardinalities)], persistent=False)
-        # sum of the one-hot columns' weights = the first Linear over the one-hot part
-        self.categorical_in = nn.EmbeddingBag(int(sum(cardinalities)), first, mode="sum") if cardinalities else None
+        # sum of the one-hot columns' weights = the first Linear over the one-hot part; an Embedding summed
+        # over columns (not an EmbeddingBag) keeps each column's row, where explanations attribute it
+        self.categorical_in = nn.Embedding(int(sum(cardinalities)), first) if cardinalities else None
         bound = (2 * n_numeric + sum(cardinalities)) ** -0.5  # nn.Linear's init over the whole one-hot row
         for part in (self.numeric_in, self.categorical_in):
             if part is not None:
@@ -84,7 +85,7 @@ class TabularMLPEncoder(ModalityEncoder):
         else:
             h = self.bias
         if self.categorical_in is not None:
-            h = h + self.categorical_in(inputs["categorical"] + self.offsets)
+            h = h + self.categorical_in(inputs["categorical"] + self.offsets).sum(1)
         token = self.tower(h).unsqueeze(1)
         return ModalityTokens(token, torch.ones(token.shape[:2], dtype=torch.bool, device=token.device))
 

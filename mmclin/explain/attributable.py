@@ -7,8 +7,8 @@ The built-in encoders use adapters (below):
 
 | level | encoders | attributed input | one row per |
 |---|---|---|---|
-| ``feature`` | ``tabular`` | numeric values; category embeddings (layer) | subject x column |
-| ``feature`` | ``genomics`` | expression values (+ gene-set sums) | subject x gene |
+| ``feature`` | ``tabular``, ``tabular_mlp`` | numeric values; category embeddings (layer) | subject x column |
+| ``feature`` | ``genomics``, ``genomics_mlp`` | expression values (+ gene-set sums) | subject x gene |
 | ``time`` | ``irregular_series``, ``mtand``, ``utde`` | observed values (+ per-variable sums) | subject x observation |
 | ``note`` | ``notes`` | term weights, summed per note | subject x note |
 | ``patch`` | ``slide``, ``abmil``, ``transmil`` | patch features, summed per patch (+ attention) | subject x patch |
@@ -105,18 +105,21 @@ def _zeros(encoder: nn.Module, x: Tensor, inputs: dict[str, Tensor]) -> Tensor:
     return torch.zeros_like(x)
 
 
-def _mean_category_embedding(encoder: nn.Module, emb: Tensor, inputs: dict[str, Tensor]) -> Tensor:
-    """Per column, the mean embedding of its training categories (codes >= FIRST_CODE).
+def _mean_category_embedding(layer: str) -> Callable[[nn.Module, Tensor, dict[str, Tensor]], Tensor]:
+    """Per column, the mean row of its training categories (codes >= FIRST_CODE) in the encoder's
+    embedding ``layer`` (indexed by code + the column's offset).
 
     Shapes:
         emb ``[B, Fc, D]`` -> ``[B, Fc, D]`` (the same reference row for every subject).
     """
     from mmclin.encoders.tabular import FIRST_CODE
 
-    weight = encoder.embedding.weight.detach()
-    ends = torch.cat([encoder.offsets[1:], torch.tensor([weight.shape[0]], device=weight.device)])
-    ref = torch.stack([weight[int(s) + FIRST_CODE:int(e)].mean(0) for s, e in zip(encoder.offsets, ends)])
-    return ref.to(emb).unsqueeze(0).expand_as(emb)
+    def baseline(encoder: nn.Module, emb: Tensor, inputs: dict[str, Tensor]) -> Tensor:
+        weight = encoder.get_submodule(layer).weight.detach()
+        ends = torch.cat([encoder.offsets[1:], torch.tensor([weight.shape[0]], device=weight.device)])
+        ref = torch.stack([weight[int(s) + FIRST_CODE:int(e)].mean(0) for s, e in zip(encoder.offsets, ends)])
+        return ref.to(emb).unsqueeze(0).expand_as(emb)
+    return baseline
 
 
 def _mean_patch(encoder: nn.Module, x: Tensor, inputs: dict[str, Tensor]) -> Tensor:
@@ -149,8 +152,9 @@ def _tabular_categorical_display(featurizer: Any, inputs: dict[str, Tensor]) -> 
     return out
 
 
-@ATTRIBUTION_ADAPTERS.register("tabular")
-def _tabular(encoder: nn.Module) -> list[AttributableInput]:
+def _tabular_inputs(encoder: nn.Module, layer: str) -> list[AttributableInput]:
+    """Numeric values at the raw input; categories at the output of the embedding ``layer``, which
+    must give one row per column (``[B, Fc, D]``)."""
     out = []
     if encoder.n_numeric:
         out.append(AttributableInput(
@@ -158,22 +162,30 @@ def _tabular(encoder: nn.Module) -> list[AttributableInput]:
             baseline_text="training mean of each numeric column (0 in standardised units); a missing value keeps "
                           "its learned missing token on the whole path, so it gets 0",
             display=lambda f, x: _unstandardise(f, x["numeric"], x["numeric_missing"])))
-    if encoder.embedding is not None:
+    if getattr(encoder, layer) is not None:
         out.append(AttributableInput(
-            key="categorical", names="categorical", layer="embedding", baseline=_mean_category_embedding,
+            key="categorical", names="categorical", layer=layer, baseline=_mean_category_embedding(layer),
             baseline_text="per categorical column, the mean embedding of its training categories (integrated "
                           "gradients on the embedding layer's output); a missing category is a category of its own",
             display=_tabular_categorical_display))
     return out
 
 
-@ATTRIBUTION_ADAPTERS.register("genomics")
+ATTRIBUTION_ADAPTERS.register("tabular")(lambda encoder: _tabular_inputs(encoder, "embedding"))
+# the MLP tower's first layer over the one-hot categories is an embedding summed over columns
+ATTRIBUTION_ADAPTERS.register("tabular_mlp")(lambda encoder: _tabular_inputs(encoder, "categorical_in"))
+
+
 def _genomics(encoder: nn.Module) -> list[AttributableInput]:
     return [AttributableInput(
         key="values", names="values", missing_key="missing", baseline=_zeros,
         baseline_text="training mean expression of each gene (0 in standardised units); a missing value keeps "
                       "its learned fill value on the whole path, so it gets 0",
         display=lambda f, x: _unstandardise(f, x["values"], x["missing"]), groups=lambda f: getattr(f, "groups", None))]
+
+
+for _name in ("genomics", "genomics_mlp"):
+    ATTRIBUTION_ADAPTERS.register(_name)(_genomics)
 
 
 # --- irregular time series: one row per observation -----------------------------------------

@@ -10,7 +10,8 @@ missing ones, so a new head is checked without training or a new test:
 * the exact values equal Captum's ``ShapleyValues`` (all orderings), and Captum's
   ``ShapleyValueSampling`` is complete too;
 * a modality absent in the data gets exactly 0;
-* Integrated Gradients over all features adds up to output minus reference (small delta).
+* Integrated Gradients over all features adds up to the model's output minus its output at
+  the reference (measured from the model, not from Captum's delta), closer with more steps.
 """
 from __future__ import annotations
 
@@ -124,23 +125,37 @@ def check_exact_equals_captum_shapley_values(name: str) -> None:
                                msg=f"{name}: exact Shapley values differ from Captum's ShapleyValues")
 
 
+def _additivity_error(attribution_sums: np.ndarray, output: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Largest |sum of attributions - (output - reference)| and the largest |output - reference|.
+
+    Both sides come from the model itself (its prediction and a forward pass at the reference),
+    not from Captum's convergence delta, which is that same gap by definition."""
+    span = np.asarray(output, dtype=float) - np.asarray(reference, dtype=float)
+    return float(np.abs(np.asarray(attribution_sums, dtype=float) - span).max()), float(np.abs(span).max())
+
+
 def check_feature_completeness(name: str) -> None:
     """Feature attributions (all modalities, ensemble members summed, absent rows dropped) add up
-    to ``output - reference`` up to Captum's convergence delta, and that delta is an integration
-    error: it shrinks with more steps (a gradient inconsistent with the forward would not)."""
+    to the model's output minus its output at the reference: within 5 % of the largest
+    ``|output - reference|`` at explain's default 50 steps, within 1.5 % at 256, and closer with
+    more steps. (A gradient that jumps near the reference, e.g. a LayerNorm over a zero token,
+    fails this: the integral then needs thousands of steps.)"""
     from mmclin.explain import explain
 
     cohort, fitted = _setup(name)
-    deltas = []
-    for n_steps in (8, 256):
+    errors = []
+    for n_steps, allowed in ((50, 0.05), (256, 0.015)):
         expl = explain(fitted, cohort.frame, levels="feature", n_steps=n_steps)
         sums = expl.feature.group_by("row").agg(pl.col("attribution").sum().alias("s"))
         o = expl.outputs.join(sums, on="row", how="left").fill_null(0.0)
-        gap = (o["s"] - (o["output"] - o["reference"] + o["ig_delta"])).to_numpy()
-        assert np.abs(gap).max() < 1e-4, f"{name}: feature attributions do not add up ({np.abs(gap).max():.3g} off)"
-        deltas.append(np.abs(o["ig_delta"].to_numpy()).max())
-    assert deltas[1] < deltas[0] or deltas[1] < 1e-4, (
-        f"{name}: IG convergence delta does not shrink with more steps ({deltas[0]:.3g} at 8, {deltas[1]:.3g} at 256)")
+        err, span = _additivity_error(o["s"].to_numpy(), o["output"].to_numpy(), o["reference"].to_numpy())
+        assert span > 1e-3, f"{name}: the reference gives the same output as the subjects ({span:.3g}): nothing to check"
+        assert err <= allowed * span + 1e-5, (
+            f"{name}: at {n_steps} steps feature attributions miss output - reference by {err:.3g} "
+            f"({err / span:.1%} of the largest |output - reference| {span:.3g}; at most {allowed:.1%})")
+        errors.append(err)
+    assert errors[1] <= errors[0] + 1e-6, (
+        f"{name}: more steps do not bring attributions closer ({errors[0]:.3g} at 50, {errors[1]:.3g} at 256)")
 
 
 def check_encoder_attributions(name: str) -> None:
@@ -170,14 +185,15 @@ def check_encoder_attributions(name: str) -> None:
     present = {"m": torch.ones(3, dtype=torch.bool)}
     out = net({"m": x}, present)[0].detach().numpy()
     tgt = resolve_target(SimpleNamespace(task_name="raw", output_dim=1, problem="regression"), out)
-    parts, attrs, reference, delta = integrated_gradients(net, {"m": x}, present, tgt, np.arange(3), n_steps=16)
+    parts, attrs, reference, _ = integrated_gradients(net, {"m": x}, present, tgt, np.arange(3), n_steps=50)
     total = np.zeros(3)
     for p, a in zip(parts, attrs):
         red = reduce_attribution(p, a)
         assert red.dim() == 1 + len(p.decl.axes), f"{name}: {p.decl.key!r} attributions {tuple(red.shape)} vs axes {p.decl.axes}"
         total += red.reshape(3, -1).sum(1).numpy()
-    np.testing.assert_allclose(total, out[:, 0] - reference.numpy() + delta.numpy(), atol=1e-4,
-                               err_msg=f"{name}: attributions do not add up to output - reference + delta")
+    err, span = _additivity_error(total, out[:, 0], reference.numpy())
+    assert err <= 0.03 * span + 1e-5, (f"{name}: at 50 steps attributions miss output - reference by {err:.3g} "
+                                       f"({err / max(span, 1e-12):.1%} of {span:.3g}; at most 3%)")
 
 
 EXPLAIN_FUSION_CHECKS: list[Callable[[str], None]] = [
