@@ -133,3 +133,13 @@ def test_multitask_from_file_and_cv_predictions(tmp_path, monkeypatch):
     assert [c for c in res.predictions.columns if "/" in c] == ["label/proba_0", "label/proba_1", "label/prediction", "los/prediction"]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     assert "cv_predictions.parquet" in {a.path for a in client.list_artifacts(res.run_id)}
+
+
+def test_builtin_cohort_without_model_task_takes_the_cohorts_default_task():
+    """A config naming only the cohort (as benchmarks/cohorts_vs_baselines.py writes it) gets the
+    cohort's default task; the id-column check used to ask for the task, which loaded the cohort again."""
+    from mmclin.config import validate_config
+    from mmclin.interfaces.experiment import Experiment
+
+    exp = Experiment(validate_config({"name": "v", "data": {"cohort": "veterans"}, "tracking": {"enabled": False}}))
+    assert exp.task_config().name == "cox" and exp.cohort.id_column and exp.cohort.frame.height == 137

@@ -250,7 +250,7 @@ class Experiment:
     def _check_targets(self, cohort: Cohort) -> None:
         """Bad targets fail before any split or training, naming the row of the whole data: what the task
         refuses in any row, and what it could not learn from even all of them (no event, one class)."""
-        task = _build_task(self.config.model.task or ComponentConfig(name=DEFAULT_TASK[cohort.task]))
+        task = _build_task(self._task_config_of(cohort))
         try:
             task.fit_targets(task.check_targets(cohort.y))
         except ValueError as err:
@@ -274,7 +274,8 @@ class Experiment:
                              f"at row {int(col.is_null().arg_max())}: every row needs its group")
         id_col = cohort.id_column
         if id_col:
-            clash = _output_column_clash(id_col, self._problem())
+            # the task from this cohort: self.task_config() would load the cohort again, and land here
+            clash = _output_column_clash(id_col, _build_task(self._task_config_of(cohort)).problem)
             if clash:
                 raise ValueError(f"id column {id_col!r} of {where} has the name of {clash}; rename it (e.g. "
                                  f"{id_col + '_id'!r}) before training")
@@ -300,9 +301,13 @@ class Experiment:
                       source=str(d.path))
 
     def task_config(self) -> ComponentConfig:
+        return self._task_config_of(None if self.config.model.task is not None else self.cohort)
+
+    def _task_config_of(self, cohort: Cohort | None) -> ComponentConfig:
+        """model.task, else the default task of ``cohort``'s kind (survival -> cox)."""
         if self.config.model.task is not None:
             return self.config.model.task
-        return ComponentConfig(name=DEFAULT_TASK[self.cohort.task])
+        return ComponentConfig(name=DEFAULT_TASK[cohort.task])
 
     def _groups(self) -> np.ndarray | None:
         g = self.config.data.group_column
