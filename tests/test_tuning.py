@@ -224,7 +224,11 @@ def test_study_runs_nested_mlflow_runs_refits_once_and_never_sees_test_subjects(
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    raw = small_config(tmp_path, pruner={"name": "percentile", "percentile": 75.0, "n_startup_trials": 1, "n_warmup_epochs": 1})
+    # a pruned trial by design, not by luck: the baseline trial (the config's own values) learns fastest (the top
+    # of the learning-rate range), and a trial is pruned once it falls below the best finished trial at an epoch
+    # (percentile 1 keeps the top 1%); trials with a 30x smaller rate are ~0.08 C behind after a few epochs
+    raw = small_config(tmp_path, pruner={"name": "percentile", "percentile": 1.0, "n_startup_trials": 1, "n_warmup_epochs": 1})
+    raw["trainer"]["learning_rate"] = 0.03
     cfg_path = write_yaml(tmp_path / "tiny.yaml", raw)
     assert main(["tune", str(cfg_path)]) == 0
     out = capsys.readouterr().out
@@ -234,7 +238,7 @@ def test_study_runs_nested_mlflow_runs_refits_once_and_never_sees_test_subjects(
     states = [t.state for t in trials]
     assert len(trials) == 4 and states.count(TrialState.FAIL) == 0 and TrialState.PRUNED in states
     assert trials[0].user_attrs["mmclin.baseline"] and trials[0].params == {
-        "model.fusion.name": "concat", "model.fusion.n_layers": 1, "trainer.learning_rate": 0.001}
+        "model.fusion.name": "concat", "model.fusion.n_layers": 1, "trainer.learning_rate": 0.03}
     # the folds never contain a test subject; the refit scored exactly the test subjects
     runner = StudyRunner(load_config(cfg_path, ["tracking.enabled=false"]), storage=f"sqlite:///{tmp_path / 'optuna.db'}",
                          echo=None).setup()
