@@ -11,11 +11,13 @@ model on the same patients. The baselines are the standard ones of scikit-surviv
 - binary and multiclass: penalised logistic regression (``LogisticRegressionCV``) and histogram
   gradient boosting; regression: ``RidgeCV`` and histogram gradient boosting.
 
-Inputs are the columns of the tabular and genomics modalities. Inside each training fold numeric
-columns get median imputation, a missing indicator and standardisation, categorical columns
-most-frequent imputation and one-hot encoding (categories unseen in training are ignored): nothing
-is fitted on a test fold. Modalities of other kinds (irregular series, notes, images, slides) have
-no hand-made summary features here yet; they are listed in ``skipped``.
+Inputs are the columns of the tabular and genomics modalities and the standard hand-made summaries
+of the others (:mod:`mmclin.evaluation.summaries`): per code of an irregular series its last value,
+count and time since last; TF-IDF of notes. Inside each training fold numeric columns get median
+imputation, a missing indicator and standardisation, categorical columns most-frequent imputation
+and one-hot encoding (categories unseen in training are ignored), and the summaries' codes and
+terms are chosen: nothing is fitted on a test fold. Images and slides have no classical summary;
+they are listed in ``skipped``.
 """
 from __future__ import annotations
 
@@ -27,28 +29,42 @@ import polars as pl
 from sklearn.base import BaseEstimator
 
 from mmclin.cohort import ModalitySpec
+from mmclin.evaluation.summaries import ROW_COLUMN, EventSummaries, NoteTfidf, event_table, note_texts
 
-BASELINE_KINDS = ("tabular", "genomics")
+COLUMN_KINDS = ("tabular", "genomics")  # used column by column
+SUMMARY_KINDS = ("irregular_series", "notes")  # used through hand-made summaries
 
 
 # --- inputs -------------------------------------------------------------------------------------
 def baseline_columns(specs: Sequence[ModalitySpec]) -> tuple[list[str], list[str], list[str]]:
-    """``(numeric-or-list columns, categorical columns, skipped modality names)`` of the modalities
-    the baselines can use."""
+    """``(numeric-or-list columns, categorical columns, skipped modality names)``: the columns of the
+    tabular and genomics modalities, and the modalities the baselines cannot use at all."""
     columns, categorical, skipped = [], [], []
     for s in specs:
-        if s.kind not in BASELINE_KINDS:
+        if s.kind in COLUMN_KINDS:
+            columns += s.columns
+            categorical += list(s.categorical or [])
+        elif s.kind not in SUMMARY_KINDS:
             skipped.append(s.name)
-            continue
-        columns += s.columns
-        categorical += list(s.categorical or [])
     return columns, categorical, skipped
+
+
+def summary_inputs(frame: pl.DataFrame, specs: Sequence[ModalitySpec]) -> list[tuple[str, Any]]:
+    """``(name, unfitted transformer)`` per irregular-series and notes modality: its hand-made summaries."""
+    parts = []
+    for s in specs:
+        if s.kind == "irregular_series":
+            parts.append((f"events:{s.name}", EventSummaries(event_table(frame, s), prefix=s.name)))
+        elif s.kind == "notes":
+            parts.append((f"notes:{s.name}", NoteTfidf(note_texts(frame, s), prefix=s.name)))
+    return parts
 
 
 def design_frame(frame: pl.DataFrame, columns: list[str], categorical: list[str]) -> tuple[Any, list[str], list[str]]:
     """A pandas frame of the baseline inputs (list/array columns of genomics expanded to one column
-    per element), with the names of its numeric and categorical columns."""
-    pieces, numeric, cats = [], [], []
+    per element, and the frame's row index for the summaries), with the names of its numeric and
+    categorical columns."""
+    pieces, numeric, cats = [pl.DataFrame({ROW_COLUMN: np.arange(frame.height, dtype=np.int64)})], [], []
     schema = frame.schema  # once: polars builds the whole schema on every access
     for c in columns:
         dtype = schema[c]
@@ -68,7 +84,7 @@ def design_frame(frame: pl.DataFrame, columns: list[str], categorical: list[str]
     return pl.concat(pieces, how="horizontal").to_pandas(), numeric, cats
 
 
-def _preprocessor(numeric: list[str], categorical: list[str]) -> Any:
+def _preprocessor(numeric: list[str], categorical: list[str], summaries: Sequence[tuple[str, Any]] = ()) -> Any:
     from sklearn.compose import ColumnTransformer
     from sklearn.impute import SimpleImputer
     from sklearn.pipeline import make_pipeline
@@ -82,6 +98,13 @@ def _preprocessor(numeric: list[str], categorical: list[str]) -> Any:
         parts.append(("categorical", make_pipeline(
             SimpleImputer(strategy="most_frequent", keep_empty_features=True),
             OneHotEncoder(handle_unknown="ignore", sparse_output=False)), categorical))
+    for name, summary in summaries:
+        if isinstance(summary, NoteTfidf):  # TF-IDF is used as it is (already on one scale, mostly zeros)
+            parts.append((name, summary, [ROW_COLUMN]))
+        else:
+            parts.append((name, make_pipeline(summary, SimpleImputer(strategy="median", add_indicator=True,
+                                                                     keep_empty_features=True), StandardScaler()),
+                          [ROW_COLUMN]))
     return ColumnTransformer(parts, remainder="drop")
 
 
@@ -226,6 +249,7 @@ class BaselineComparison:
     columns: list[str]
     skipped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    summaries: list[str] = field(default_factory=list)  # "labs: last value, count, time since last per code"
 
     def table(self) -> pl.DataFrame:
         """One row per model: mean, sd over folds, and the per-fold values."""
@@ -266,8 +290,8 @@ def check_baselines(specs: Sequence[ModalitySpec], problem: str, names: Sequence
         unknown = sorted(set(names) - set(known))
         if unknown or not names:
             raise ValueError(f"baselines: unknown {unknown}; choose from {sorted(known)}")
-    if not baseline_columns(specs)[0]:
-        raise ValueError("baselines: no tabular or genomics modality to fit them on (modalities: "
+    if not any(s.kind in COLUMN_KINDS + SUMMARY_KINDS for s in specs):
+        raise ValueError("baselines: no tabular, genomics, irregular_series or notes modality to fit them on (modalities: "
                          + ", ".join(f"{s.name} ({s.kind})" for s in specs) + ")")
 
 
@@ -279,6 +303,7 @@ class BaselinePredictions:
     columns: list[str]
     skipped: list[str]
     seconds: dict[str, float]
+    summaries: list[str] = field(default_factory=list)
 
 
 def fit_baselines(frame: pl.DataFrame, y: Any, specs: Sequence[ModalitySpec], problem: str,
@@ -293,6 +318,7 @@ def fit_baselines(frame: pl.DataFrame, y: Any, specs: Sequence[ModalitySpec], pr
     check_baselines(specs, problem, names)
     columns, categorical, skipped = baseline_columns(specs)
     X, numeric, cats = design_frame(frame, columns, categorical)
+    summaries = summary_inputs(frame, specs)
     makers = BASELINES[problem](seed)
     if names is not None:
         makers = {n: makers[n] for n in names}
@@ -303,7 +329,7 @@ def fit_baselines(frame: pl.DataFrame, y: Any, specs: Sequence[ModalitySpec], pr
         t0 = time.perf_counter()
         predictions[name] = []
         for tr, te in splits:
-            model = make_pipeline(_preprocessor(numeric, cats), make())
+            model = make_pipeline(_preprocessor(numeric, cats, summaries), make())
             with warnings.catch_warnings():
                 # convergence chatter of the linear solvers on collinear omics: the fit is still the one used
                 warnings.filterwarnings("ignore", category=UserWarning)
@@ -312,7 +338,9 @@ def fit_baselines(frame: pl.DataFrame, y: Any, specs: Sequence[ModalitySpec], pr
                 model.fit(X.iloc[tr], y_arr[tr])
             predictions[name].append(_predict(problem, model, X.iloc[te]))
         seconds[name] = time.perf_counter() - t0
-    return BaselinePredictions(predictions, columns, skipped, seconds)
+    described = [f"{s.name}: " + ("last value, count, time since last per code" if s.kind == "irregular_series"
+                                  else "TF-IDF of the notes") for s in specs if s.kind in SUMMARY_KINDS]
+    return BaselinePredictions(predictions, columns, skipped, seconds, described)
 
 
 def compare(problem: str, metric: str, y: Any, splits: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -361,7 +389,7 @@ def compare(problem: str, metric: str, y: Any, splits: Sequence[tuple[np.ndarray
             diffs.append(np.mean(per_fold))
     low, high = (np.percentile(diffs, [2.5, 97.5]) if diffs else (np.nan, np.nan))
     return BaselineComparison(metric, folds, best, observed, float(low), float(high), len(diffs), baselines.columns,
-                              baselines.skipped, baselines.seconds)
+                              baselines.skipped, baselines.seconds, baselines.summaries)
 
 
 def _nanmean(values: list[float]) -> float:

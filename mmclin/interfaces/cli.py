@@ -198,9 +198,11 @@ def _print_baselines(name: str, comparison: Any) -> None:
     rows = [{"model": r["model"], "mean": r["mean"], "sd": r["sd"],
              "per fold": " ".join(f"{v:.3f}" for k, v in r.items() if k.startswith("fold"))} for r in table.to_dicts()]
     _print_table(f"{name}: {comparison.metric}, mmclin beside classical baselines on the same folds", rows)
-    used = f"baselines use the {len(comparison.columns)} columns of the tabular/genomics modalities"
+    used = [f"the {len(comparison.columns)} columns of the tabular/genomics modalities"] if comparison.columns else []
+    used += [f"summaries of {s}" for s in comparison.summaries]
+    used = "baselines use " + "; ".join(used)
     if comparison.skipped:
-        used += f"; not {', '.join(comparison.skipped)} (no hand-made features for that kind yet)"
+        used += f"; not {', '.join(comparison.skipped)} (no classical summary of images or slides)"
     print(used)
     print(comparison.summary_line())
 
