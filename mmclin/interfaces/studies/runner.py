@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -262,7 +263,10 @@ class StudyRunner:
         carried = copy.deepcopy(failed)
         carried.user_attrs = {**{k: v for k, v in failed.user_attrs.items() if k == "mmclin.baseline"},
                               "mmclin.retry_reason": reason}
-        optuna.storages.RetryFailedTrialCallback(inherit_intermediate_values=False)(self.study, carried)
+        with warnings.catch_warnings():  # "experimental since 2.8": Optuna 4.9+ names it as RetryFailedTrialCallback's successor
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=False)
+        retry(self.study, carried)
 
     def _ask(self) -> optuna.Trial | None:
         with self.lock.hold():

@@ -5,7 +5,7 @@ Why not Optuna's own heartbeat (``RDBStorage(heartbeat_interval=, grace_period=)
 ``BaseHeartbeat``), its heartbeat thread is started only inside ``study.optimize`` (which cannot ask
 under mmclin's study lock, see ``storage.StudyLock``), and it knows a dead worker only after the
 grace period, where a worker on the same host is known dead at once from its process. Re-queueing a
-dead worker's values *is* Optuna's: ``RetryFailedTrialCallback`` (``runner._queue_again``).
+dead worker's values *is* Optuna's: ``RetryHeartbeatStaleTrialCallback`` (``runner._queue_again``).
 """
 from __future__ import annotations
 
