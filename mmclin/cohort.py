@@ -50,10 +50,8 @@ def as_modality_specs(modalities: Any) -> list[ModalitySpec]:
     if modalities is None:
         raise ValueError("'modalities' is required: a list of ModalitySpec(name=..., kind=..., columns=[...])")
     if isinstance(modalities, dict):
-        modalities = [
-            m if isinstance(m, ModalitySpec) else ModalitySpec(name=k, **m) for k, m in modalities.items()
-        ]
-    specs = [m if isinstance(m, ModalitySpec) else ModalitySpec(**m) for m in modalities]
+        modalities = [m if isinstance(m, ModalitySpec) else {**m, "name": k} for k, m in modalities.items()]
+    specs = [m if isinstance(m, ModalitySpec) else _spec(i, m) for i, m in enumerate(modalities)]
     if not specs:
         raise ValueError("'modalities' is empty: give at least one ModalitySpec")
     names = [s.name for s in specs]
@@ -68,6 +66,25 @@ def as_modality_specs(modalities: Any) -> list[ModalitySpec]:
     return specs
 
 
+def _spec(i: int, given: Any) -> ModalitySpec:
+    """``ModalitySpec(**given)``, pydantic's error as one line naming the modality and the field."""
+    from pydantic import ValidationError
+
+    name = given.get("name") if isinstance(given, dict) else None
+    where = f"modalities[{i}]" + (f" ({name!r})" if name else "")
+    if not isinstance(given, dict):
+        raise ValueError(f"{where}: expected a ModalitySpec or a dict of its fields (name, kind, columns), "
+                         f"got {type(given).__name__}")
+    try:
+        return ModalitySpec(**given)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(x) for x in first["loc"]) or "(fields)"
+        msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+        got = "" if first["type"] == "missing" else f" (got {first.get('input')!r})"
+        raise ValueError(f"{where}, {field}: {msg}{got}") from None
+
+
 def to_polars(frame: Any) -> pl.DataFrame:
     """Polars view of a user's frame (polars, pandas or a dict of columns)."""
     if isinstance(frame, pl.DataFrame):
@@ -78,6 +95,12 @@ def to_polars(frame: Any) -> pl.DataFrame:
         import pandas as pd
 
         if isinstance(frame, pd.DataFrame):
+            first: dict[Any, int] = {}
+            for i, name in enumerate(frame.columns):
+                if name in first:
+                    raise ValueError(f"the pandas frame names column {name!r} twice (positions {first[name]} and {i}); "
+                                     "column names must be unique")
+                first[name] = i
             frame = frame.reset_index(drop=True)
             try:
                 return pl.from_pandas(frame)
@@ -132,11 +155,29 @@ def check_columns(frame: pl.DataFrame, specs: list[ModalitySpec], where: str = "
         raise ValueError(f"{where} lacks columns: " + "; ".join(problems))
 
 
+def check_column_roles(specs: list[ModalitySpec], id_column: str | None = None,
+                       target_columns: list[str] | tuple[str, ...] = ()) -> None:
+    """A modality may not read the id column or a target column: an id is no feature, and a target among the
+    inputs hands the model the answer (a C-index near 1 that means nothing)."""
+    roles = {c: "a target column (an input that holds the answer)" for c in target_columns or ()}
+    if id_column:
+        roles[id_column] = "the id column (an id is no feature)"
+    for s in specs:
+        for c in s.columns:
+            if c in roles:
+                raise ValueError(f"modality {s.name!r} reads column {c!r}, which is {roles[c]}; remove it from the "
+                                 "modality's columns")
+
+
 def check_unique_ids(frame: pl.DataFrame, id_column: str | None) -> None:
     if id_column is None:
         return
     if id_column not in frame.columns:
         raise ValueError(f"id column {id_column!r} is not in the frame (columns: {frame.columns[:10]}...)")
+    ids = frame[id_column]
+    if ids.null_count():
+        raise ValueError(f"id column {id_column!r} is null in {ids.null_count()} row(s), the first at row "
+                         f"{int(ids.is_null().arg_max())}: every subject needs an id")
     dup = frame.filter(pl.col(id_column).is_duplicated())[id_column].unique().head(5).to_list()
     if dup:
         raise ValueError(

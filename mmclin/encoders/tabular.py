@@ -78,7 +78,12 @@ class TabularFeaturizer(Featurizer):
         schema = frame.schema  # once: polars builds the whole schema on every access
         for c in self.numeric:
             if not is_numeric(schema[c]) and schema[c] != pl.Null:
-                raise ValueError(f"modality {self.spec.name!r}, column {c!r}: expected a numeric column as in training, got {schema[c]}")
+                col = frame[c]
+                text = col.is_not_null() & col.cast(pl.Float64, strict=False).is_null() if col.dtype == pl.String else None
+                row = int(text.arg_max()) if text is not None and text.any() else None
+                where = f" (row {row} holds {col[row]!r})" if row is not None else ""
+                raise ValueError(f"modality {self.spec.name!r}, column {c!r}: expected a numeric column as in training, "
+                                 f"got {schema[c]}{where}")
         values, missing = numeric_matrix(frame, self.numeric, self.spec.name)
         # missing cells are 0 and masked: the encoder uses its learned missing token there
         values = standardise(self.spec.name, self.numeric, values, missing, self.mean, self.std)

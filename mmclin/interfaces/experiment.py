@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import polars as pl
 
-from mmclin.cohort import Cohort, check_unique_ids
+from mmclin.cohort import Cohort, check_column_roles, check_unique_ids
 from mmclin.config import ComponentConfig, ExperimentConfig, load_config
 from mmclin.persistence.outputs import new_run_directory, unfinished_run_directory, update_marker
 
@@ -60,9 +60,11 @@ def read_table(path: str | Path, text_columns: list[str] | None = None,
     elif suffix in (".csv", ".tsv"):
         sep = "\t" if suffix == ".tsv" else ","
         with open(path, "rb") as f:
-            if f.read(4) == b"PAR1":
-                raise ValueError(f"data file {str(path)!r} is a parquet file (it starts with PAR1), not {suffix}; "
-                                 "rename it .parquet")
+            head = f.read(4096)
+        if head[:4] == b"PAR1":
+            raise ValueError(f"data file {str(path)!r} is a parquet file (it starts with PAR1), not {suffix}; "
+                             "rename it .parquet")
+        _check_text_encoding(path, head)
         _check_header(path, sep)
         frame = _read_csv(path, sep, text_columns, null_values)
         if frame.width == 1:  # one column holding separators: the file uses another one
@@ -78,6 +80,19 @@ def read_table(path: str | Path, text_columns: list[str] | None = None,
     if frame.height == 0:
         raise ValueError(f"data file {str(path)!r} has a header but no rows")
     return frame
+
+
+def _check_text_encoding(path: Path, head: bytes) -> None:
+    """UTF-16/UTF-32 text (a byte-order mark, or the NUL bytes of wide characters) would be read as garbled column
+    names, not as an encoding error: refuse it, naming the encoding."""
+    boms = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+            (b"\xfe\xff", "UTF-16"))
+    found = next((name for bom, name in boms if head.startswith(bom)), None)
+    if found is None and b"\x00" in head and not head.startswith(b"\x1f\x8b"):  # gzip: polars decompresses it
+        found = "UTF-16 or binary (it holds NUL bytes)"
+    if found is not None:
+        raise ValueError(f"data file {str(path)!r} is {found}, not UTF-8 text; re-encode it as UTF-8 (e.g. iconv -f "
+                         f"{found.split()[0].lower()} -t utf-8) or save it from your spreadsheet as 'CSV UTF-8'")
 
 
 def _read_csv(path: Path, sep: str, text_columns: list[str] | None, null_values: list[str] | None) -> pl.DataFrame:
@@ -168,10 +183,19 @@ def targets_from_frame(frame: pl.DataFrame, columns: list[str], problem: str) ->
         if frame.schema[columns[1]].is_temporal():
             raise ValueError(f"target time column {columns[1]!r} holds dates ({frame.schema[columns[1]]}); expected the "
                              "time from the start of follow-up to the event or censoring (e.g. days: end - start)")
+        if not frame.schema[columns[1]].is_numeric():
+            col = frame[columns[1]]
+            first = col.drop_nulls().head(1).to_list()
+            raise ValueError(f"target time column {columns[1]!r} holds {col.dtype} values (e.g. "
+                             f"{first[0] if first else None!r}), not numbers; store the time from the start of "
+                             "follow-up as numbers (e.g. days)")
         event, time = (frame[c].to_numpy() for c in columns)
         return np.rec.fromarrays([event, time.astype(float)], names=["event", "time"]).view(np.ndarray)
     if problem == "multilabel":
         return frame.select(columns).to_numpy()
+    if problem != "multitask" and len(columns) != 1:
+        raise ValueError(f"data.target for a {problem} task must be one label column, got {columns} (a survival target "
+                         "[event, time] needs model.task cox or discrete_time)")
     if problem == "multitask":  # one column per sub-task, named like the sub-task
         return {c: frame[c].to_numpy() for c in columns}
     return frame[columns[0]].to_numpy()
@@ -273,6 +297,7 @@ class Experiment:
             raise ValueError(f"data.group_column {group!r} in {where} is null in {col.null_count()} row(s), the first "
                              f"at row {int(col.is_null().arg_max())}: every row needs its group")
         id_col = cohort.id_column
+        check_column_roles(cohort.modalities, id_col or None, cohort.target_columns)
         if id_col:
             # the task from this cohort: self.task_config() would load the cohort again, and land here
             clash = _output_column_clash(id_col, _build_task(self._task_config_of(cohort)).problem)

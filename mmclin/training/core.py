@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from mmclin.cohort import ModalitySpec, as_modality_specs, check_unique_ids, to_polars
+from mmclin.cohort import ModalitySpec, as_modality_specs, check_column_roles, check_unique_ids, to_polars
 from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig
 from mmclin.encoders.base import Featurizer
 from mmclin.persistence.model_files import read_model_metadata, write_model_directory
@@ -180,13 +180,20 @@ class FittedModel:
         path = Path(path)
         meta = read_model_metadata(path, META, FORMAT_VERSION, "mmclin model directory", "`mmclin fit` or FittedModel.save")
         load_builtin_components()
-        specs = [ModalitySpec(**s) for s in meta["modalities"]]
-        featurizers = {s.name: FEATURIZERS.get(s.kind)(s).load_state_dict(meta["featurizers"][s.name]) for s in specs}
-        model_config = ModelConfig(**meta["model"])
-        task_config = ComponentConfig(**meta["task"]["config"])
-        task = build_task(task_config)
-        task.load_state_dict(meta["task"]["state"])
-        net = build_net(specs, meta["encoder_kwargs"], model_config, task)
+        part = _damaged_part(path / META)
+        with part("'modalities'"):
+            specs = [ModalitySpec(**s) for s in meta["modalities"]]
+        featurizers = {}
+        for s in specs:
+            with part(f"featurizer state of modality {s.name!r}"):
+                featurizers[s.name] = FEATURIZERS.get(s.kind)(s).load_state_dict(meta["featurizers"][s.name])
+        with part("'model' or 'task'"):
+            model_config = ModelConfig(**meta["model"])
+            task_config = ComponentConfig(**meta["task"]["config"])
+            task = build_task(task_config)
+            task.load_state_dict(meta["task"]["state"])
+        with part("'encoder_kwargs'"):
+            net = build_net(specs, meta["encoder_kwargs"], model_config, task)
         weights = path / WEIGHTS
         state = read_weights(weights, map_location)
         try:
@@ -196,6 +203,30 @@ class FittedModel:
         net.eval()
         return cls(specs, featurizers, net, task, model_config, task_config, meta["encoder_kwargs"],
                    meta.get("history", []), meta.get("best_epoch", -1), meta.get("id_column"), meta.get("presence_counts"))
+
+
+def _damaged_part(meta_file: Path) -> Callable[[str], Any]:
+    """``with part("'model'"): ...``: a part of ``mmclin.json`` that cannot be rebuilt (a missing key, a value of
+    the wrong type; the manifest, when there is one, already refused edits) is one error naming the file and the part,
+    not a traceback from deep in the loader."""
+    import contextlib
+
+    from pydantic import ValidationError
+
+    @contextlib.contextmanager
+    def part(what: str):
+        try:
+            yield
+        except (KeyError, TypeError, AttributeError, IndexError, ValidationError) as err:
+            if isinstance(err, ValidationError):
+                first = err.errors()[0]
+                detail = f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}"
+            else:
+                detail = (str(err).splitlines() or [""])[0]
+            raise ValueError(f"{str(meta_file)!r}: its {what} cannot be read ({type(err).__name__}: {detail}); the "
+                             "mmclin model directory is damaged (save it again with `mmclin fit` or "
+                             "FittedModel.save)") from None
+    return part
 
 
 def fit_model(
@@ -224,6 +255,7 @@ def fit_model(
     if frame.height == 0:
         raise ValueError("the training frame has no rows")
     specs = as_modality_specs(modalities)
+    check_column_roles(specs, id_column)
     check_unique_ids(frame, id_column)
     task_obj = build_task(task)
     y = task_obj.check_targets(y)
