@@ -5,6 +5,7 @@ Errors name the key and, where there is a fixed set, the allowed values.
 from __future__ import annotations
 
 import copy
+import io
 from pathlib import Path
 from typing import Any, Literal
 
@@ -311,6 +312,12 @@ def component_option_problems(cfg: "ExperimentConfig") -> list[str]:
         found += [(f"model.encoders.{modality}.{k}", v) for k, v in (options or {}).items()]
     for i, spec in enumerate(cfg.data.modalities or []):
         found += [(f"data.modalities.{i}.options.{k} (modality {spec.name!r})", v) for k, v in spec.options.items()]
+    return option_problems(found)
+
+
+def option_problems(found: list[tuple[str, Any]]) -> list[str]:
+    """One line per ``(key, value)`` of a component option whose value no component accepts; a key's text after a
+    space (``"... (modality 'genes')"``) is kept in the line, its last dotted name says which option it is."""
     problems = []
     for key, value in found:
         problem = _option_problem(key.split(" ")[0], value)
@@ -344,14 +351,39 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: where and what."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return f": {' '.join(str(err).split())}"
+    hint = "; YAML indents with spaces, not tabs" if "\\t" in problem or "\t" in problem else ""
+    context = getattr(err, "context", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}{f' ({context})' if context else ''}{hint}"
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; expected a YAML file")
+    data = path.read_bytes()
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(f"config file {str(path)!r} is not valid UTF-8: byte(s) {data[err.start:err.end].hex(' ').upper()} "
+                          f"at line {line}; save it as UTF-8") from None
+    stream = io.StringIO(text)
+    stream.name = str(path)  # YAML's messages then name the file, not "<unicode string>"
+    try:
+        raw = yaml.load(stream, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{_yaml_problem(err)}") from None
+    if raw is None:
+        raise ConfigError(f"config file {str(path)!r} is empty (no keys); expected a mapping with at least 'data' "
+                          "(e.g. experiments/gse7390_survival.yaml)")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must be a mapping at the top level")
     return validate_config(apply_overrides(raw, overrides or []), f"({path})")

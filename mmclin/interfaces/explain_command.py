@@ -28,6 +28,8 @@ COHORT_NOTES = {
 
 
 def add_explain_parser(sub: Any) -> None:
+    from mmclin.interfaces.cli import _count  # counts below 1 are refused, never used as they are
+
     p = sub.add_parser("explain", help="which modality and feature drove each prediction (Shapley values, "
                                        "Integrated Gradients): frames, plots, an HTML report, logged to MLflow")
     p.add_argument("model", help="model directory, run directory of fit (outputs/<name>/<run>), a config's output directory (outputs/<name>: its newest finished run) or MLflow runs:/<run_id> (default store: sqlite:///mlruns.db), or a run id")
@@ -43,10 +45,10 @@ def add_explain_parser(sub: Any) -> None:
     p.add_argument("--horizon", type=float, help="survival: explain S(horizon | x) instead of the risk score")
     p.add_argument("--method", default="auto", choices=["auto", "exact", "sampling"],
                    help="modality Shapley values: exact (2^M coalitions), sampling (Captum), auto (exact up to 8)")
-    p.add_argument("--n-samples", type=int, default=64, help="sampled orderings for --method sampling")
-    p.add_argument("--n-steps", type=int, default=50, help="Integrated Gradients steps")
-    p.add_argument("--batch-size", type=int, default=256, help="subjects per pass (memory: see docs/explanations.md)")
-    p.add_argument("--top", type=int, default=20, help="features shown in the plots and report")
+    p.add_argument("--n-samples", type=_count(1), default=64, help="sampled orderings for --method sampling")
+    p.add_argument("--n-steps", type=_count(1), default=50, help="Integrated Gradients steps")
+    p.add_argument("--batch-size", type=_count(1), default=256, help="subjects per pass (memory: see docs/explanations.md)")
+    p.add_argument("--top", type=_count(1), default=20, help="features shown in the plots and report")
     p.add_argument("--patients", metavar="ID,...",
                    help="patients for the report's per-patient view (values of the id column; default: the two "
                         "highest and two lowest predictions)")
