@@ -6,11 +6,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
-from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig
+from pydantic import ValidationError
+from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig, option_problems
 from mmclin.interfaces.sklearn_api import EstimatorParams, check_fitted
 
 # Nested options: ``fusion__d_model=32`` is stored in ``fusion_options["d_model"]``, and
@@ -110,21 +112,34 @@ class _MultimodalBase(EstimatorParams):
         if task_name not in TASKS:
             raise ValueError(f"The 'task' parameter of {type(self).__name__} must be one of {TASKS.names()}. "
                              f"Got {task_name!r} instead.")
-        model = ModelConfig(
-            fusion=ComponentConfig(name=self.fusion, **(self.fusion_options or {})),
-            encoders=self.encoder_options or {},
-            modality_dropout=self.modality_dropout,
-            ensemble_size=self.ensemble_size,
-            pretrained=None if self.pretrained is None else str(self.pretrained),
-        )
-        trainer = TrainerConfig(
-            max_epochs=self.max_epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay, val_fraction=self.val_fraction, patience=self.patience,
-            device=self.device, num_threads=self.num_threads,
-            seed=0 if self.random_state is None else int(self.random_state), progress_bar=self.verbose,
-            deterministic=self.deterministic,
-        )
-        return model, trainer, ComponentConfig(name=task_name, **(self.task_options or {}))
+        found = [(f"fusion_options.{k}", v) for k, v in (self.fusion_options or {}).items()]
+        found += [(f"encoder_options.{m}.{k}", v) for m, options in (self.encoder_options or {}).items()
+                  if isinstance(options, dict) for k, v in options.items()]
+        problems = option_problems(found)
+        if problems:
+            param = problems[0].split(".")[0]
+            raise ValueError(f"The {param!r} parameter of {type(self).__name__} is invalid: " + "; ".join(problems))
+        name = type(self).__name__
+        with _parameters(name, "fusion_options"):
+            fusion = ComponentConfig(name=self.fusion, **(self.fusion_options or {}))
+        with _parameters(name, "task_options"):
+            task = ComponentConfig(name=task_name, **(self.task_options or {}))
+        with _parameters(name):
+            model = ModelConfig(
+                fusion=fusion,
+                encoders=self.encoder_options or {},
+                modality_dropout=self.modality_dropout,
+                ensemble_size=self.ensemble_size,
+                pretrained=None if self.pretrained is None else str(self.pretrained),
+            )
+            trainer = TrainerConfig(
+                max_epochs=self.max_epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
+                weight_decay=self.weight_decay, val_fraction=self.val_fraction, patience=self.patience,
+                device=self.device, num_threads=self.num_threads,
+                seed=0 if self.random_state is None else self.random_state, progress_bar=self.verbose,
+                deterministic=self.deterministic,
+            )
+        return model, trainer, task
 
     def fit(self, X: Any, y: Any, checkpoint_dir: str | None = None, resume: bool = False) -> "_MultimodalBase":
         """Train on ``X`` (one row per subject) and ``y``.
@@ -156,14 +171,21 @@ class _MultimodalBase(EstimatorParams):
         outputs = self._outputs(X)  # first: an unfitted estimator raises NotFittedError
         return self.task_.predict(outputs)
 
+    def _scored_targets(self, y: Any, outputs: np.ndarray) -> Any:
+        """``y`` checked by the task, with as many rows as ``X`` had (never a metric of misaligned rows)."""
+        y = self.task_.check_targets(y)
+        if self.task_.n_rows(y) != len(outputs):
+            raise ValueError(f"X has {len(outputs)} rows but y has {self.task_.n_rows(y)}")
+        return y
+
     def score(self, X: Any, y: Any) -> float:
         outputs = self._outputs(X)
-        return float(self.task_.score(self.task_.check_targets(y), outputs))
+        return float(self.task_.score(self._scored_targets(y, outputs), outputs))
 
     def metrics(self, X: Any, y: Any, y_train: Any = None) -> dict[str, float]:
         """All the task's metrics (e.g. Harrell's and Uno's C, integrated Brier score)."""
         outputs = self._outputs(X)
-        return self.task_.reported_metrics(self.task_.check_targets(y), outputs, y_train=y_train)
+        return self.task_.reported_metrics(self._scored_targets(y, outputs), outputs, y_train=y_train)
 
     def predict_per_step(self, X: Any) -> Any:
         """Predictions after every step of a sequential fusion head (``sequential_modular``):
@@ -272,6 +294,13 @@ class MultimodalClassifier(_MultimodalBase):
         arr = np.asarray(y)
         if arr.ndim == 2:
             return "multilabel"
+        if arr.dtype.kind == "f":
+            fractional = np.flatnonzero(~np.isnan(arr) & (arr != np.round(arr)))
+            if len(fractional):
+                row = int(fractional[0])
+                raise ValueError(f"y holds continuous values ({len(fractional)} of {len(arr)} are not whole numbers, the "
+                                 f"first {arr[row]:g} at row {row}), not class labels; {type(self).__name__} needs "
+                                 "labels (use MultimodalRegressor for a continuous outcome)")
         return "binary" if len(np.unique(arr[~_isnull(arr)])) <= 2 else "multiclass"
 
     def fit(self, X: Any, y: Any, checkpoint_dir: str | None = None, resume: bool = False) -> "MultimodalClassifier":
@@ -299,6 +328,29 @@ class MultimodalRegressor(_MultimodalBase):
 
     def _task_name(self, y: Any) -> str:
         return self.task or "regression"
+
+
+# config fields whose estimator parameter has another name
+_PARAMETER_OF = {"seed": "random_state", "progress_bar": "verbose", "encoders": "encoder_options"}
+
+
+@contextlib.contextmanager
+def _parameters(estimator: str, parameter: str | None = None) -> Iterator[None]:
+    """pydantic's error on a parameter in scikit-learn's template: "The 'max_epochs' parameter of
+    MultimodalClassifier must be greater than or equal to 1. Got -1 instead." (``parameter``: the estimator
+    parameter the whole block builds from; else the config field that failed names it)."""
+    try:
+        yield
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = [str(x) for x in first["loc"]]
+        name = parameter or (_PARAMETER_OF.get(loc[0], loc[0]) if loc else "?")
+        rule = first["msg"].replace("Input should be", "must be", 1)
+        if not rule.startswith("must"):
+            rule = f"is invalid ({rule})"
+        where = f" ({'.'.join(loc)})" if parameter and loc else ""
+        raise ValueError(f"The {name!r} parameter of {estimator}{where} {rule}. Got {first.get('input')!r} "
+                         "instead.") from None
 
 
 def _isnull(arr: np.ndarray) -> np.ndarray:

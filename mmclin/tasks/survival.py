@@ -215,8 +215,13 @@ class _SurvivalTask(Task):
         return None if self.follow_up_ is None else self.follow_up_[1]
 
     def _warn_outside_follow_up(self, times: np.ndarray) -> None:
-        """Say when a survival curve is asked at negative times or after the training follow-up."""
+        """Refuse times that are not finite; say when a survival curve is asked at negative times or after the
+        training follow-up."""
         t = np.asarray(times, dtype=np.float64).reshape(-1)
+        bad = np.flatnonzero(~np.isfinite(t))
+        if len(bad):
+            raise ValueError(f"survival function asked at {len(bad)} time(s) that are not finite (the first {t[bad[0]]} "
+                             f"at position {int(bad[0])}); times must be finite numbers")
         negative = t[t < 0]
         if negative.size:
             warnings.warn(f"survival function asked at {negative.size} negative time(s) (the first {negative[0]:g}): "
