@@ -409,6 +409,59 @@ def _mixed_numbers(env: Env, tmp: Path) -> Run:
     return api(lambda: model.fit(df, c.y))
 
 
+def _utf16_csv(env, tmp):
+    text = _csv(env, tmp).read_text()
+    (tmp / "c.csv").write_bytes(text.encode("utf-16"))  # what a spreadsheet's "Unicode text" export writes
+    return tmp / "c.csv"
+
+
+def _null_id(env, tmp):
+    return _parquet(env, tmp, lambda f: f.with_columns(f["patient_id"].scatter(4, None)))
+
+
+def _time_as_text(env, tmp):
+    import polars as pl
+
+    return _parquet(env, tmp, lambda f: f.with_columns(f["time"].cast(pl.String)))
+
+
+def _estimator(fit: Callable[[Any, Any], Any]) -> Callable[[Env, Path], Run]:
+    """``fit(cohort, MultimodalSurvivalModel)`` through the Python API, on the gse7390 cohort."""
+    def run(env: Env, tmp: Path) -> Run:
+        from mmclin import MultimodalSurvivalModel
+        from mmclin.datasets import load_cohort
+
+        return api(lambda: fit(load_cohort("gse7390"), MultimodalSurvivalModel))
+    return run
+
+
+def _duplicated_pandas_columns(c, model):
+    df = c.frame.to_pandas()[["patient_id", "age", "er", "grade", "size"]]
+    df.columns = ["patient_id", "age", "er", "age", "size"]  # pandas allows it; which 'age' would be read?
+    return model(modalities=c.modalities[:1], max_epochs=1).fit(df, c.y)
+
+
+def _continuous_labels(c, model):
+    from mmclin import MultimodalClassifier
+
+    return MultimodalClassifier(modalities=c.modalities[:1], max_epochs=1).fit(c.frame, c.y["t.tdm"] + 0.5)
+
+
+def _id_read_by_a_modality(c, model):
+    from mmclin.cohort import ModalitySpec
+
+    spec = ModalitySpec(name="clinical", kind="tabular", columns=["age", "patient_id"])
+    return model(modalities=[spec], id_column="patient_id", max_epochs=1).fit(c.frame, c.y)
+
+
+def _text_at_predict_time(env, tmp):
+    import polars as pl
+
+    data = tmp / "new.parquet"
+    env.frame.with_columns(env.frame["age"].cast(pl.String).scatter(2, "old")).write_parquet(data)
+    return env.predict(env.model, tmp, data)
+
+
 COHORT_CASES = [
     _fit_file_case("empty parquet", _empty_parquet, (r"c\.parquet", "parquet", "empty|0 bytes")),
     _fit_file_case("truncated parquet", _truncated_parquet, (r"c\.parquet", "not a readable parquet|truncated|damaged")),
@@ -439,6 +492,18 @@ COHORT_CASES = [
                    modalities="    - {name: clinical, kind: tabular, columns: [agee, er]}"),
     Case("mixed-type id column (pandas)", "damaged cohort", _mixed_ids, ("'patient_id'", "int", "str", r"row \d")),
     Case("text cell in a number column (pandas)", "damaged cohort", _mixed_numbers, ("'age'", "row 3", "'unknown'")),
+    _fit_file_case("UTF-16 CSV", _utf16_csv, (r"c\.csv", "UTF-16", "UTF-8", "iconv")),
+    Case("null id at fit time", "damaged cohort", _before_training(_damaged(_null_id)),
+         ("id column 'patient_id'", "null", "row 4")),
+    _fit_file_case("survival time stored as text (parquet)", _time_as_text, ("'time'", "String", "not numbers")),
+    Case("duplicated column names (pandas)", "damaged cohort", _estimator(_duplicated_pandas_columns),
+         ("column 'age' twice", "positions 1 and 3")),
+    Case("continuous y for a classifier (API)", "damaged cohort", _estimator(_continuous_labels),
+         ("continuous", "row 0", "MultimodalRegressor")),
+    Case("id column read by a modality (API)", "damaged cohort", _estimator(_id_read_by_a_modality),
+         ("modality 'clinical'", "'patient_id'", "id column")),
+    Case("text in a number column at predict time", "damaged cohort", _text_at_predict_time,
+         ("modality 'clinical'", "column 'age'", "numeric", "row 2", "'old'")),
 ]
 
 
@@ -517,6 +582,9 @@ MODEL_CASES = [
                 ("mmclin.json", "not valid JSON")),
     _model_case("weights of another shape, no manifest", lambda m: _other_weights(m), ("model.safetensors|weights",
                                                                                         "shape|size|match")),
+    _model_case("featurizer state of the wrong type, no manifest",
+                _edit_json(lambda meta: meta["featurizers"].update(clinical=3), manifest=False),
+                ("mmclin.json", "modality 'clinical'", "damaged")),
     Case("empty model directory", "damaged model", lambda env, tmp: env.predict((tmp / "m").mkdir() or tmp / "m", tmp),
          (r"/m'", "mmclin.json|not a")),
 ]
@@ -628,14 +696,49 @@ CONFIG_CASES = [
     _config_case("--set without =", ("--set expects KEY=VALUE", "trainer.max_epochs"), sets=("trainer.max_epochs",)),
     _config_case("--set into a value", ("--set trainer.max_epochs.x", "'max_epochs' is a value"),
                  sets=("trainer.max_epochs.x=1",)),
-    _config_case("duplicated YAML key", ("key 'max_epochs' appears twice", r"lines \d+ and \d+"),
+    _config_case("duplicated YAML key", (r"c\.yaml", "key 'max_epochs' appears twice", r"lines \d+ and \d+"),
                  text="name: a\ndata: {cohort: gse7390}\ntrainer:\n  max_epochs: 3\n  max_epochs: 30\n"),
     _config_case("config not a mapping", ("must be a mapping",), text="- a\n- b\n"),
-    _config_case("YAML tab indentation", ("not valid YAML", r"line \d+"), text="name: a\ndata:\n\tcohort: gse7390\n"),
+    _config_case("YAML tab indentation", (r"c\.yaml", "not valid YAML", r"line 3", "spaces, not tabs"), text="name: a\ndata:\n\tcohort: gse7390\n"),
     _config_case("name '..'", ("'name'", "not '.' or '..'"), sets=("name=..",)),
     _config_case("data.path and data.cohort both given", ("exactly one of 'data.cohort'",), sets=("data.cohort=gse7390",)),
     Case("config file missing", "config", lambda env, tmp: cli(["fit", tmp / "nothere.yaml"]), (r"nothere\.yaml", "does not exist")),
+    Case("config file not UTF-8", "config", lambda env, tmp: _config_bytes(tmp, b"name: caf\xe9\ndata: {cohort: gse7390}\n"),
+         (r"c\.yaml", "not valid UTF-8", "E9", "line 1")),
+    _config_case("empty config file", (r"c\.yaml", "empty"), text="# nothing yet\n"),
+    _config_case("binary task on a survival target", ("data.target", "binary", "one label column", "cox"),
+                 model="{task: {name: binary}}"),
+    Case("target column read by a modality", "config", lambda env, tmp: cli(["fit", env.config(
+        tmp, modalities="    - {name: clinical, kind: tabular, columns: [age, time]}")]),
+         ("modality 'clinical'", "'time'", "target column")),
+    Case("id column read by a modality", "config", lambda env, tmp: cli(["fit", env.config(
+        tmp, modalities="    - {name: clinical, kind: tabular, columns: [age, patient_id]}")]),
+         ("modality 'clinical'", "'patient_id'", "id column")),
+    Case("estimator parameter out of range (API)", "config", _estimator(
+        lambda c, model: model(modalities=c.modalities[:1], max_epochs=-1).fit(c.frame, c.y)),
+         ("The 'max_epochs' parameter of MultimodalSurvivalModel", "greater than or equal to 1", "Got -1")),
+    Case("negative encoder width (API)", "config", _estimator(
+        lambda c, model: model(modalities=c.modalities[:1], encoder_options={"clinical": {"d_model": -3}},
+                               max_epochs=1).fit(c.frame, c.y)),
+         ("'encoder_options' parameter", r"clinical\.d_model", ">= 1", "-3")),
+    Case("unknown modality kind (API)", "config", _estimator(
+        lambda c, model: model(modalities=[{"name": "clinical", "kind": "tabluar", "columns": ["age"]}],
+                               max_epochs=1).fit(c.frame, c.y)),
+         (r"modalities\[0\] \('clinical'\)", "kind", "'tabluar'")),
+    Case("explain --n-steps 0", "config", lambda env, tmp: _explain(env, tmp, "--n-steps", "0"),
+         ("--n-steps", ">= 1", "'0'")),
+    Case("explain --top 0", "config", lambda env, tmp: _explain(env, tmp, "--top", "0"), ("--top", ">= 1", "'0'")),
 ]
+
+
+def _config_bytes(tmp: Path, data: bytes) -> Run:
+    (tmp / "c.yaml").write_bytes(data)
+    return cli(["fit", tmp / "c.yaml"])
+
+
+def _explain(env: Env, tmp: Path, *more: str) -> Run:
+    return cli(["explain", env.model, "--data", env.data, "--output-dir", tmp / "ex", "--no-tracking", "--levels",
+                "modality", *more])
 
 
 # ------------------------------------------------------------------------- disks and stores
@@ -886,7 +989,19 @@ def _tiny_cohort_fit(env: Env, tmp: Path) -> Run:
     return _fit(env, tmp, _parquet(env, tmp, lambda f: f.head(12)))
 
 
+def _score_of_other_length(env: Env, tmp: Path) -> Run:
+    from mmclin import MultimodalSurvivalModel
+    from mmclin.datasets import load_cohort
+
+    c = load_cohort("gse7390")
+    return api(lambda: MultimodalSurvivalModel(modalities=c.modalities[:1], max_epochs=1).fit(c.frame, c.y)
+               .score(c.frame, c.y[:10]))
+
+
 METRIC_CASES = [
+    Case("score with y of another length (API)", "metrics", _score_of_other_length, ("X has 198 rows", "y has 10")),
+    Case("survival function at a NaN time", "metrics", _survival_function_at(lambda last: [100.0, float("nan")]),
+         ("not finite", "nan", "position 1")),
     Case("c-index from 2 events", "metrics", _c_index_of_two_events, ("c_index", "2 event", "10"), warn=True),
     Case("AUROC with 1 positive subject", "metrics", _auroc_of_one_positive, ("auroc", "1 subject", "5"), warn=True),
     Case("R^2 of 3 subjects", "metrics", _regression_of_three, ("r2|metrics", "3 subject", "10"), warn=True),
