@@ -43,7 +43,7 @@ class DataConfig(BaseModel):
     group_column: str | None = None  # rows sharing a value stay in one fold (e.g. patient of admissions)
     modalities: list[ModalitySpec] | None = None
     test_size: float = Field(0.25, gt=0, lt=1)
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0)  # a seed of numpy's generator: whole numbers >= 0
     # data root for file paths in the frame (image / slide modalities): relative paths are taken under it and
     # a path resolving outside it is refused; given to each such modality as options["root"] unless it sets
     # its own (mmclin.persistence.paths.apply_data_root)
@@ -120,7 +120,7 @@ class SearchParam(BaseModel):
     conditional: it is sampled only when those keys (fixed in the config or sampled earlier in
     the space) have those values; otherwise the key is removed from the trial's config."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN bound would sample NaN trials
     type: Literal["categorical", "int", "float"]
     choices: list[Any] | None = None
     low: float | None = None

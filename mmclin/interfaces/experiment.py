@@ -262,9 +262,13 @@ class Experiment:
         return self._cohort
 
     def _load_cohort(self) -> Cohort:
-        from mmclin.persistence.paths import apply_data_root
+        from mmclin.persistence.paths import PATH_KINDS, apply_data_root
 
         cohort = self._read_cohort()
+        root = self.config.data.root
+        if root is not None and not any(s.kind in PATH_KINDS for s in cohort.modalities):
+            log.warning("data.root %r is ignored: it applies to modalities that read files (kinds %s), and this "
+                        "config has none", root, ", ".join(sorted(PATH_KINDS)))
         # file paths of image/slide modalities stay under data.root when one is set
         cohort.modalities = apply_data_root(cohort.modalities, self.config.data.root)
         self._check_targets(cohort)

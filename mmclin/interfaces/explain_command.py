@@ -122,6 +122,12 @@ def cmd_explain(args: argparse.Namespace, print_table: Any) -> int:
     print(f"loading the model {args.model} and the data {args.data}")
     fitted = FittedModel.load(resolve_model_path(args.model, args.tracking_uri))
     frame, id_col, cohort = _read_data(args.data, args.id_column)
+    if args.id_column is not None and args.id_column not in frame.columns:  # not frames without ids, unasked
+        import difflib
+
+        close = difflib.get_close_matches(args.id_column, frame.columns, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; columns are {frame.columns[:10]}"
+        raise ValueError(f"--id-column {args.id_column!r} is not in the data{hint}")
     extra = cohort.extra if cohort is not None else {}
     time_unit = args.time_unit or extra.get("time_unit")
     spec_labels = {k: v for s in fitted.specs for k, v in (s.options.get("feature_labels") or {}).items()}
@@ -131,7 +137,10 @@ def cmd_explain(args: argparse.Namespace, print_table: Any) -> int:
     if target is not None and fitted.task.task_name == "multitask" and ":" in target:
         target = tuple(target.split(":", 1))
     levels = tuple(lv.strip() for lv in args.levels.split(",") if lv.strip())
-    patients = [p.strip() for p in args.patients.split(",") if p.strip()] if args.patients else None
+    patients = [p.strip() for p in args.patients.split(",") if p.strip()] if args.patients is not None else None
+    if patients == []:  # not the default view in place of the patients asked for
+        raise ValueError(f"--patients names no patient (got {args.patients!r}); give ids of the id column, "
+                         "comma-separated, or leave --patients out for the default view")
     what = {"modality": "modality contributions (Shapley values)", "feature": "feature contributions (Integrated "
             f"Gradients, {args.n_steps} steps)"}
     print(f"explaining the {fitted.task.task_name} model's predictions for {frame.height} subjects: "
