@@ -728,6 +728,17 @@ CONFIG_CASES = [
     Case("explain --n-steps 0", "config", lambda env, tmp: _explain(env, tmp, "--n-steps", "0"),
          ("--n-steps", ">= 1", "'0'")),
     Case("explain --top 0", "config", lambda env, tmp: _explain(env, tmp, "--top", "0"), ("--top", ">= 1", "'0'")),
+    Case("explain --id-column with a typo", "config", lambda env, tmp: _explain(env, tmp, "--id-column", "patient_idd"),
+         ("--id-column 'patient_idd'", "not in the data", "did you mean 'patient_id'")),
+    Case("explain --patients naming no patient", "config", lambda env, tmp: _explain(env, tmp, "--patients", ",,"),
+         ("--patients", "no patient", "',,'")),
+    _config_case("negative data.split_seed", ("data.split_seed", "greater than or equal to 0"), sets=("data.split_seed=-1",)),
+    Case("tune.space bound NaN", "config", lambda env, tmp: cli(["tune", env.config(tmp, extra=(
+        "tune: {space: {trainer.learning_rate: {type: float, low: .nan, high: 0.1}}, n_trials: 1, cv: null}"))]),
+         (r"tune\.space\.trainer\.learning_rate\.low", "finite")),
+    Case("data.root with no modality that reads files", "config", lambda env, tmp: cli(["fit", env.config(
+        tmp, data_extra="  root: /nonexistent/images")]), ("data.root", "/nonexistent/images", "ignored", "image"),
+         warn=True),
 ]
 
 
