@@ -9,19 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-
-def _count(minimum: int):
-    """An argparse type: a whole number >= ``minimum`` (a 0 is refused, never replaced by a default)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
-        return value
-
-    return parse
+from mmclin.interfaces.arguments import count_at_least as _count
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

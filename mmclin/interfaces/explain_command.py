@@ -28,7 +28,7 @@ COHORT_NOTES = {
 
 
 def add_explain_parser(sub: Any) -> None:
-    from mmclin.interfaces.cli import _count  # counts below 1 are refused, never used as they are
+    from mmclin.interfaces.arguments import count_at_least as _count  # counts below 1 are refused, never used as they are
 
     p = sub.add_parser("explain", help="which modality and feature drove each prediction (Shapley values, "
                                        "Integrated Gradients): frames, plots, an HTML report, logged to MLflow")
