@@ -65,6 +65,9 @@ class ModelConfig(BaseModel):
     encoders: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-modality encoder options
     modality_dropout: float = Field(0.0, ge=0, lt=1)
     ensemble_size: int = Field(1, ge=1)  # >1: a deep ensemble (seeds and validation carve-outs differ)
+    # a penalised linear model (Coxnet / logistic / ridge, penalty by inner CV) beside the deep path, frozen, the
+    # deep path starting at zero (mmclin.training.linear_path); None: on where the task and modalities allow it
+    linear_path: bool | None = None
     pretrained: str | None = None  # a `mmclin pretrain` directory: encoders + featurizers start from it
 
 

@@ -1,5 +1,6 @@
 """Trust with patient data: no silent non-finite output, models whose parts prove they belong together,
 outputs that never replace the user's data, counts that are refused instead of silently replaced."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,8 @@ def test_a_value_far_outside_training_at_predict_time_is_refused(tmp_path, capsy
 def test_diverging_training_stops_naming_the_epoch(capsys, tmp_path):
     assert main(["fit", str(QUICKSTART), *FAST, "--set", "trainer.learning_rate=1e8", "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "training diverged at epoch 1" in err and "lower trainer.learning_rate (now 1e+08)" in err
+    # the epoch is named (the deep path starts at zero beside the linear path, so it is not always the first)
+    assert re.search(r"training diverged at epoch \d+", err) and "lower trainer.learning_rate (now 1e+08)" in err
     assert not list(tmp_path.glob("*/*/model"))  # no model was saved
 
 

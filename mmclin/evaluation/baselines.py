@@ -26,10 +26,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import polars as pl
-from sklearn.base import BaseEstimator
-
 from mmclin.cohort import ModalitySpec
 from mmclin.evaluation.summaries import ROW_COLUMN, EventSummaries, NoteTfidf, event_table, note_texts
+from mmclin.tasks.linear_models import CoxnetCV, logistic_cv, quiet_solvers, ridge_cv
 
 COLUMN_KINDS = ("tabular", "genomics")  # used column by column
 SUMMARY_KINDS = ("irregular_series", "notes")  # used through hand-made summaries
@@ -109,50 +108,6 @@ def _preprocessor(numeric: list[str], categorical: list[str], summaries: Sequenc
 
 
 # --- models -------------------------------------------------------------------------------------
-class CoxnetCV(BaseEstimator):
-    """Elastic-net Cox with its penalty chosen by K-fold CV (Harrell's C) on the data it is fitted on.
-
-    scikit-survival's ``CoxnetSurvivalAnalysis`` fits a whole path of penalties at once but predicts
-    with the smallest one unless told; choosing along the path by inner CV is what its user guide
-    does (with ``GridSearchCV``); here the path is fitted once per inner fold rather than once per
-    penalty, which is the same choice at a fraction of the cost.
-    """
-
-    def __init__(self, l1_ratio: float = 0.5, n_alphas: int = 50, alpha_min_ratio: float = 0.01,
-                 inner_folds: int = 5, seed: int = 0) -> None:
-        self.l1_ratio, self.n_alphas, self.alpha_min_ratio = l1_ratio, n_alphas, alpha_min_ratio
-        self.inner_folds, self.seed = inner_folds, seed
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "CoxnetCV":
-        from sklearn.model_selection import StratifiedKFold
-        from sksurv.linear_model import CoxnetSurvivalAnalysis
-        from sksurv.metrics import concordance_index_censored
-
-        def path(alphas: Any = None) -> Any:
-            return CoxnetSurvivalAnalysis(l1_ratio=self.l1_ratio, n_alphas=self.n_alphas, alphas=alphas,
-                                          alpha_min_ratio=self.alpha_min_ratio, max_iter=100_000)
-
-        event, time = y[y.dtype.names[0]].astype(bool), y[y.dtype.names[1]]
-        alphas = path().fit(X, y).alphas_
-        scores = np.zeros((self.inner_folds, len(alphas)))
-        k = min(self.inner_folds, int(event.sum()), int((~event).sum())) if event.any() else 0
-        if k >= 2:
-            for f, (tr, va) in enumerate(StratifiedKFold(k, shuffle=True, random_state=self.seed).split(X, event)):
-                inner = path(alphas).fit(X[tr], y[tr])
-                for a, alpha in enumerate(inner.alphas_):
-                    risk = inner.predict(X[va], alpha=alpha)
-                    scores[f, a] = concordance_index_censored(event[va], time[va], risk)[0] \
-                        if event[va].any() and np.ptp(risk) > 0 else 0.5
-            self.alpha_ = float(alphas[int(np.argmax(scores[:k].mean(axis=0)))])
-        else:
-            self.alpha_ = float(alphas[len(alphas) // 2])
-        self.model_ = path([self.alpha_]).fit(X, y)
-        return self
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.model_.predict(X, alpha=self.alpha_)
-
-
 def _survival_baselines(seed: int) -> dict[str, Callable[[], Any]]:
     from sksurv.ensemble import GradientBoostingSurvivalAnalysis, RandomSurvivalForest
     from sksurv.linear_model import CoxPHSurvivalAnalysis
@@ -169,20 +124,18 @@ def _survival_baselines(seed: int) -> dict[str, Callable[[], Any]]:
 
 def _classification_baselines(seed: int) -> dict[str, Callable[[], Any]]:
     from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.linear_model import LogisticRegressionCV
 
     return {
-        "logistic_l2": lambda: LogisticRegressionCV(Cs=10, scoring="neg_log_loss", max_iter=5000, random_state=seed),
+        "logistic_l2": lambda: logistic_cv(seed),
         "gradient_boosting": lambda: HistGradientBoostingClassifier(random_state=seed),
     }
 
 
 def _regression_baselines(seed: int) -> dict[str, Callable[[], Any]]:
     from sklearn.ensemble import HistGradientBoostingRegressor
-    from sklearn.linear_model import RidgeCV
 
     return {
-        "ridge": lambda: RidgeCV(alphas=np.logspace(-3, 3, 13)),
+        "ridge": ridge_cv,
         "gradient_boosting": lambda: HistGradientBoostingRegressor(random_state=seed),
     }
 
@@ -311,7 +264,6 @@ def fit_baselines(frame: pl.DataFrame, y: Any, specs: Sequence[ModalitySpec], pr
                   names: Sequence[str] | None = None) -> BaselinePredictions:
     """Each baseline fitted on each training fold (preprocessing included) and scored on its test fold."""
     import time
-    import warnings
 
     from sklearn.pipeline import make_pipeline
 
@@ -330,11 +282,7 @@ def fit_baselines(frame: pl.DataFrame, y: Any, specs: Sequence[ModalitySpec], pr
         predictions[name] = []
         for tr, te in splits:
             model = make_pipeline(_preprocessor(numeric, cats, summaries), make())
-            with warnings.catch_warnings():
-                # convergence chatter of the linear solvers on collinear omics: the fit is still the one used
-                warnings.filterwarnings("ignore", category=UserWarning)
-                warnings.filterwarnings("ignore", category=FutureWarning)  # scikit-learn's announced default changes
-                warnings.filterwarnings("ignore", message=".*converge.*")
+            with quiet_solvers():
                 model.fit(X.iloc[tr], y_arr[tr])
             predictions[name].append(_predict(problem, model, X.iloc[te]))
         seconds[name] = time.perf_counter() - t0

@@ -62,6 +62,9 @@ class CoalitionForward:
         self.cached = True
         with torch.no_grad():
             self.raw = [{m: enc(inputs[m]) for m, enc in member.encoders.items()} for member in members(net)]
+            # the linear path's per-modality terms (mmclin.training.linear_path), None without one
+            self.linear = [None if getattr(member, "linear", None) is None else member.linear.contributions(inputs)
+                           for member in members(net)]
             # the cache must reproduce the network's own forward; a network that breaks the
             # encoders-ignore-presence assumption is run whole for every coalition instead
             full = torch.ones(self.batch_size, len(self.names))
@@ -89,10 +92,13 @@ class CoalitionForward:
         k = coalition.shape[0] // self.batch_size
         present = self._presence(coalition)
         outs = []
-        for member, raw in zip(members(self.net), self.raw):
+        for member, raw, linear in zip(members(self.net), self.raw, self.linear):
             tokens = {m: ModalityTokens(t.tokens.repeat(k, 1, 1), t.mask.repeat(k, 1) & present[m].unsqueeze(1))
                       for m, t in raw.items()}
-            outs.append(member.head(member.fusion(tokens, present).pooled))
+            out = member.head(member.fusion(tokens, present).pooled)
+            if linear is not None:
+                out = out + member.linear.combine({m: t.repeat(k, 1) for m, t in linear.items()}, present).to(out.dtype)
+            outs.append(out)
         out = outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)  # EnsembleNet averages raw outputs
         return self.scalar(out.float())
 

@@ -17,12 +17,16 @@ import torch
 
 
 def shuffled_weights(fitted: Any, seed: int = 0) -> Any:
-    """A copy of ``fitted`` whose every parameter tensor has its entries randomly permuted."""
+    """A copy of ``fitted`` whose every parameter tensor, the frozen linear path's weights included, has its
+    entries randomly permuted."""
+    from mmclin.training.linear_path import LinearPath
+
     out = copy.copy(fitted)
     out.net = copy.deepcopy(fitted.net)
     g = torch.Generator().manual_seed(seed)
+    fitted_linear = [t for mod in out.net.modules() if isinstance(mod, LinearPath) for t in (mod.weight, mod.bias)]
     with torch.no_grad():
-        for p in out.net.parameters():
+        for p in [*out.net.parameters(), *fitted_linear]:
             flat = p.detach().reshape(-1)
             p.copy_(flat[torch.randperm(flat.numel(), generator=g)].reshape(p.shape))
     out.net.eval()

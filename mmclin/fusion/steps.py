@@ -37,15 +37,17 @@ def check_step_names(head: str, modalities: list[str]) -> None:
 
 
 def per_step_loss(fused: FusionOutput, present: dict[str, Tensor], step_names: list[str], head: nn.Module,
-                  task: Any, target: Tensor) -> Tensor:
+                  task: Any, target: Tensor, offsets: dict[str, Tensor] | None = None) -> Tensor:
     """Mean task loss of the decoded intermediate states: every step but the last, whose state
     is ``pooled`` and already in the main loss. Step ``k`` is scored only on the samples whose
     modality ``k`` was present (for the others the state did not change, so they were scored
     at an earlier step); the initial state (step 0) is scored on every sample: it learns the
-    prior that the modalities then move.
+    prior that the modalities then move. ``offsets[s]``: what is added to step ``s``'s decoded output
+    (a model's linear path: the terms of the modalities read up to ``s``), as the final output has it.
 
     Shapes:
-        fused.per_step[s]: ``[B, D]``; present[m]: ``[B]`` bool; target: ``[B, W]`` -> scalar.
+        fused.per_step[s]: ``[B, D]``; present[m]: ``[B]`` bool; target: ``[B, W]``;
+        offsets[s]: ``[B, output_dim]`` -> scalar.
     """
     if fused.per_step is None:
         raise ValueError("per_step_loss needs a fusion output with per_step states")
@@ -55,7 +57,10 @@ def per_step_loss(fused: FusionOutput, present: dict[str, Tensor], step_names: l
         rows = torch.ones(state.shape[0], dtype=torch.bool, device=state.device) if name == INITIAL_STEP else present[name]
         if not bool(rows.any()):
             continue
-        losses.append(task.loss(head(state[rows]).float(), target[rows]))
+        decoded = head(state[rows]).float()
+        if offsets is not None:
+            decoded = decoded + offsets[name][rows].float()
+        losses.append(task.loss(decoded, target[rows]))
     if not losses:
         return fused.pooled.new_zeros(())
     return torch.stack(losses).mean()
@@ -82,8 +87,8 @@ class SequentialSteps:
         return [INITIAL_STEP, *self.order]
 
     def step_loss(self, fused: FusionOutput, present: dict[str, Tensor], head: nn.Module, task: Any,
-                  target: Tensor) -> Tensor | None:
+                  target: Tensor, offsets: dict[str, Tensor] | None = None) -> Tensor | None:
         """``w * per_step_loss``; None when the weight is 0."""
         if self.step_loss_weight <= 0:
             return None
-        return self.step_loss_weight * per_step_loss(fused, present, self.step_names(), head, task, target)
+        return self.step_loss_weight * per_step_loss(fused, present, self.step_names(), head, task, target, offsets)

@@ -37,6 +37,7 @@ class _MultimodalBase(EstimatorParams):
         weight_decay: float = 1e-4,
         modality_dropout: float = 0.0,
         ensemble_size: int = 1,
+        linear_path: bool | None = None,
         val_fraction: float = 0.2,
         patience: int | None = 10,
         device: str = "auto",
@@ -59,6 +60,7 @@ class _MultimodalBase(EstimatorParams):
         self.weight_decay = weight_decay
         self.modality_dropout = modality_dropout
         self.ensemble_size = ensemble_size
+        self.linear_path = linear_path  # None: a penalised linear path beside the deep one where the task allows
         self.val_fraction = val_fraction
         self.patience = patience
         self.device = device
@@ -130,6 +132,7 @@ class _MultimodalBase(EstimatorParams):
                 encoders=self.encoder_options or {},
                 modality_dropout=self.modality_dropout,
                 ensemble_size=self.ensemble_size,
+                linear_path=self.linear_path,
                 pretrained=None if self.pretrained is None else str(self.pretrained),
             )
             trainer = TrainerConfig(

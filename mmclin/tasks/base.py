@@ -132,6 +132,16 @@ class Task:
     def calibrate(self, outputs: np.ndarray, y: Any) -> None:
         """Post-training fit on training-set outputs (default: nothing)."""
 
+    def fit_linear(self, X: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The task's penalised linear model (the classical one for this outcome, its penalty chosen on
+        the rows given) on design ``X`` and encoded targets: ``(coef [output_dim, p], intercept [output_dim])``
+        on the scale of the network's outputs. Tasks without one leave this out, and models on them have
+        no linear path (:mod:`mmclin.training.linear_path`).
+
+        Shapes: ``X [N, p]``, ``target`` = ``encode(y)`` as numpy ``[N, target_width]``.
+        """
+        raise NotImplementedError(f"the {self.task_name!r} task has no penalised linear model")
+
     # --- decoding and scoring ------------------------------------------------------------
     def predict(self, outputs: np.ndarray) -> np.ndarray:
         raise NotImplementedError

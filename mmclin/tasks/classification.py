@@ -118,6 +118,26 @@ class _LabelTask(Task):
     def predict_proba(self, outputs: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def fit_linear(self, X: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ridge-penalised logistic regression (its penalty chosen by CV on the log loss): the logit of
+        the positive class (binary), or K logits (multiclass; softmax ignores a common shift)."""
+        from mmclin.tasks.linear_models import logistic_cv, quiet_solvers
+
+        labels = target.reshape(-1).astype(np.int64)
+        counts = np.bincount(labels)
+        model = logistic_cv(seed=0, min_class=int(counts[counts > 0].min()))
+        with quiet_solvers():
+            model.fit(X, labels)
+        coef, intercept = np.atleast_2d(model.coef_), np.atleast_1d(model.intercept_)
+        if self.output_dim == 1:
+            return coef.reshape(1, -1), intercept.reshape(1)
+        full, bias = np.zeros((self.output_dim, X.shape[1])), np.zeros(self.output_dim)
+        if coef.shape[0] == 1:  # scikit-learn's two-class form: one logit of classes_[1] against classes_[0]
+            full[model.classes_[1]], bias[model.classes_[1]] = coef[0], intercept[0]
+        else:
+            full[model.classes_], bias[model.classes_] = coef, intercept
+        return full, bias
+
     def predict(self, outputs: np.ndarray) -> np.ndarray:
         """The most probable class label, in the original label type. Shapes: ``[N]``."""
         self._require_fitted("classes_")

@@ -67,6 +67,13 @@ class RegressionTask(Task):
             )
         return values
 
+    def fit_linear(self, X: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ridge regression (penalty by leave-one-out CV) on the standardised target the head predicts."""
+        from mmclin.tasks.linear_models import ridge_cv
+
+        model = ridge_cv().fit(X, target.reshape(-1))
+        return np.asarray(model.coef_).reshape(1, -1), np.atleast_1d(model.intercept_).reshape(1)
+
     def fit_targets(self, y: Any) -> "RegressionTask":
         values = self.check_targets(y)
         self.mean_ = float(values.mean())

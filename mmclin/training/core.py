@@ -80,7 +80,15 @@ def build_member(specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str, 
     except (TypeError, ValueError, RuntimeError, AssertionError) as err:
         raise ValueError(f"model.fusion (fusion head {model.fusion.name!r}, options {dict(model.fusion.options)}): "
                          f"{err or type(err).__name__}") from None
-    return MultimodalNet(encoders, fusion, task.build_head(fusion.output_dim))
+    head = task.build_head(fusion.output_dim)
+    linear = None
+    if model.linear_path:  # resolved to a bool by fit_model; None (a model from before the linear path) is off
+        from mmclin.training.linear_path import LinearPath
+
+        linear = LinearPath(specs, encoder_kwargs, task.output_dim)
+        for p in head.parameters():  # the deep path starts at exactly 0: training starts from the linear model
+            torch.nn.init.zeros_(p)
+    return MultimodalNet(encoders, fusion, head, linear)
 
 
 def resolve_accelerator(trainer: TrainerConfig) -> tuple[str, str]:
@@ -273,6 +281,14 @@ def fit_model(
     task_obj.fit_targets(y)
     table = featurize(frame, featurizers, task_obj.encode(y))
     encoder_kwargs = {m: f.encoder_kwargs() for m, f in featurizers.items()}
+    linear_state = None
+    from mmclin.training.linear_path import LinearPath, linear_path_enabled
+
+    model = model.model_copy(update={"linear_path": linear_path_enabled(model.linear_path, specs, task_obj)})
+    if model.linear_path:  # one fit on all training rows, shared by every ensemble member
+        path = LinearPath(specs, encoder_kwargs, task_obj.output_dim)
+        path.fit(table, task_obj)
+        linear_state = path.state_dict()
     members, history, best_epochs = [], [], []
     for k in range(model.ensemble_size):
         # members of an ensemble log member0_train_loss, member1_train_loss, ...; a single model train_loss
@@ -281,7 +297,7 @@ def fit_model(
                            + ([f"member {k + 1}/{model.ensemble_size}"] if model.ensemble_size > 1 else [])) or "training"
         net, member_history, best_epoch = _train_member(
             table, y, task_obj, specs, encoder_kwargs, model, trainer, trainer.seed + k, sink, extra_callbacks,
-            checkpoints, k, label)
+            checkpoints, k, label, linear_state)
         members.append(net)
         history += [{"member": k, **h} for h in member_history] if model.ensemble_size > 1 else member_history
         best_epochs.append(best_epoch)
@@ -339,9 +355,12 @@ def checkpoint_store(directory: str | Path, frame: Any, y: Any, modalities: Any,
 def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str, Any]],
                   model: ModelConfig, trainer: TrainerConfig, seed: int, epoch_sink: Callable | None,
                   extra_callbacks: list | None, checkpoints: "CheckpointStore | None" = None,
-                  member: int = 0, progress_label: str = "training") -> tuple[MultimodalNet, list[dict[str, float]], int]:
+                  member: int = 0, progress_label: str = "training",
+                  linear_state: dict[str, torch.Tensor] | None = None) -> tuple[MultimodalNet, list[dict[str, float]], int]:
     """One Lightning fit: validation carve-out (seeded), early stopping, best epoch restored;
-    with ``checkpoints``, resumed from (and saved to) member ``member``'s checkpoints."""
+    with ``checkpoints``, resumed from (and saved to) member ``member``'s checkpoints. ``linear_state``:
+    the fitted linear path's weights; the untrained start (the linear model alone) is then a candidate
+    for the best epoch (``best_epoch`` -1) like every epoch."""
     import lightning.pytorch as L
 
     from mmclin.training.module import BestWeights, MultimodalModule
@@ -349,6 +368,8 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
     L.seed_everything(seed, workers=True, verbose=False)
     train_idx, val_idx = validation_split(y, task.problem, trainer.val_fraction, seed)
     net = build_member(specs, encoder_kwargs, model, task)
+    if net.linear is not None and linear_state is not None:
+        net.linear.load_state_dict(linear_state)
     if checkpoints is not None and (done := checkpoints.load_finished(member, net)) is not None:
         log.info("ensemble member %d: finished before the interruption, loaded", member)
         return net.eval(), *done
@@ -386,6 +407,8 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
         val_loader = batch_loader(val_table, len(val_table) if len(val_table) <= 8192 else 4096, shuffle=False)
         if trainer.patience:
             callbacks.append(L.callbacks.EarlyStopping("val_loss", patience=trainer.patience, mode="min"))
+        if net.linear is not None:
+            best.consider_start(module, val_loader)
     accelerator, precision = resolve_accelerator(trainer)
     # Lightning's INFO lines (device summary, advertising tips) are noise in a CLI table; we report the device ourselves
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)

@@ -10,19 +10,22 @@ from mmclin.fusion.base import FusionHead
 
 
 class MultimodalNet(nn.Module):
-    """``outputs = head(fusion({m: encoder_m(inputs_m)}, present))``.
+    """``outputs = head(fusion({m: encoder_m(inputs_m)}, present)) [+ linear(inputs, present)]``.
 
-    Token masks are AND-ed with presence, so an absent modality contributes no token.
+    Token masks are AND-ed with presence, so an absent modality contributes no token. ``linear``: the
+    frozen penalised linear path (:class:`mmclin.training.linear_path.LinearPath`), or None.
 
     Shapes:
         inputs[m][k]: ``[B, ...]``; present[m]: ``[B]`` -> outputs ``[B, task.output_dim]``.
     """
 
-    def __init__(self, encoders: dict[str, ModalityEncoder], fusion: FusionHead, head: nn.Module) -> None:
+    def __init__(self, encoders: dict[str, ModalityEncoder], fusion: FusionHead, head: nn.Module,
+                 linear: nn.Module | None = None) -> None:
         super().__init__()
         self.encoders = nn.ModuleDict(dict(sorted(encoders.items())))
         self.fusion = fusion
         self.head = head
+        self.linear = linear
 
     def encode(self, inputs: dict[str, dict[str, Tensor]], present: dict[str, Tensor]) -> dict[str, ModalityTokens]:
         tokens = {}
@@ -33,7 +36,10 @@ class MultimodalNet(nn.Module):
 
     def forward(self, inputs: dict[str, dict[str, Tensor]], present: dict[str, Tensor]) -> tuple[Tensor, FusionOutput]:
         fused = self.fusion(self.encode(inputs, present), present)
-        return self.head(fused.pooled), fused
+        outputs = self.head(fused.pooled)
+        if self.linear is not None:
+            outputs = outputs + self.linear(inputs, present).to(outputs.dtype)
+        return outputs, fused
 
 
 class EnsembleNet(nn.Module):

@@ -12,6 +12,7 @@ from torch import Tensor
 from mmclin.batch import ModalityBatch
 from mmclin.tasks.base import Task
 from mmclin.training.dropout import modality_dropout
+from mmclin.training.linear_path import step_offsets
 from mmclin.training.model import MultimodalNet
 
 
@@ -75,7 +76,10 @@ class MultimodalModule(pl_.LightningModule):
         # sequential heads (sequential_modular, ...) also train the decoders on intermediate states
         step_loss = getattr(self.net.fusion, "step_loss", None)
         if step_loss is not None and fused.per_step is not None:
-            extra = step_loss(fused, present, self.net.head, self.task, batch.target)
+            offsets = None
+            if self.net.linear is not None:  # each step decodes to what the final output has: + the linear terms so far
+                offsets = step_offsets(self.net.linear, batch.inputs, present, self.net.fusion.step_names())
+            extra = step_loss(fused, present, self.net.head, self.task, batch.target, offsets)
             if extra is not None:
                 loss = loss + extra
         return loss
@@ -166,6 +170,21 @@ class BestWeights(pl_.Callback):
         self.best = float("inf")
         self.best_epoch = -1
         self.state: dict[str, Tensor] | None = None
+
+    @torch.no_grad()
+    def consider_start(self, module: "MultimodalModule", val_loader: Any) -> None:
+        """The untrained weights as the first candidate (epoch -1): the validation loss as Lightning logs it
+        (the mean over batches, weighted by their sizes)."""
+        was_training = module.training
+        module.eval()
+        total, n = 0.0, 0
+        for batch in val_loader:
+            total += float(module._loss(batch, batch.present)) * batch.batch_size
+            n += batch.batch_size
+        module.train(was_training)
+        if n and total / n < self.best:
+            self.best, self.best_epoch = total / n, -1
+            self.state = copy.deepcopy({k: v.detach().clone() for k, v in module.state_dict().items()})
 
     def on_validation_end(self, trainer: pl_.Trainer, module: pl_.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -14,6 +14,7 @@ import torch
 
 from mmclin.cohort import to_polars
 from mmclin.fusion.steps import INITIAL_STEP
+from mmclin.training.linear_path import step_offsets
 
 
 def _members(net: Any) -> list[Any]:
@@ -50,8 +51,14 @@ def per_step_outputs(fitted: Any, table: Any, batch_size: int = 1024) -> tuple[l
         for start in range(0, n, batch_size):
             b = table.batch(torch.arange(start, min(start + batch_size, n))).to(device)
             fused = member.fusion(member.encode(b.inputs, b.present), b.present)
+            offsets = None
+            if getattr(member, "linear", None) is not None:  # the linear path's terms of the modalities read so far
+                offsets = step_offsets(member.linear, b.inputs, b.present, steps)
             for k, name in enumerate(steps):
-                total[k, start:start + b.batch_size] += member.head(fused.per_step[name]).float().cpu().numpy()
+                out = member.head(fused.per_step[name]).float()
+                if offsets is not None:
+                    out = out + offsets[name].float()
+                total[k, start:start + b.batch_size] += out.cpu().numpy()
     return steps, total / len(members)
 
 

@@ -71,6 +71,9 @@ class EpochProgress(L.Callback):
         parts = [f"{self.label}: {epochs}/{self.max_epochs} epochs{stopped}"]
         if best >= 0:
             parts.append(f"best epoch {best + 1}")
+        elif getattr(module.net, "linear", None) is not None and any(getattr(cb, "state", None) is not None
+                                                                       for cb in trainer.callbacks):
+            parts.append("best epoch 0 (the linear path alone: no epoch improved on it)")
         parts += [f"{k} {v:.3f}" for k, v in self._last.items()]
         parts.append(f"{time.perf_counter() - self._start:.1f} s")
         print(", ".join(parts), file=self.stream, flush=True)
