@@ -128,3 +128,46 @@ def test_the_linear_path_honours_presence_and_can_be_turned_off_or_refused():
     with pytest.raises(ValueError, match=r"there is none \(modalities: report \(notes\)\)"):
         linear_path_enabled(True, notes, build_task(ComponentConfig(name="binary")))
     assert ModelConfig().linear_path is None
+
+
+def test_cross_validated_partial_likelihood_uses_the_training_loss_definition():
+    """The deviance that chooses Coxnet's penalty is Cox's log partial likelihood with Breslow's ties, the
+    same as mmclin's own loss (times the number of events), on tied times too."""
+    from mmclin.tasks.linear_models import cox_log_partial_likelihood
+    from mmclin.tasks.survival import cox_partial_nll
+
+    rng = np.random.default_rng(0)
+    time, event, eta = rng.integers(1, 8, 60).astype(float), rng.random(60) < 0.6, rng.normal(size=60)
+    ours = cox_log_partial_likelihood(eta, time, event)
+    loss = cox_partial_nll(torch.tensor(eta), torch.tensor(event, dtype=torch.float64), torch.tensor(time), "breslow")
+    assert ours == pytest.approx(-float(loss) * event.sum(), rel=1e-10)
+
+
+def test_coxnet_falls_back_to_stronger_penalties_where_its_solver_overflows(monkeypatch):
+    """scikit-survival raises 'weights are too large' when a weak penalty lets coefficients explode (small or
+    separable data): CoxnetCV then fits the stronger part of the path instead of failing the whole fit."""
+    from sksurv.linear_model import CoxnetSurvivalAnalysis
+
+    from mmclin.datasets import load_cohort
+    from mmclin.tasks.linear_models import CoxnetCV
+
+    c = load_cohort("veterans")
+    X = c.frame.select("Age_in_years", "Karnofsky_score", "Months_from_Diagnosis").to_numpy().astype(float)
+    X = (X - X.mean(0)) / X.std(0)
+    event, time = c.y.dtype.names
+    y = np.empty(len(c.y), dtype=[("event", bool), ("time", float)])
+    y["event"], y["time"] = c.y[event], c.y[time]
+    free = CoxnetCV().fit(X, y)
+    real_fit = CoxnetSurvivalAnalysis.fit
+    floor = free.alpha_ * 1.5  # the penalty CV chose and every weaker one "overflow"
+
+    def overflowing(self, X_, y_):
+        fitted = real_fit(self, X_, y_)
+        if fitted.alphas_.min() < floor:
+            raise ArithmeticError("Numerical error, because weights are too large. Consider increasing alpha.")
+        return fitted
+
+    monkeypatch.setattr(CoxnetSurvivalAnalysis, "fit", overflowing)
+    stiff = CoxnetCV().fit(X, y)
+    assert stiff.alpha_ >= floor and np.isfinite(stiff.coef_).all()
+    assert np.abs(stiff.coef_).sum() <= np.abs(free.coef_).sum()  # a stronger penalty: smaller coefficients
