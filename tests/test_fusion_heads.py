@@ -95,9 +95,14 @@ def test_training_module_adds_the_step_loss_only_for_heads_that_have_one(three_m
             total = module._loss(batch, batch.present)
         losses[(fusion, bool(options))] = (float(total), float(main), fused, fitted)
     total, main, fused, fitted = losses[("sequential_modular", False)]
+    from mmclin.training.linear_path import step_offsets
+
+    b = fitted.table(c.frame).batch(torch.arange(40))
+    assert fitted.net.linear is not None  # the default: each step decodes with the linear terms of what it has read
     with torch.no_grad():
-        steps = per_step_loss(fused, fitted.table(c.frame).batch(torch.arange(40)).present, fitted.net.fusion.step_names(),
-                              fitted.net.head, fitted.task, fitted.task.encode(c.y[:40]))
+        offsets = step_offsets(fitted.net.linear, b.inputs, b.present, fitted.net.fusion.step_names())
+        steps = per_step_loss(fused, b.present, fitted.net.fusion.step_names(),
+                              fitted.net.head, fitted.task, fitted.task.encode(c.y[:40]), offsets)
     assert total == pytest.approx(main + float(steps), rel=1e-5) and float(steps) > 0
     total0, main0, *_ = losses[("sequential_modular", True)]
     assert total0 == pytest.approx(main0, rel=1e-6)  # step_loss_weight=0: the plain task loss

@@ -13,12 +13,15 @@ from mmclin.cohort import ModalitySpec
 
 def _design_by_hand(frame: pl.DataFrame, numeric: list[str], categorical: list[str]) -> np.ndarray:
     """The design the linear path reads, built here from the frame: training-standardised values (0 where
-    missing), missing flags, one-hot categories with mmclin's codes (0 missing, 1 unseen, 2.. sorted)."""
+    missing), missing flags, hinges max(0, z - knot) at the quartiles of each column's observed values (0
+    where missing), one-hot categories with mmclin's codes (0 missing, 1 unseen, 2.. sorted)."""
     values = frame.select(numeric).to_numpy().astype(float)
     missing = np.isnan(values)
     mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
     z = np.where(missing, 0.0, (values - mean) / np.where(std > 0, std, 1.0))
-    blocks = [z, missing.astype(float)]
+    knots = np.stack([np.quantile(z[~missing[:, j], j], [0.25, 0.5, 0.75]) for j in range(z.shape[1])])
+    hinges = np.maximum(z[:, :, None] - knots[None], 0) * (~missing)[:, :, None]
+    blocks = [z, missing.astype(float), hinges.reshape(len(z), -1)]
     for c in categorical:
         col = frame[c].cast(pl.String)
         cats = sorted(col.drop_nulls().unique().to_list())
@@ -44,12 +47,14 @@ def test_the_linear_path_is_scikit_survivals_coxnet_on_the_standardised_inputs()
     y = np.empty(len(c.y), dtype=[("event", bool), ("time", float)])
     y["event"], y["time"] = c.y[event], c.y[time]
     by_hand = CoxnetCV(seed=0).fit(X, y)
-    np.testing.assert_allclose(fitted.net.linear.weight.numpy()[0], by_hand.coef_, rtol=1e-4, atol=1e-6)
+    # its coefficients, shrunk by the out-of-fold calibration slope (C chose a weak penalty; the slope fixes the scale)
+    assert 0 < by_hand.scale_ <= 1.5
+    np.testing.assert_allclose(fitted.net.linear.weight.numpy()[0], by_hand.calibrated_coef_, rtol=1e-3, atol=1e-5)
     # the model's output is the linear model's log-risk plus what the deep path learnt on top of it
     table = fitted.table(c.frame)
     with torch.no_grad():
         linear = fitted.net.linear(table.inputs, table.present).numpy()[:, 0]
-    np.testing.assert_allclose(linear, X @ by_hand.coef_, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(linear, X @ by_hand.calibrated_coef_, rtol=1e-3, atol=1e-4)
 
 
 def _planted(n: int, seed: int, interaction: bool) -> tuple[pl.DataFrame, np.ndarray, list[ModalitySpec]]:
@@ -114,9 +119,8 @@ def test_the_linear_path_honours_presence_and_can_be_turned_off_or_refused():
     with torch.no_grad():
         full = model.model_.net.linear(table.inputs, table.present)
         dropped = model.model_.net.linear(table.inputs, present)
-    w = model.model_.net.linear.weight[0]
-    b_block = model.model_.net.linear.design(table.inputs, table.present)[0, 6 + 0:]  # a: 3 values + 3 flags first
-    assert torch.allclose(full[0] - dropped[0], (b_block * w[6:]).sum().reshape(1), atol=1e-5)
+    terms = model.model_.net.linear.contributions(table.inputs)
+    assert torch.allclose(full[0] - dropped[0], terms["b"][0], atol=1e-5) and terms["b"][0].abs().sum() > 0
     assert torch.equal(full[1:], dropped[1:])  # another sample's absence changes nothing here
     off = MultimodalClassifier(modalities=two, max_epochs=2, linear_path=False, random_state=0).fit(frame, y)
     assert off.model_.net.linear is None and off.model_.model_config.linear_path is False
@@ -171,3 +175,17 @@ def test_coxnet_falls_back_to_stronger_penalties_where_its_solver_overflows(monk
     stiff = CoxnetCV().fit(X, y)
     assert stiff.alpha_ >= floor and np.isfinite(stiff.coef_).all()
     assert np.abs(stiff.coef_).sum() <= np.abs(free.coef_).sum()  # a stronger penalty: smaller coefficients
+
+
+def test_the_calibration_slope_undoes_an_overconfident_scale():
+    """Times drawn from a Cox model with log-risk r: the slope of r is near 1, of 5 r near 1/5, and a
+    constant risk has no slope to fit (1)."""
+    from mmclin.tasks.linear_models import calibration_slope
+
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=4000)
+    time = rng.exponential(np.exp(-r))
+    event = rng.random(4000) < 0.8
+    assert calibration_slope(r, time, event) == pytest.approx(1.0, abs=0.1)
+    assert calibration_slope(5 * r, time, event) == pytest.approx(0.2, abs=0.02)
+    assert calibration_slope(np.zeros(4000), time, event) == 1.0

@@ -28,14 +28,19 @@ class CoxnetCV(BaseEstimator):
     scikit-survival's ``CoxnetSurvivalAnalysis`` fits a whole path of penalties at once but predicts
     with the smallest one unless told; choosing along the path by inner CV is what its user guide
     does (with ``GridSearchCV``); here the path is fitted once per inner fold rather than once per
-    penalty, which is the same choice at a fraction of the cost. ``scoring``: ``"deviance"`` (default,
-    as R's ``cv.glmnet`` for Cox: the cross-validated partial likelihood of Verweij and van
-    Houwelingen, which also keeps the risk scores on a calibrated scale) or ``"c_index"`` (Harrell's
-    C, blind to the scale: it may pick a penalty so weak that the risks are overconfident).
+    penalty, which is the same choice at a fraction of the cost. ``scoring``: ``"c_index"`` (default:
+    Harrell's C, the metric the models are compared on) or ``"deviance"`` (as R's ``cv.glmnet``: the
+    cross-validated partial likelihood of Verweij and van Houwelingen; on GSE7390 it chose penalties
+    so strong that the 5-fold C fell from 0.687 to 0.62).
+
+    C is blind to the scale of the risk scores, and a weak penalty gives overconfident ones; so the
+    calibration slope ``scale_`` is fitted too: the one-parameter Cox model on the out-of-fold risk
+    scores at the chosen penalty (van Houwelingen's shrinkage factor). ``calibrated_coef_`` =
+    ``scale_ * coef_`` ranks as ``coef_`` does, on the scale of the partial likelihood.
     """
 
     def __init__(self, l1_ratio: float = 0.5, n_alphas: int = 50, alpha_min_ratio: float = 0.01,
-                 inner_folds: int = 5, seed: int = 0, scoring: str = "deviance") -> None:
+                 inner_folds: int = 5, seed: int = 0, scoring: str = "c_index") -> None:
         self.l1_ratio, self.n_alphas, self.alpha_min_ratio = l1_ratio, n_alphas, alpha_min_ratio
         self.inner_folds, self.seed, self.scoring = inner_folds, seed, scoring
 
@@ -46,6 +51,7 @@ class CoxnetCV(BaseEstimator):
         event, time = y[y.dtype.names[0]].astype(bool), y[y.dtype.names[1]]
         alphas = self._path(X, y).alphas_
         scores = np.full((self.inner_folds, len(alphas)), np.nan)
+        out_of_fold = np.full((len(time), len(alphas)), np.nan)
         k = min(self.inner_folds, int(event.sum()), int((~event).sum())) if event.any() else 0
         if k >= 2:
             for f, (tr, va) in enumerate(StratifiedKFold(k, shuffle=True, random_state=self.seed).split(X, event)):
@@ -57,6 +63,7 @@ class CoxnetCV(BaseEstimator):
                             cox_log_partial_likelihood(risk[tr], time[tr], event[tr])
                         continue
                     risk = inner.predict(X[va], alpha=alpha)
+                    out_of_fold[va, a] = risk
                     scores[f, a] = concordance_index_censored(event[va], time[va], risk)[0] \
                         if event[va].any() and np.ptp(risk) > 0 else 0.5
         mean = np.nanmean(scores, axis=0) if np.isfinite(scores).any() else np.full(len(alphas), np.nan)
@@ -66,6 +73,7 @@ class CoxnetCV(BaseEstimator):
             self.model_ = self._path(X, y, alphas[a:a + 1])
             if self.model_ is not None:
                 self.alpha_ = float(alphas[a])
+                self.scale_ = calibration_slope(out_of_fold[:, a], time, event)
                 return self
         raise ValueError("penalised Cox (Coxnet) fits no penalty on these rows; the inputs may be degenerate "
                          "(a column that separates events perfectly, or constant columns only)")
@@ -99,6 +107,24 @@ class CoxnetCV(BaseEstimator):
     def coef_(self) -> np.ndarray:
         """The log-hazard coefficients at the chosen penalty. Shapes: ``[p]``."""
         return np.asarray(self.model_.coef_, dtype=np.float64)[:, -1]
+
+    @property
+    def calibrated_coef_(self) -> np.ndarray:
+        """``scale_ * coef_``: the same ranking, risks on the scale the out-of-fold data support. Shapes: ``[p]``."""
+        return self.scale_ * self.coef_
+
+
+def calibration_slope(risk: np.ndarray, time: np.ndarray, event: np.ndarray) -> float:
+    """The slope ``s`` maximising Cox's partial likelihood of ``s * risk`` (1 where it cannot be fitted:
+    no finite out-of-fold risk, no event, constant risk), within [0, 10]."""
+    from scipy.optimize import minimize_scalar
+
+    use = np.isfinite(risk)
+    if not use.any() or not event[use].any() or np.ptp(risk[use]) == 0:
+        return 1.0
+    r, t, e = risk[use], time[use], event[use]
+    best = minimize_scalar(lambda s: -cox_log_partial_likelihood(s * r, t, e), bounds=(0.0, 10.0), method="bounded")
+    return float(best.x) if best.success else 1.0
 
 
 def cox_log_partial_likelihood(eta: np.ndarray, time: np.ndarray, event: np.ndarray) -> float:

@@ -3,7 +3,7 @@ fitted by scikit-learn / scikit-survival on the training rows, added to the netw
 
 The network's output is ``head(fusion(...)) + linear(x)``, where ``x`` is the featurised tabular and
 genomics inputs (standardised values, missing flags, one-hot categories) and, for an irregular series,
-the standard hand-made summaries of its most frequent training codes (last value, whether there is
+hinges at training quantiles of each clinical value, and the standard hand-made summaries of its most frequent training codes (last value, whether there is
 one, log(1 + count), time since last); an absent modality's block is 0, its training mean. The linear weights are fitted once per fit on all training rows by the
 task's own penalised model (:meth:`mmclin.tasks.base.Task.fit_linear`: elastic-net Cox with its
 penalty chosen by inner CV, penalised logistic or ridge regression) and frozen. The task head starts
@@ -26,6 +26,10 @@ LINEAR_KINDS = ("tabular", "genomics", "irregular_series")
 # an irregular series' summaries cover its most frequent training codes only: 4 columns per code, and a hospital's
 # 10^4 codes would make a design wider than the penalised fit can use
 MAX_EVENT_CODES = 64
+# a tabular numeric column also enters through hinges max(0, z - knot) at these training quantiles: the linear
+# model is then additive and piecewise linear in each clinical value (a skewed count, a U-shaped age effect), which
+# the penalised fit uses or leaves at 0; genomics columns stay linear (hundreds of genes, little data per gene)
+HINGE_QUANTILES = (0.25, 0.5, 0.75)
 FIRST_EVENT_CODE = 2  # the irregular featurizer's ids: 0 padding, 1 unknown code, then the vocabulary
 
 
@@ -69,7 +73,9 @@ class LinearPath(nn.Module):
             kw = encoder_kwargs[m]
             if kinds[m] == "tabular":
                 cards = [int(c) for c in kw["cardinalities"]]
-                size = 2 * int(kw["n_numeric"]) + sum(cards)
+                n_numeric = int(kw["n_numeric"])
+                self.register_buffer(f"knots_{len(self.blocks)}", torch.zeros(n_numeric, len(HINGE_QUANTILES)))
+                size = (2 + len(HINGE_QUANTILES)) * n_numeric + sum(cards)
             elif kinds[m] == "genomics":
                 cards, size = [], 2 * int(kw["n_genes"])
             else:  # irregular series: cards holds [n_codes]; the codes summarised are a buffer chosen in fit
@@ -85,7 +91,10 @@ class LinearPath(nn.Module):
     def _block(self, i: int, x: dict[str, Tensor]) -> Tensor:
         _, kind, cards, _, _ = self.blocks[i]
         if kind == "tabular":
-            parts = [x["numeric"].float(), x["numeric_missing"].float()]
+            z = x["numeric"].float()
+            observed = (~x["numeric_missing"]).float().unsqueeze(2)
+            hinges = (F.relu(z.unsqueeze(2) - getattr(self, f"knots_{i}").float()) * observed).flatten(1)
+            parts = [z, x["numeric_missing"].float(), hinges]
             parts += [F.one_hot(x["categorical"][:, j].long(), c).float() for j, c in enumerate(cards)]
             return torch.cat(parts, 1)
         if kind == "genomics":
@@ -120,6 +129,13 @@ class LinearPath(nn.Module):
         """Fit the task's penalised linear model on the rows of ``table`` (a TensorTable of training rows) and
         store its weights; an irregular series summarises its ``MAX_EVENT_CODES`` most frequent codes there."""
         for i, (m, kind, _, _, _) in enumerate(self.blocks):
+            if kind == "tabular":
+                z, missing = table.inputs[m]["numeric"].double(), table.inputs[m]["numeric_missing"]
+                knots = getattr(self, f"knots_{i}")
+                for j in range(z.shape[1]):
+                    seen = z[~missing[:, j] & table.present[m], j]
+                    if len(seen):
+                        knots[j] = torch.quantile(seen, torch.tensor(HINGE_QUANTILES, dtype=torch.float64)).float()
             if kind == "irregular_series":
                 codes = getattr(self, f"event_codes_{i}")
                 counts = torch.bincount(table.inputs[m].fields["code"].long(), minlength=FIRST_EVENT_CODE + len(codes))
