@@ -189,3 +189,23 @@ def test_the_calibration_slope_undoes_an_overconfident_scale():
     assert calibration_slope(r, time, event) == pytest.approx(1.0, abs=0.1)
     assert calibration_slope(5 * r, time, event) == pytest.approx(0.2, abs=0.02)
     assert calibration_slope(np.zeros(4000), time, event) == 1.0
+
+
+def test_on_many_rows_the_penalty_is_chosen_on_a_sample_and_the_model_fitted_on_all():
+    from sklearn.linear_model import LogisticRegression
+    from sksurv.linear_model import CoxnetSurvivalAnalysis
+
+    from mmclin.tasks.linear_models import CoxnetCV, fit_logistic, logistic_cv
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 5))
+    labels = (X[:, 0] + rng.normal(size=3000) > 0).astype(int)
+    model = fit_logistic(X, labels, cv_rows=1000)
+    rows = np.sort(np.random.default_rng(0).choice(3000, 1000, replace=False))
+    chosen = logistic_cv(0, min_class=int(np.bincount(labels[rows]).min())).fit(X[rows], labels[rows])
+    np.testing.assert_allclose(model.coef_, LogisticRegression(C=float(np.ravel(chosen.C_)[0]), max_iter=5000).fit(X, labels).coef_)
+    y = np.empty(3000, dtype=[("event", bool), ("time", float)])
+    y["event"], y["time"] = rng.random(3000) < 0.7, rng.exponential(np.exp(-X[:, 0]))
+    cox = CoxnetCV(cv_rows=800).fit(X, y)
+    everyone = CoxnetSurvivalAnalysis(l1_ratio=0.5, alphas=[cox.alpha_], max_iter=100_000).fit(X, y)
+    np.testing.assert_allclose(cox.coef_, everyone.coef_[:, 0], rtol=1e-6)

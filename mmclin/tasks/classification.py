@@ -121,13 +121,9 @@ class _LabelTask(Task):
     def fit_linear(self, X: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ridge-penalised logistic regression (its penalty chosen by CV on the log loss): the logit of
         the positive class (binary), or K logits (multiclass; softmax ignores a common shift)."""
-        from mmclin.tasks.linear_models import logistic_cv, quiet_solvers
+        from mmclin.tasks.linear_models import fit_logistic
 
-        labels = target.reshape(-1).astype(np.int64)
-        counts = np.bincount(labels)
-        model = logistic_cv(seed=0, min_class=int(counts[counts > 0].min()))
-        with quiet_solvers():
-            model.fit(X, labels)
+        model = fit_logistic(X, target.reshape(-1).astype(np.int64))
         coef, intercept = np.atleast_2d(model.coef_), np.atleast_1d(model.intercept_)
         if self.output_dim == 1:
             return coef.reshape(1, -1), intercept.reshape(1)

@@ -37,19 +37,26 @@ class CoxnetCV(BaseEstimator):
     calibration slope ``scale_`` is fitted too: the one-parameter Cox model on the out-of-fold risk
     scores at the chosen penalty (van Houwelingen's shrinkage factor). ``calibrated_coef_`` =
     ``scale_ * coef_`` ranks as ``coef_`` does, on the scale of the partial likelihood.
+
+    On more than ``cv_rows`` rows the inner CV runs on a random ``cv_rows`` of them (the penalty and the
+    slope need far fewer rows than the fit); the final fit uses every row.
     """
 
     def __init__(self, l1_ratio: float = 0.5, n_alphas: int = 50, alpha_min_ratio: float = 0.01,
-                 inner_folds: int = 5, seed: int = 0, scoring: str = "c_index") -> None:
+                 inner_folds: int = 5, seed: int = 0, scoring: str = "c_index", cv_rows: int = 20_000) -> None:
         self.l1_ratio, self.n_alphas, self.alpha_min_ratio = l1_ratio, n_alphas, alpha_min_ratio
-        self.inner_folds, self.seed, self.scoring = inner_folds, seed, scoring
+        self.inner_folds, self.seed, self.scoring, self.cv_rows = inner_folds, seed, scoring, cv_rows
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "CoxnetCV":
         from sklearn.model_selection import StratifiedKFold
         from sksurv.metrics import concordance_index_censored
 
-        event, time = y[y.dtype.names[0]].astype(bool), y[y.dtype.names[1]]
+        full_X, full_y = X, y
         alphas = self._path(X, y).alphas_
+        if len(X) > self.cv_rows:
+            keep = np.sort(np.random.default_rng(self.seed).choice(len(X), self.cv_rows, replace=False))
+            X, y = X[keep], y[keep]
+        event, time = y[y.dtype.names[0]].astype(bool), y[y.dtype.names[1]]
         scores = np.full((self.inner_folds, len(alphas)), np.nan)
         out_of_fold = np.full((len(time), len(alphas)), np.nan)
         k = min(self.inner_folds, int(event.sum()), int((~event).sum())) if event.any() else 0
@@ -70,7 +77,7 @@ class CoxnetCV(BaseEstimator):
         order = [int(np.nanargmax(mean))] if np.isfinite(mean).any() else [len(alphas) // 2]
         # the chosen penalty, or where it does not fit the whole data, the next larger ones (alphas descend)
         for a in range(order[0], -1, -1):
-            self.model_ = self._path(X, y, alphas[a:a + 1])
+            self.model_ = self._path(full_X, full_y, alphas[a:a + 1])
             if self.model_ is not None:
                 self.alpha_ = float(alphas[a])
                 self.scale_ = calibration_slope(out_of_fold[:, a], time, event)
@@ -139,15 +146,17 @@ def cox_log_partial_likelihood(eta: np.ndarray, time: np.ndarray, event: np.ndar
 
 def logistic_cv(seed: int = 0, min_class: int | None = None) -> Any:
     """Ridge-penalised logistic regression, its penalty chosen by CV on the log loss (``LogisticRegressionCV``);
-    with fewer than 2 rows in a class (``min_class``) no CV is possible and C is 1."""
+    with fewer than 2 rows in a class (``min_class``) no CV is possible and C is 1. See :func:`fit_logistic`
+    for many rows."""
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
 
     if min_class is not None and min_class < 2:
         return LogisticRegression(C=1.0, max_iter=5000)
     folds = 5 if min_class is None else min(5, min_class)
-    return LogisticRegressionCV(Cs=10, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-                                scoring="neg_log_loss", max_iter=5000, random_state=seed)
+    # l1_ratios=(0,): the ridge penalty said, not defaulted; use_legacy_attributes=False: C_ is one number
+    return LogisticRegressionCV(Cs=10, l1_ratios=(0.0,), cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+                                scoring="neg_log_loss", max_iter=5000, random_state=seed, use_legacy_attributes=False)
 
 
 def ridge_cv() -> Any:
@@ -155,3 +164,20 @@ def ridge_cv() -> Any:
     from sklearn.linear_model import RidgeCV
 
     return RidgeCV(alphas=np.logspace(-3, 3, 13))
+
+
+def fit_logistic(X: np.ndarray, labels: np.ndarray, seed: int = 0, cv_rows: int = 20_000) -> Any:
+    """:func:`logistic_cv` fitted; on more than ``cv_rows`` rows its penalty is chosen on a random ``cv_rows`` of
+    them and the model with that penalty is then fitted on every row."""
+    from sklearn.linear_model import LogisticRegression
+
+    rows = np.arange(len(X))
+    if len(X) > cv_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(len(X), cv_rows, replace=False))
+    counts = np.bincount(labels[rows])
+    model = logistic_cv(seed, min_class=int(counts[counts > 0].min()))
+    with quiet_solvers():
+        model.fit(X[rows], labels[rows])
+        if len(rows) < len(X):
+            model = LogisticRegression(C=float(np.ravel(model.C_)[0]), max_iter=5000).fit(X, labels)
+    return model
