@@ -159,3 +159,16 @@ def test_cpu_runs_are_repeatable(boring_binary):
     a = MultimodalClassifier(modalities=c.modalities, modality_dropout=0.2, **FAST).fit(c.frame, c.y).predict_proba(c.frame)
     b = MultimodalClassifier(modalities=c.modalities, modality_dropout=0.2, **FAST).fit(c.frame, c.y).predict_proba(c.frame)
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_column_vector_y_is_one_label_per_row_and_said():
+    """scikit-learn reads a (n, 1) y as one label per row (with a warning); it used to become a one-label
+    multilabel task without a word."""
+    from mmclin import MultimodalClassifier
+    from mmclin.datasets import make_synthetic_cohort
+
+    c = make_synthetic_cohort(n_subjects=80, task="binary", seed=0)
+    with pytest.warns(UserWarning, match=r"y is a column vector \(shape \(80, 1\)\); it is taken as one label per row"):
+        model = MultimodalClassifier(modalities=c.modalities, max_epochs=1, random_state=0).fit(
+            c.frame, np.asarray(c.y).reshape(-1, 1))
+    assert model.task_.task_name == "binary" and model.predict_proba(c.frame).shape == (80, 2)

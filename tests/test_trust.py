@@ -114,6 +114,12 @@ def test_predict_never_overwrites_its_input_nor_an_existing_file_unasked(tmp_pat
     assert "already exists" in capsys.readouterr().err and mine.read_text() == "my,own\n1,2\n"
     assert main(["predict", str(tmp_path / "o" / "c"), "--data", str(path), "--output", str(mine), "--overwrite"]) == 0
     assert pl.read_csv(mine).height == 198
+    from mmclin.persistence.outputs import run_directories
+
+    model_dir = run_directories(tmp_path / "o" / "c")[-1] / "model"
+    inside = model_dir / "preds.csv"
+    assert main(["predict", str(tmp_path / "o" / "c"), "--data", str(path), "--output", str(inside)]) == 2
+    assert "is inside the model directory" in capsys.readouterr().err and not inside.exists()
 
 
 def test_id_column_typo_is_an_error_not_predictions_without_ids(tmp_path, capsys):

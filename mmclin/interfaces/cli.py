@@ -232,6 +232,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--output {args.output!r} already exists; pass --overwrite to replace it")
     model_dir = resolve_model_path(args.model, args.tracking_uri)
+    if out.resolve().is_relative_to(Path(model_dir).resolve()):  # a foreign file in a directory its manifest covers
+        raise ValueError(f"--output {args.output!r} is inside the model directory {str(model_dir)!r}; write the "
+                         "predictions elsewhere (the model directory holds only what mmclin saved)")
     frame, id_col = read_frame_or_cohort(args.data, args.id_column)
     from mmclin.training.predictions import prediction_frame
     from mmclin.training.core import FittedModel

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -295,7 +296,13 @@ class MultimodalClassifier(_MultimodalBase):
         if self.task:
             return self.task
         arr = np.asarray(y)
-        if arr.ndim == 2:
+        if arr.ndim == 2 and arr.shape[1] == 1:
+            # scikit-learn's reading of a column vector (its DataConversionWarning): one label per row
+            warnings.warn(f"y is a column vector (shape {arr.shape}); it is taken as one label per row (binary or "
+                          "multiclass). Pass a 1-D y to silence this, or task='multilabel' for one 0/1 label",
+                          UserWarning, stacklevel=3)
+            arr = arr[:, 0]
+        elif arr.ndim == 2:
             return "multilabel"
         if arr.dtype.kind == "f":
             fractional = np.flatnonzero(~np.isnan(arr) & (arr != np.round(arr)))

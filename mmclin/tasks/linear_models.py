@@ -181,3 +181,4 @@ def fit_logistic(X: np.ndarray, labels: np.ndarray, seed: int = 0, cv_rows: int 
         if len(rows) < len(X):
             model = LogisticRegression(C=float(np.ravel(model.C_)[0]), max_iter=5000).fit(X, labels)
     return model
+
