@@ -74,9 +74,9 @@ class CoxnetCV(BaseEstimator):
                     scores[f, a] = concordance_index_censored(event[va], time[va], risk)[0] \
                         if event[va].any() and np.ptp(risk) > 0 else 0.5
         mean = np.nanmean(scores, axis=0) if np.isfinite(scores).any() else np.full(len(alphas), np.nan)
-        order = [int(np.nanargmax(mean))] if np.isfinite(mean).any() else [len(alphas) // 2]
+        chosen = int(np.nanargmax(mean)) if np.isfinite(mean).any() else len(alphas) // 2
         # the chosen penalty, or where it does not fit the whole data, the next larger ones (alphas descend)
-        for a in range(order[0], -1, -1):
+        for a in range(chosen, -1, -1):
             self.model_ = self._path(full_X, full_y, alphas[a:a + 1])
             if self.model_ is not None:
                 self.alpha_ = float(alphas[a])

@@ -18,6 +18,7 @@ from mmclin.persistence.model_files import read_model_metadata, write_model_dire
 from mmclin.registry import ENCODERS, FEATURIZERS, FUSIONS, TASKS, load_builtin_components
 from mmclin.tasks.base import Task
 from mmclin.training.data import TensorTable, batch_loader, featurize, fit_featurizers
+from mmclin.training.linear_path import LinearPath, linear_path_enabled
 from mmclin.training.model import EnsembleNet, MultimodalNet
 from mmclin.training.splits import validation_split
 
@@ -83,8 +84,6 @@ def build_member(specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str, 
     head = task.build_head(fusion.output_dim)
     linear = None
     if model.linear_path:  # resolved to a bool by fit_model; None (a model from before the linear path) is off
-        from mmclin.training.linear_path import LinearPath
-
         linear = LinearPath(specs, encoder_kwargs, task.output_dim)
         for p in head.parameters():  # the deep path starts at exactly 0: training starts from the linear model
             torch.nn.init.zeros_(p)
@@ -282,8 +281,6 @@ def fit_model(
     table = featurize(frame, featurizers, task_obj.encode(y))
     encoder_kwargs = {m: f.encoder_kwargs() for m, f in featurizers.items()}
     linear_state = None
-    from mmclin.training.linear_path import LinearPath, linear_path_enabled
-
     model = model.model_copy(update={"linear_path": linear_path_enabled(model.linear_path, specs, task_obj)})
     if model.linear_path:  # one fit on all training rows, shared by every ensemble member
         path = LinearPath(specs, encoder_kwargs, task_obj.output_dim)

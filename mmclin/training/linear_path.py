@@ -2,11 +2,12 @@
 fitted by scikit-learn / scikit-survival on the training rows, added to the network's output.
 
 The network's output is ``head(fusion(...)) + linear(x)``, where ``x`` is the featurised tabular and
-genomics inputs (standardised values, missing flags, one-hot categories) and, for an irregular series,
-hinges at training quantiles of each clinical value, and the standard hand-made summaries of its most frequent training codes (last value, whether there is
-one, log(1 + count), time since last); an absent modality's block is 0, its training mean. The linear weights are fitted once per fit on all training rows by the
-task's own penalised model (:meth:`mmclin.tasks.base.Task.fit_linear`: elastic-net Cox with its
-penalty chosen by inner CV, penalised logistic or ridge regression) and frozen. The task head starts
+genomics inputs (standardised values, missing flags, hinges at the training quartiles of each clinical
+value, one-hot categories) and, for an irregular series, the standard hand-made summaries of its most
+frequent training codes (last value, whether there is one, log(1 + count), time since last); an absent
+modality's block is 0, its training mean. The linear weights are fitted once per fit on all training
+rows by the task's own penalised model (:meth:`mmclin.tasks.base.Task.fit_linear`: near-ridge Cox with
+its penalty chosen by inner CV, penalised logistic or ridge regression) and frozen. The task head starts
 at zero, so training starts from exactly the linear model and the deep path learns what it leaves;
 the starting point is an early-stopping candidate like every epoch, so on the validation rows the
 model is never worse than the linear model it contains.

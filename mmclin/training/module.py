@@ -182,17 +182,20 @@ class BestWeights(pl_.Callback):
             total += float(module._loss(batch, batch.present)) * batch.batch_size
             n += batch.batch_size
         module.train(was_training)
-        if n and total / n < self.best:
-            self.best, self.best_epoch = total / n, -1
-            self.state = copy.deepcopy({k: v.detach().clone() for k, v in module.state_dict().items()})
+        if n:
+            self._consider(total / n, -1, module)
 
     def on_validation_end(self, trainer: pl_.Trainer, module: pl_.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         value = trainer.callback_metrics.get(self.monitor)
-        if value is not None and float(value) < self.best:
-            self.best = float(value)
-            self.best_epoch = trainer.current_epoch
+        if value is not None:
+            self._consider(float(value), trainer.current_epoch, module)
+
+    def _consider(self, value: float, epoch: int, module: pl_.LightningModule) -> None:
+        """Keep a copy of ``module``'s weights when ``value`` beats the best so far."""
+        if value < self.best:
+            self.best, self.best_epoch = value, epoch
             self.state = copy.deepcopy({k: v.detach().clone() for k, v in module.state_dict().items()})
 
     def on_fit_end(self, trainer: pl_.Trainer, module: pl_.LightningModule) -> None:

@@ -67,12 +67,12 @@ class EpochProgress(L.Callback):
             self._bar = None
         epochs = trainer.current_epoch
         stopped = " (early stop)" if trainer.should_stop and epochs < self.max_epochs else ""
-        best = next((cb.best_epoch for cb in trainer.callbacks if hasattr(cb, "best_epoch")), -1)
+        keeper = next((cb for cb in trainer.callbacks if hasattr(cb, "best_epoch")), None)  # BestWeights
+        best = -1 if keeper is None else keeper.best_epoch
         parts = [f"{self.label}: {epochs}/{self.max_epochs} epochs{stopped}"]
         if best >= 0:
             parts.append(f"best epoch {best + 1}")
-        elif getattr(module.net, "linear", None) is not None and any(getattr(cb, "state", None) is not None
-                                                                       for cb in trainer.callbacks):
+        elif keeper is not None and keeper.state is not None:  # kept before any epoch: the linear path's start
             parts.append("best epoch 0 (the linear path alone: no epoch improved on it)")
         parts += [f"{k} {v:.3f}" for k, v in self._last.items()]
         parts.append(f"{time.perf_counter() - self._start:.1f} s")
