@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:  # imported where used: the specs and the estimators import in well under a second
+    import numpy as np
+    import polars as pl
 
 ModalityKind = Literal["tabular", "genomics", "irregular_series", "notes", "slide", "image"]
 KINDS: tuple[str, ...] = ("tabular", "genomics", "irregular_series", "notes", "slide", "image")
@@ -87,6 +89,8 @@ def _spec(i: int, given: Any) -> ModalitySpec:
 
 def to_polars(frame: Any) -> pl.DataFrame:
     """Polars view of a user's frame (polars, pandas or a dict of columns)."""
+    import polars as pl
+
     if isinstance(frame, pl.DataFrame):
         return frame
     if isinstance(frame, pl.LazyFrame):
@@ -170,6 +174,8 @@ def check_column_roles(specs: list[ModalitySpec], id_column: str | None = None,
 
 
 def check_unique_ids(frame: pl.DataFrame, id_column: str | None) -> None:
+    import polars as pl
+
     if id_column is None:
         return
     if id_column not in frame.columns:
@@ -210,6 +216,8 @@ class Cohort:
         return self.frame.height
 
     def subset(self, index: np.ndarray) -> "Cohort":
+        import numpy as np
+
         index = np.asarray(index)
         y = self.y[index] if self.y is not None else None
         n = self.frame.height
@@ -220,6 +228,8 @@ class Cohort:
 
 
 def _take_rows(value: Any, index: np.ndarray, n: int) -> Any:
+    import numpy as np
+
     if isinstance(value, np.ndarray) and value.shape[:1] == (n,):
         return value[index]
     if isinstance(value, dict):

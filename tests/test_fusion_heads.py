@@ -230,3 +230,24 @@ def test_per_step_predictions_show_what_each_modality_adds():
     auroc = {m: roc_auc_score(c.y[te][has], steps.filter(pl.col("modality") == m)["proba_1"].to_numpy()[has])
              for m in ("clinical", "genes")}
     assert auroc["genes"] > auroc["clinical"] + 0.02, auroc
+
+
+def test_plain_concat_is_the_towers_outputs_and_flags_as_they_are(monkeypatch):
+    """``concat`` with ``plain=True`` (the MLP-tower model of the peer libraries): no projection, no MLP; an absent
+    modality is zeros with its flag 0; and it passes the shared fusion contract."""
+    from mmclin.fusion.concat import ConcatFusion
+    from mmclin.testing import conformance
+
+    head = ConcatFusion({"a": 3, "b": 2}, plain=True)
+    assert head.output_dim == 3 + 2 + 2 and not list(head.parameters())
+    tokens, present = example_tokens(4, {"a": 3, "b": 2})
+    present = {"a": torch.tensor([True, True, False, True]), "b": torch.tensor([True, False, True, True])}
+    out = head(_mask_absent(tokens, present), present).pooled
+    pooled = {m: tokens[m].pooled() for m in ("a", "b")}
+    expected = torch.cat([pooled["a"] * present["a"].unsqueeze(1), pooled["b"] * present["b"].unsqueeze(1),
+                          present["a"].float().unsqueeze(1), present["b"].float().unsqueeze(1)], 1)
+    assert torch.allclose(out, expected)
+    base = ConcatFusion.example_options()
+    monkeypatch.setattr(ConcatFusion, "example_options", classmethod(lambda cls: {**base, "plain": True}))
+    for check in conformance.FUSION_CHECKS:
+        check("concat")

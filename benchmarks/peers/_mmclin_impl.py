@@ -16,13 +16,14 @@ no early stopping, ensemble_size 1, num_threads = CFG["threads"]):
             genomics SNN 500->128->128 (d_model 128, 2 layers, dropout 0);
             concat d_model 64, n_layers 1, dropout 0 (LayerNorm+Linear projection per modality,
             presence flags, Linear(130,64)-GELU-Linear(64,64)), head Linear(64,1); AdamW wd 0 (== Adam).
-* mlp     : the MLP-tower model from built-in components (no user code): tabular_mlp and genomics_mlp
-            (in -> 128 -> 64 ReLU, dropout 0), concat head d_model 64, n_layers 0, dropout 0 (projection per
-            modality + presence flags, Linear(130, 64)), head Linear(64, 1); AdamW wd 0.
+* mlp     : the harness's model from built-in components (no user code): tabular_mlp and genomics_mlp
+            (in -> 128 -> 64 ReLU, dropout 0), concat with plain=True (the towers' outputs and the two
+            presence flags as they are), head Linear(130, 1); AdamW wd 0; no linear path (the same model).
 * custom  : the harness's exact architecture written as user components through mmclin's
             documented extension registries (docs/extending.md): tabular MLP encoder
             [numeric, missing mask, one-hot codes] 131->128->64 ReLU, genomics MLP 500->128->64 ReLU,
-            a parameter-free 'plain concat' fusion head, BinaryTask's Linear(128,1); AdamW wd 0.
+            a parameter-free 'plain concat' fusion head, BinaryTask's Linear(128,1); AdamW wd 0; no linear
+            path (the same model as the bare loop's).
 
 Instrumentation only: mmclin.training.core.fit_model is wrapped to pass an epoch-timing
 Lightning callback through its `extra_callbacks` argument (the hook benchmarks/throughput.py uses).
@@ -135,10 +136,10 @@ def run(variant: str):
         common_kw["modalities"] = specs
         tower = {"hidden": [common.CFG["hidden"]], "d_model": common.CFG["emb"], "dropout": 0.0}
         clf = MultimodalClassifier(
-            fusion="concat", fusion_options={"d_model": 64, "n_layers": 0, "dropout": 0.0},
-            encoder_options={"clinical": tower, "omics": tower}, weight_decay=0.0, **common_kw)
+            fusion="concat", fusion_options={"plain": True},
+            encoder_options={"clinical": tower, "omics": tower}, weight_decay=0.0, linear_path=False, **common_kw)
     else:
-        clf = MultimodalClassifier(fusion="perf_plain_concat", weight_decay=0.0, **common_kw)
+        clf = MultimodalClassifier(fusion="perf_plain_concat", weight_decay=0.0, linear_path=False, **common_kw)
 
     # ---------------- fit (timed from the user's call; includes mmclin's lazy imports + featurizing) --------
     t_fit = time.perf_counter()

@@ -48,18 +48,19 @@ class GenomicsFeaturizer(Featurizer):
                     f"modality {spec.name!r} (genomics): column {bad[0]!r} has dtype {schema[bad[0]]}, "
                     "expected numeric expression values (cast it, or declare it in a tabular modality)"
                 )
-            arr = frame.select([pl.col(c).cast(pl.Float64) for c in spec.columns]).to_numpy().astype(np.float64)
+            # one cast of the selection (not one expression per column: 500 columns took a tenth of predict)
+            arr = frame.select(spec.columns).cast(pl.Float64).to_numpy().astype(np.float64, copy=False)
             names = list(spec.columns)
-        bad_inf = np.argwhere(np.isinf(arr))
-        if len(bad_inf):
-            r, c = bad_inf[0]
+        infinite = np.isinf(arr)
+        if infinite.any():
+            r, c = np.argwhere(infinite)[0]
             raise ValueError(f"modality {spec.name!r}, column {names[c]!r}, row {r}: value is not finite")
         return arr, np.isnan(arr), names
 
     def fit(self, frame: pl.DataFrame) -> "GenomicsFeaturizer":
         self.width = None
         arr, missing, names = self._matrix(frame)
-        self.check_present_in_training(frame, self.present_rows(frame))
+        self.check_present_in_training(frame, self._present(frame, missing))
         empty = np.flatnonzero(missing.all(axis=0))
         if len(empty):
             raise ValueError(f"modality {self.spec.name!r}, column {names[empty[0]]!r}: no values in the training rows")
@@ -80,7 +81,14 @@ class GenomicsFeaturizer(Featurizer):
         arr, missing, names = self._matrix(frame)
         # missing cells are 0 and masked: the encoder fills these with a learned per-gene value
         arr = standardise(self.spec.name, names, arr, missing, self.mean, self.std)
-        return {"values": torch.from_numpy(arr.astype(np.float32)), "missing": torch.from_numpy(missing)}, self.present_rows(frame)
+        return {"values": torch.from_numpy(arr.astype(np.float32)), "missing": torch.from_numpy(missing)}, self._present(frame, missing)
+
+    def _present(self, frame: pl.DataFrame, missing: np.ndarray) -> Tensor:
+        """:meth:`present_rows`; for numeric columns read from the missing-cell matrix already made (a null or
+        NaN cell is exactly a missing one there), not from a second pass over the frame."""
+        if len(self.spec.columns) == 1 and isinstance(frame.schema[self.spec.columns[0]], (pl.List, pl.Array)):
+            return self.present_rows(frame)  # a list cell that holds only NaNs is still a present (non-null) row
+        return torch.from_numpy(~missing.all(axis=1) if missing.shape[1] else np.zeros(len(missing), dtype=bool))
 
     def encoder_kwargs(self) -> dict[str, Any]:
         return {"n_genes": self.width, "groups": self.groups}

@@ -11,7 +11,7 @@ import copy
 import warnings
 from typing import Any, Iterator
 
-import numpy as np
+# numpy, polars and torch are imported where used: `from mmclin import MultimodalClassifier` stays under a second
 from pydantic import ValidationError
 from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig, option_problems
 from mmclin.interfaces.sklearn_api import EstimatorParams, check_fitted
@@ -168,15 +168,18 @@ class _MultimodalBase(EstimatorParams):
         return self
 
     def _outputs(self, X: Any) -> np.ndarray:
+        import numpy as np
         check_fitted(self, "model_")
         return self.model_.predict_outputs(X)
 
     def predict(self, X: Any) -> np.ndarray:
+        import numpy as np
         outputs = self._outputs(X)  # first: an unfitted estimator raises NotFittedError
         return self.task_.predict(outputs)
 
     def _scored_targets(self, y: Any, outputs: np.ndarray) -> Any:
         """``y`` checked by the task, with as many rows as ``X`` had (never a metric of misaligned rows)."""
+        import numpy as np
         y = self.task_.check_targets(y)
         if self.task_.n_rows(y) != len(outputs):
             raise ValueError(f"X has {len(outputs)} rows but y has {self.task_.n_rows(y)}")
@@ -221,6 +224,7 @@ class _MultimodalBase(EstimatorParams):
         baselines (:mod:`mmclin.evaluation.baselines`) on the same folds and columns: a
         :class:`~mmclin.evaluation.baselines.BaselineComparison` (``.table()``, ``.summary_line()``) with
         mmclin's paired difference to the best baseline. This estimator itself is left as it is."""
+        import numpy as np
         from sklearn.base import clone
 
         from mmclin.cohort import as_modality_specs, to_polars
@@ -272,10 +276,12 @@ class MultimodalSurvivalModel(_MultimodalBase):
 
     def predict_survival_function(self, X: Any, times: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """``(times, S)`` with ``S[i, j]`` = P(T_i > times[j])."""
+        import numpy as np
         outputs = self._outputs(X)
         return self.task_.survival_function(outputs, times)
 
     def predict_cumulative_hazard_function(self, X: Any, times: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
         t, s = self.predict_survival_function(X, times)
         return t, -np.log(np.clip(s, 1e-12, 1.0))
 
@@ -293,6 +299,7 @@ class MultimodalClassifier(_MultimodalBase):
         return float(accuracy_score(y, self.predict(X), sample_weight=sample_weight))
 
     def _task_name(self, y: Any) -> str:
+        import numpy as np
         if self.task:
             return self.task
         arr = np.asarray(y)
@@ -314,12 +321,14 @@ class MultimodalClassifier(_MultimodalBase):
         return "binary" if len(np.unique(arr[~_isnull(arr)])) <= 2 else "multiclass"
 
     def fit(self, X: Any, y: Any, checkpoint_dir: str | None = None, resume: bool = False) -> "MultimodalClassifier":
+        import numpy as np
         super().fit(X, y, checkpoint_dir, resume)
         if hasattr(self.task_, "classes_"):
             self.classes_ = np.asarray(self.task_.classes_)
         return self
 
     def predict_proba(self, X: Any) -> np.ndarray:
+        import numpy as np
         outputs = self._outputs(X)
         return self.task_.predict_proba(outputs)
 
@@ -364,6 +373,7 @@ def _parameters(estimator: str, parameter: str | None = None) -> Iterator[None]:
 
 
 def _isnull(arr: np.ndarray) -> np.ndarray:
+    import numpy as np
     if arr.dtype.kind == "f":
         return np.isnan(arr)
     return np.array([v is None for v in arr.ravel()], dtype=bool).reshape(arr.shape)

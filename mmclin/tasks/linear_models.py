@@ -166,7 +166,7 @@ def ridge_cv() -> Any:
     return RidgeCV(alphas=np.logspace(-3, 3, 13))
 
 
-def fit_logistic(X: np.ndarray, labels: np.ndarray, seed: int = 0, cv_rows: int = 20_000) -> Any:
+def fit_logistic(X: np.ndarray, labels: np.ndarray, seed: int = 0, cv_rows: int = 10_000) -> Any:
     """:func:`logistic_cv` fitted; on more than ``cv_rows`` rows its penalty is chosen on a random ``cv_rows`` of
     them and the model with that penalty is then fitted on every row."""
     from sklearn.linear_model import LogisticRegression

@@ -122,14 +122,20 @@ def check_fusion_gradients(name: str) -> None:
     tokens, present = example_tokens(8)
     for m in present:  # all present so every branch is used
         present[m][:] = True
+        tokens[m].tokens.requires_grad_(True)
     out = head(tokens, present)
     loss = out.pooled.pow(2).mean() + (out.aux_loss if out.aux_loss is not None else 0.0)
     loss.backward()
+    # the encoders learn through the head: every modality's tokens get a gradient
+    unreached = [m for m in tokens if tokens[m].tokens.grad is None or not tokens[m].tokens.grad.abs().sum() > 0]
+    assert not unreached, f"{name}: no gradient reaches the tokens of {unreached}"
     # parameters that stand in for an absent modality (learned missing representations,
     # completions) can only learn from samples lacking one: a second batch where sample i
     # lacks modality i % (M + 1) - 1 (sample 0 has all) adds its gradients to the same .grad
     names = sorted(present)
     tokens2, _ = example_tokens(8, seed=1)
+    for t in tokens2.values():
+        t.tokens.requires_grad_(True)
     present2 = {m: torch.tensor([i % (len(names) + 1) != j + 1 for i in range(8)]) for j, m in enumerate(names)}
     out2 = head(_mask_absent(tokens2, present2), present2)
     (out2.pooled.pow(2).mean() + (out2.aux_loss if out2.aux_loss is not None else 0.0)).backward()
@@ -178,10 +184,13 @@ def check_fusion_no_nan_when_absent(name: str) -> None:
     for m in names[1:]:
         present[m][:] = False  # only one modality left for everyone
     present[names[0]][:] = True
+    for t in tokens.values():  # gradients to the encoders count too (and a head may have no parameters)
+        t.tokens.requires_grad_(True)
     out = head(_mask_absent(tokens, present), present)
     assert torch.isfinite(out.pooled).all(), f"{name}: NaN/inf when modalities are absent"
     out.pooled.sum().backward()
     bad = [n for n, p in head.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    bad += [f"tokens of {m}" for m, t in tokens.items() if t.tokens.grad is not None and not torch.isfinite(t.tokens.grad).all()]
     assert not bad, f"{name}: non-finite gradients {bad} when modalities are absent"
 
 
