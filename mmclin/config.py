@@ -63,7 +63,9 @@ class ModelConfig(BaseModel):
     fusion: ComponentConfig = ComponentConfig(name="concat")
     task: ComponentConfig | None = None  # default from the cohort: survival -> cox
     encoders: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-modality encoder options
-    modality_dropout: float = Field(0.0, ge=0, lt=1)
+    # hide each modality of a training subject with this probability (never all): modality values (explain) and
+    # predictions without a modality then rest on presence patterns the network was trained on (issue 15)
+    modality_dropout: float = Field(0.1, ge=0, lt=1)
     ensemble_size: int = Field(1, ge=1)  # >1: a deep ensemble (seeds and validation carve-outs differ)
     # a penalised linear model (Coxnet / logistic / ridge, penalty by inner CV) beside the deep path, frozen, the
     # deep path starting at zero (mmclin.training.linear_path); None: on where the task and modalities allow it

@@ -40,3 +40,23 @@ def test_the_mlp_towers_learn_the_planted_signal():
     clf = MultimodalClassifier(modalities=specs, max_epochs=30, random_state=0).fit(c.frame[tr], c.y[tr])
     auroc = roc_auc_score(c.y[te], clf.predict_proba(c.frame[te])[:, 1])
     assert auroc > 0.75, auroc
+
+
+def test_fill_missing_skips_nothing_it_should_fill():
+    """The no-missing shortcut gives the same values and gradients as the select; with a missing cell the
+    learned fill is used there and gets the gradient of that cell only."""
+    from mmclin.encoders.base import fill_missing
+
+    values = torch.randn(4, 3, requires_grad=True)
+    fill = torch.nn.Parameter(torch.tensor([7.0, 8.0, 9.0]))
+    none = torch.zeros(4, 3, dtype=torch.bool)
+    out = fill_missing(values, none, fill)
+    assert torch.equal(out, values)
+    out.sum().backward()
+    assert fill.grad is None and torch.equal(values.grad, torch.ones(4, 3))
+    some = none.clone()
+    some[2, 1] = True
+    out = fill_missing(values, some, fill)
+    assert out[2, 1].item() == 8.0 and torch.equal(out[~some], values[~some])
+    out.sum().backward()
+    assert fill.grad.tolist() == [0.0, 1.0, 0.0]

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from mmclin.batch import ModalityTokens
-from mmclin.encoders.base import Featurizer, ModalityEncoder, standardisation, standardise
+from mmclin.encoders.base import Featurizer, ModalityEncoder, fill_missing, standardisation, standardise
 from mmclin.registry import ENCODERS, FEATURIZERS
 
 
@@ -148,7 +148,7 @@ class GenomicsEncoder(ModalityEncoder):
         self.nets = nn.ModuleList(snn(s, d_model, n_layers, dropout) for s in sizes)
 
     def forward(self, inputs: dict[str, Tensor]) -> ModalityTokens:
-        x = torch.where(inputs["missing"], self.fill.expand_as(inputs["values"]), inputs["values"])
+        x = fill_missing(inputs["values"], inputs["missing"], self.fill)
         if self.group_index:
             tokens = torch.stack([net(x[:, getattr(self, f"group_{i}")]) for i, net in enumerate(self.nets)], 1)
         else:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from mmclin.batch import ModalityTokens
-from mmclin.encoders.base import ModalityEncoder
+from mmclin.encoders.base import ModalityEncoder, fill_missing
 from mmclin.encoders.tabular_mlp import check_tower, mlp_tower
 from mmclin.registry import ENCODERS
 
@@ -40,7 +40,7 @@ class GenomicsMLPEncoder(ModalityEncoder):
         self.tower = mlp_tower(widths, dropout)
 
     def forward(self, inputs: dict[str, Tensor]) -> ModalityTokens:
-        x = torch.where(inputs["missing"], self.fill.expand_as(inputs["values"]), inputs["values"])
+        x = fill_missing(inputs["values"], inputs["missing"], self.fill)
         token = self.tower(self.first(x)).unsqueeze(1)
         return ModalityTokens(token, torch.ones(token.shape[:2], dtype=torch.bool, device=token.device))
 

@@ -36,7 +36,7 @@ class _MultimodalBase(EstimatorParams):
         batch_size: int = 64,
         learning_rate: float = 1e-3,
         weight_decay: float = 1e-4,
-        modality_dropout: float = 0.0,
+        modality_dropout: float = 0.1,
         ensemble_size: int = 1,
         linear_path: bool | None = None,
         val_fraction: float = 0.2,
