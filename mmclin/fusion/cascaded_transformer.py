@@ -56,7 +56,7 @@ class MixingStage(nn.Module):
 
 @FUSIONS.register("cascaded_transformer")
 class CascadedTransformerFusion(SequentialSteps, FusionHead):
-    """3MAT-style cascade of cross-attention stages, one per modality, in a configurable order.
+    """3MAT-style cascade of cross-attention stages, one per modality, in a configurable order; unlike 3MAT it starts from learned query tokens and its auxiliary outputs share the task head.
 
     The running representation starts as ``n_queries`` learned tokens (3MAT starts from the
     first modality's tokens; learned queries give a patient who lacks that modality a start
