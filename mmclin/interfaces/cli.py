@@ -89,14 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _experiment(args: argparse.Namespace):
-    from mmclin.interfaces.experiment import Experiment
+    from mmclin.config import load_config
 
     overrides = list(args.overrides)
     if args.tracking_uri:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     if args.no_tracking:
         overrides.append("tracking.enabled=false")
-    return Experiment.from_yaml(args.config, overrides)
+    config = load_config(args.config, overrides)  # a missing or bad config is said before numpy and polars load
+    from mmclin.interfaces.experiment import Experiment
+
+    return Experiment(config, overrides)
 
 
 def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
