@@ -286,3 +286,42 @@ def test_estimators_compare_to_baselines_on_the_same_folds():
     assert table["logistic_l2"]["mean"] > 0.6  # the planted signal is there for a linear model to find
     assert cmp.ci_low <= cmp.difference <= cmp.ci_high
     assert cmp.columns == [col for m in c.modalities if m.kind in ("tabular", "genomics") for col in m.columns]
+
+
+def test_multilabel_baselines_are_one_logistic_model_per_label_scored_as_the_task_scores():
+    """Multilabel tasks get baselines too: per label a ridge logistic regression (its penalty by CV) equal to
+    scikit-learn's by hand, a rare label (3 positives: 5 stratified folds would refuse it) and a constant one
+    handled, and the fold score is the task's macro AUROC over the labels the fold can score."""
+    from sklearn.linear_model import LogisticRegression
+
+    from mmclin.datasets import make_synthetic_cohort
+    from mmclin.evaluation.baselines import compare, fit_baselines, primary_score
+    from mmclin.tasks.classification import MultilabelTask
+    from mmclin.training.splits import cv_splits
+
+    c = make_synthetic_cohort(n_subjects=240, task="binary", seed=0)
+    rng = np.random.default_rng(0)
+    rare = np.zeros(240, dtype=np.int64)
+    rare[rng.choice(240, 3, replace=False)] = 1
+    Y = np.stack([c.y, 1 - c.y * (rng.random(240) < 0.7), rare, np.zeros(240, dtype=np.int64)], 1)
+    splits = list(cv_splits(c.y, "binary", 3, 0))
+    got = fit_baselines(c.frame, Y, c.modalities, "multilabel", splits, names=["logistic_l2"])
+    pred = got.predictions["logistic_l2"][0]
+    assert pred.shape == (len(splits[0][1]), 4) and np.isfinite(pred).all()
+    tr = splits[0][0]
+    assert np.allclose(pred[:, 3], 0.0)  # a label never seen: its training rate
+    task = MultilabelTask().fit_targets(Y)
+    logits = np.log(pred.clip(1e-12, 1 - 1e-12) / (1 - pred).clip(1e-12, 1))
+    te = splits[0][1]
+    assert primary_score("multilabel", Y[te], pred) == pytest.approx(task.metrics(Y[te], logits)["auroc"], abs=1e-9)
+    # label 0 is the planted binary outcome: the per-label model finds it, and it is scikit-learn's model by hand
+    assert primary_score("binary", Y[te, 0], pred[:, 0]) > 0.7
+    # the rare label leaves every fold's macro AUROC undefined (the task's rule), said, not a number
+    cmp = compare("multilabel", "auroc", Y, splits, got.predictions["logistic_l2"], got)
+    assert np.isnan(cmp.difference) and cmp.folds["value"].is_nan().all()
+    common = [0, 1, 3]
+    cmp = compare("multilabel", "auroc", Y[:, common], splits, [p[:, common] for p in got.predictions["logistic_l2"]],
+                  type(got)({"logistic_l2": [p[:, common] for p in got.predictions["logistic_l2"]]}, got.columns,
+                            got.skipped, got.seconds))
+    assert cmp.best == "logistic_l2" and cmp.difference == 0  # mmclin given the baseline's own predictions
+    assert cmp.folds["value"].is_finite().all()

@@ -26,9 +26,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import polars as pl
+from sklearn.base import BaseEstimator, ClassifierMixin
+
 from mmclin.cohort import ModalitySpec
 from mmclin.evaluation.summaries import ROW_COLUMN, EventSummaries, NoteTfidf, event_table, note_texts
-from mmclin.tasks.linear_models import CoxnetCV, logistic_cv, quiet_solvers, ridge_cv
+from mmclin.tasks.linear_models import CoxnetCV, fit_logistic, logistic_cv, quiet_solvers, ridge_cv
 
 COLUMN_KINDS = ("tabular", "genomics")  # used column by column
 SUMMARY_KINDS = ("irregular_series", "notes")  # used through hand-made summaries
@@ -131,6 +133,38 @@ def _classification_baselines(seed: int) -> dict[str, Callable[[], Any]]:
     }
 
 
+def _multilabel_baselines(seed: int) -> dict[str, Callable[[], Any]]:
+    """One model per label (binary relevance, scikit-learn's ``OneVsRestClassifier``): the classical baseline for
+    non-exclusive labels, scored like mmclin's multilabel task (macro AUROC over the labels a fold can score)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.multiclass import OneVsRestClassifier
+
+    return {
+        "logistic_l2": lambda: PerLabelLogistic(seed),
+        "gradient_boosting": lambda: OneVsRestClassifier(HistGradientBoostingClassifier(random_state=seed)),
+    }
+
+
+class PerLabelLogistic(ClassifierMixin, BaseEstimator):
+    """One ridge-penalised logistic regression per label (:func:`fit_logistic`: its penalty by CV, fewer folds for
+    a rare label, none for a label of one row); a label constant in the training rows predicts its training rate.
+    ``OneVsRestClassifier(LogisticRegressionCV)`` cannot: its 5 stratified folds refuse a label with 4 positives."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def fit(self, X: Any, Y: Any) -> "PerLabelLogistic":
+        Y = np.asarray(Y).astype(np.int64)
+        self.models_ = [fit_logistic(np.asarray(X), Y[:, k], self.seed) if len(np.unique(Y[:, k])) == 2
+                        else float(Y[:, k].mean()) for k in range(Y.shape[1])]
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        X = np.asarray(X)
+        return np.stack([np.full(len(X), m) if isinstance(m, float) else m.predict_proba(X)[:, 1]
+                         for m in self.models_], 1)
+
+
 def _regression_baselines(seed: int) -> dict[str, Callable[[], Any]]:
     from sklearn.ensemble import HistGradientBoostingRegressor
 
@@ -142,7 +176,7 @@ def _regression_baselines(seed: int) -> dict[str, Callable[[], Any]]:
 
 BASELINES: dict[str, Callable[[int], dict[str, Callable[[], Any]]]] = {
     "survival": _survival_baselines, "binary": _classification_baselines,
-    "multiclass": _classification_baselines, "regression": _regression_baselines,
+    "multiclass": _classification_baselines, "multilabel": _multilabel_baselines, "regression": _regression_baselines,
 }
 
 
@@ -150,7 +184,7 @@ BASELINES: dict[str, Callable[[int], dict[str, Callable[[], Any]]]] = {
 def primary_score(problem: str, y: Any, prediction: np.ndarray) -> float:
     """The task's primary metric from a baseline's prediction, with the function mmclin's task uses:
     Harrell's C of a risk score (survival), AUROC (binary: P(class 1); multiclass: one-vs-rest,
-    macro, from class probabilities), R^2 (regression)."""
+    macro, from class probabilities; multilabel: the mean over labels of each label's AUROC), R^2 (regression)."""
     if problem == "survival":
         from sksurv.metrics import concordance_index_censored
 
@@ -163,6 +197,15 @@ def primary_score(problem: str, y: Any, prediction: np.ndarray) -> float:
         from sklearn.metrics import roc_auc_score
 
         return float(roc_auc_score(y, prediction, multi_class="ovr", average="macro"))
+    if problem == "multilabel":  # the task's own average: labels with one class in these rows are left out
+        from sklearn.metrics import roc_auc_score
+
+        from mmclin.tasks.classification import _nanmean as nanmean, _one_vs_rest
+
+        score = nanmean(_one_vs_rest(np.asarray(y), np.asarray(prediction), roc_auc_score))
+        if not np.isfinite(score):
+            raise ValueError("no label has both values among these subjects")
+        return score
     from sklearn.metrics import r2_score
 
     return float(r2_score(y, prediction))
@@ -172,7 +215,7 @@ def task_scores(task: Any, outputs: np.ndarray) -> np.ndarray:
     """mmclin's outputs oriented like the baselines' predictions (see :func:`primary_score`)."""
     if task.problem == "binary":
         return task.predict_proba(outputs)[:, 1]
-    if task.problem == "multiclass":
+    if task.problem in ("multiclass", "multilabel"):
         return task.predict_proba(outputs)
     return np.asarray(task.predict(outputs), dtype=float)
 
@@ -180,7 +223,7 @@ def task_scores(task: Any, outputs: np.ndarray) -> np.ndarray:
 def _predict(problem: str, model: Any, X: Any) -> np.ndarray:
     if problem == "binary":
         return model.predict_proba(X)[:, 1]
-    if problem == "multiclass":
+    if problem in ("multiclass", "multilabel"):  # multilabel: OneVsRestClassifier's per-label P(label)
         return model.predict_proba(X)
     return np.asarray(model.predict(X), dtype=float)
 
@@ -364,6 +407,15 @@ def fold_support(problem: str, y: Any) -> str | None:
             thin = [f"{values[0]!s} only" if len(values) else "no subject"]
         if thin:
             return f"class(es) {', '.join(thin)}: at least {MIN_PER_CLASS} subjects in and out of each class needed"
+        return None
+    if problem == "multilabel":  # as the task's macro AUROC: every label present needs enough rows in and out of it
+        from mmclin.tasks.classification import _thin_columns
+
+        arr = np.asarray(y)
+        thin = _thin_columns(arr, [f"label {k}" for k in range(arr.shape[1])], "label", absent_too=False)
+        if thin or not any(len(np.unique(arr[:, k])) == 2 for k in range(arr.shape[1])):
+            return (f"{', '.join(thin) or 'no label with both values'}: at least {MIN_PER_CLASS} subjects in and "
+                    "out of each label needed")
         return None
     if n < MIN_SUBJECTS:
         return f"{n} subject(s), at least {MIN_SUBJECTS} needed"
