@@ -10,8 +10,8 @@ seed) and a summary per cohort and head: mmclin's mean primary metric, the best 
 paired difference with its bootstrap CI; then the mean difference over cohorts. Targets of the
 baselines issue: difference >= -0.005 on every cohort and >= +0.01 on average.
 
-Cohorts whose task or modalities have no baselines yet (multilabel ``iu_reports``; the irregular
-labs of ``pbcseq`` are left out of its baselines) are reported as such.
+Cohorts whose task or modalities have no baselines are reported as such (every built-in cohort has them now:
+multilabel ``iu_reports`` through one model per label, ``pbcseq``'s labs through per-code summaries).
 """
 from __future__ import annotations
 
