@@ -19,7 +19,7 @@ import polars as pl
 
 from mmclin.cohort import Cohort, check_column_roles, check_unique_ids
 from mmclin.config import ComponentConfig, ExperimentConfig, load_config
-from mmclin.persistence.outputs import new_run_directory, unfinished_run_directory, update_marker
+from mmclin.persistence.outputs import new_run_directory, settled_on_failure, unfinished_run_directory, update_marker
 
 log = logging.getLogger("mmclin")
 
@@ -376,60 +376,62 @@ class Experiment:
             raise ValueError("--resume needs checkpoints, but trainer.checkpoint_every is 0 (checkpointing is off)")
         _check_enough_rows(c, test_size=cfg.data.test_size)
         tr, te = holdout_split(c.y, self._problem(), cfg.data.test_size, cfg.data.split_seed, self._groups())
-        out = self._run_directory(Path(output_dir or cfg.output_dir) / cfg.name, resume)
-        store = None
-        if cfg.trainer.checkpoint_every:
-            follow = follow_checkpoints_of is not None and resume
-            where = unfinished_run_directory(Path(follow_checkpoints_of) / cfg.name) if follow else out
-            if where is None:
-                raise ValueError(f"--resume: no unfinished run under {str(Path(follow_checkpoints_of) / cfg.name)!r}")
-            try:
-                store = checkpoint_store(where / "checkpoints", c.frame[tr], _take(c.y, tr), c.modalities, cfg.model,
-                                         cfg.trainer, self.task_config(), resume, read_only=follow)
-            except json.JSONDecodeError as err:  # the index of the checkpoints, damaged (a disk or a hand)
-                raise ValueError(f"--resume: the checkpoint index {str(where / 'checkpoints' / 'store.json')!r} is "
-                                 f"damaged (not valid JSON: {err}); nothing was deleted: move {str(where)!r} away to "
-                                 "train from the start") from None
-        tracking.quiet_mlflow()
-        resume_run_id = (store.run_id if store is not None else None) if resume else None
-        with tracking.tracked_run(cfg.tracking, self.run_name("fit"), tags=self._run_tags("fit", out),
-                                  resume_run_id=resume_run_id) as run:
-            if run is not None:
-                if store is not None:
-                    store.run_id = run.info.run_id
-                update_marker(out, mlflow_run_id=run.info.run_id)
-                tracking.log_config(cfg, c.frame)
-                tracking.log_metrics({"n_train": len(tr), "n_test": len(te)})
-            with rows_of_data(tr):
-                fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if run else None, store)
-            test_frame = c.frame[te]
-            with rows_of_data(te):
-                outputs = check_finite_outputs(fitted.predict_outputs(test_frame), "the test subjects")
-                metrics = fitted.task.reported_metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
-            preds = prediction_frame(fitted, test_frame, c.id_column or None)
-            model_dir = fitted.save(out / "model")
-            write_atomic(preds, out / "test_predictions.parquet")
-            if run is not None:
-                tracking.log_metrics(metrics, prefix="test_")
-                tracking.log_metrics({"best_epoch": fitted.best_epoch})
-                tracking.log_frame(preds, "test_predictions.parquet")
-                if cfg.tracking.log_model:
-                    # no input example: MLflow would store raw patient rows with the model
-                    log_fitted_model(fitted, model_dir)
-        if store is not None:  # the model and predictions are saved: nothing left to resume
-            store.clear()
-        update_marker(out, status="finished")
+        out, made_here = self._run_directory(Path(output_dir or cfg.output_dir) / cfg.name, resume)
+        with settled_on_failure(out, made_here):
+            store = None
+            if cfg.trainer.checkpoint_every:
+                follow = follow_checkpoints_of is not None and resume
+                where = unfinished_run_directory(Path(follow_checkpoints_of) / cfg.name) if follow else out
+                if where is None:
+                    raise ValueError(f"--resume: no unfinished run under {str(Path(follow_checkpoints_of) / cfg.name)!r}")
+                try:
+                    store = checkpoint_store(where / "checkpoints", c.frame[tr], _take(c.y, tr), c.modalities, cfg.model,
+                                             cfg.trainer, self.task_config(), resume, read_only=follow)
+                except json.JSONDecodeError as err:  # the index of the checkpoints, damaged (a disk or a hand)
+                    raise ValueError(f"--resume: the checkpoint index {str(where / 'checkpoints' / 'store.json')!r} is "
+                                     f"damaged (not valid JSON: {err}); nothing was deleted: move {str(where)!r} away to "
+                                     "train from the start") from None
+            tracking.quiet_mlflow()
+            resume_run_id = (store.run_id if store is not None else None) if resume else None
+            with tracking.tracked_run(cfg.tracking, self.run_name("fit"), tags=self._run_tags("fit", out),
+                                      resume_run_id=resume_run_id) as run:
+                if run is not None:
+                    if store is not None:
+                        store.run_id = run.info.run_id
+                    update_marker(out, mlflow_run_id=run.info.run_id)
+                    tracking.log_config(cfg, c.frame)
+                    tracking.log_metrics({"n_train": len(tr), "n_test": len(te)})
+                with rows_of_data(tr):
+                    fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if run else None, store)
+                test_frame = c.frame[te]
+                with rows_of_data(te):
+                    outputs = check_finite_outputs(fitted.predict_outputs(test_frame), "the test subjects")
+                    metrics = fitted.task.reported_metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
+                preds = prediction_frame(fitted, test_frame, c.id_column or None)
+                model_dir = fitted.save(out / "model")
+                write_atomic(preds, out / "test_predictions.parquet")
+                if run is not None:
+                    tracking.log_metrics(metrics, prefix="test_")
+                    tracking.log_metrics({"best_epoch": fitted.best_epoch})
+                    tracking.log_frame(preds, "test_predictions.parquet")
+                    if cfg.tracking.log_model:
+                        # no input example: MLflow would store raw patient rows with the model
+                        log_fitted_model(fitted, model_dir)
+            if store is not None:  # the model and predictions are saved: nothing left to resume
+                store.clear()
+            update_marker(out, status="finished")
         return FitResult(metrics, preds, model_dir, run.info.run_id if run else None, fitted, fitted.history)
 
-    def _run_directory(self, parent: Path, resume: bool) -> Path:
-        """A new run directory under ``parent`` (``outputs/<name>``); with ``resume``, the newest unfinished one."""
+    def _run_directory(self, parent: Path, resume: bool) -> tuple[Path, bool]:
+        """A new run directory under ``parent`` (``outputs/<name>``); with ``resume``, the newest unfinished one;
+        and whether it was made now."""
         if resume:
             found = unfinished_run_directory(parent)
             if found is not None:
                 _remove_stale_temporaries(found, ["model", "test_predictions.parquet"])
-                return found
+                return found, False
             log.warning("--resume: no unfinished run under %s; training from the start", parent)
-        return new_run_directory(parent, "fit", self.config.name)
+        return new_run_directory(parent, "fit", self.config.name), True
 
     def run_name(self, verb: str) -> str:
         """The MLflow run name: the config's ``tracking.run_name``, else its name, the verb and the
@@ -633,20 +635,22 @@ def resolve_model_path(model: str, tracking_uri: str | None = None) -> Path:
     directory (``outputs/<name>``: its newest finished run, said at INFO), or an MLflow
     ``runs:/<run_id>`` / run id whose ``model`` artifact is downloaded from ``tracking_uri``
     (default: the store ``fit`` writes, ``sqlite:///mlruns.db``)."""
-    from mmclin.persistence.outputs import newest_finished_model, read_marker, run_directories
+    from mmclin.persistence.outputs import newest_finished_model, newest_run, read_marker, unfinished_run_message
 
     p = Path(model)
     if p.is_dir():
-        if (p / "mmclin.json").exists() or not ((p / "model").is_dir() or run_directories(p)):
-            return p  # a model directory (FittedModel.load reports what is wrong with anything else)
-        if read_marker(p) is not None:
+        marker = read_marker(p)
+        if marker is not None and not (p / "mmclin.json").exists():  # a run directory of fit
             if not (p / "model" / "mmclin.json").exists():
-                raise FileNotFoundError(f"run directory {model!r} holds no model: its run did not finish "
-                                        "(mmclin fit --resume continues it)")
+                raise FileNotFoundError(unfinished_run_message(p, marker))
             return p / "model"
+        newest = newest_run(p)
+        if (p / "mmclin.json").exists() or newest is None:
+            return p  # a model directory (FittedModel.load reports what is wrong with anything else)
         found = newest_finished_model(p)
         if found is None:
-            raise FileNotFoundError(f"{model!r} holds no finished run with a model")
+            raise FileNotFoundError(f"{model!r} holds no finished run with a model; its newest run: "
+                                    + unfinished_run_message(*newest))
         log.info("using the newest finished run's model: %s", found)
         return found
     if model.startswith("runs:/") or (len(model) == 32 and all(ch in "0123456789abcdef" for ch in model)):
