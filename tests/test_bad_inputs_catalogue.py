@@ -21,9 +21,6 @@ import bad_inputs_catalogue as catalogue  # noqa: E402
 # cases whose fix lies outside this change, with what it needs (a strict xfail: it fails once fixed, so the
 # marker is removed then)
 PENDING: dict[str, str] = {  # cases whose fix is still to come: name -> why (strict xfail)
-    'trainer.val_fraction that leaves 1 training row': 'issue 17, second pass: training checks (next commits)',
-    'trainer.val_fraction that leaves 1 validation row': 'issue 17, second pass: training checks (next commits)',
-    'batch size 1 for a Cox model': 'issue 17, second pass: training checks (next commits)',
     'survival target columns swapped': 'issue 17, second pass: coercion and messages (next commits)',
     'numbers with thousands separators (CSV)': 'issue 17, second pass: coercion and messages (next commits)',
     'decimal commas (TSV)': 'issue 17, second pass: coercion and messages (next commits)',
@@ -201,6 +198,18 @@ def test_a_failed_run_does_not_stay_marked_running(tmp_path):
     with pytest.raises(ValueError), settled_on_failure(resumed, made_here=False):
         raise ValueError("damaged index")
     assert read_marker(resumed)["status"] == "failed"
+
+
+def test_validation_carve_out_sizes_are_said_or_refused(caplog):
+    from mmclin.training.splits import validation_size
+
+    assert validation_size(100, 0.2) == 20 and validation_size(100, 0.0) == 0
+    with caplog.at_level("WARNING", logger="mmclin"):
+        assert validation_size(6, 0.2, say=True) == 0  # 1 validation row: trained without one, said
+    assert "trainer.val_fraction 0.2 of 6 training rows gives 1 validation row(s)" in caplog.text
+    with pytest.raises(ValueError, match=r"trainer.val_fraction 0.5 .* of 3 training rows leaves 1 training row\(s\) "
+                                         r"and 2 validation row\(s\)"):
+        validation_size(3, 0.5)
 
 
 @pytest.mark.parametrize("code, words", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "the file system is read-only")])

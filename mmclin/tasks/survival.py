@@ -348,6 +348,13 @@ class CoxTask(_SurvivalTask):
         self.baseline_times_: np.ndarray | None = None
         self.baseline_cumhaz_: np.ndarray | None = None
 
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size < 2:
+            raise ValueError(f"trainer.batch_size {batch_size} (batch_size of the estimators) is too small for the cox "
+                             "task: its partial likelihood compares each subject with the others of its batch, and a "
+                             "batch of one has none (its loss is 0: nothing would be learned); use at least 2 (the "
+                             "default is 64)")
+
     def fit_targets(self, y: Any) -> "CoxTask":
         self._learn_follow_up(to_survival_array(y, require_event=True))  # fail early on bad targets
         self.fitted_ = True

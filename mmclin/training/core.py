@@ -20,7 +20,7 @@ from mmclin.tasks.base import Task
 from mmclin.training.data import TensorTable, batch_loader, featurize, fit_featurizers
 from mmclin.training.linear_path import LinearPath, linear_path_enabled
 from mmclin.training.model import EnsembleNet, MultimodalNet
-from mmclin.training.splits import validation_split
+from mmclin.training.splits import validation_size, validation_split
 
 if TYPE_CHECKING:
     from mmclin.training.checkpoints import CheckpointStore
@@ -268,6 +268,8 @@ def fit_model(
     y = task_obj.check_targets(y)
     if task_obj.n_rows(y) != frame.height:
         raise ValueError(f"X has {frame.height} rows but y has {task_obj.n_rows(y)}")
+    task_obj.check_batch_size(trainer.batch_size)
+    validation_size(frame.height, trainer.val_fraction, say=True)  # before any work: too few rows left is an error
     if trainer.num_threads:
         torch.set_num_threads(trainer.num_threads)
     # featurizers and target encoding see all training rows (validation carve-outs included), never test rows
