@@ -21,22 +21,6 @@ import bad_inputs_catalogue as catalogue  # noqa: E402
 # cases whose fix lies outside this change, with what it needs (a strict xfail: it fails once fixed, so the
 # marker is removed then)
 PENDING: dict[str, str] = {  # cases whose fix is still to come: name -> why (strict xfail)
-    'survival target columns swapped': 'issue 17, second pass: coercion and messages (next commits)',
-    'numbers with thousands separators (CSV)': 'issue 17, second pass: coercion and messages (next commits)',
-    'decimal commas (TSV)': 'issue 17, second pass: coercion and messages (next commits)',
-    'survival time as a duration': 'issue 17, second pass: coercion and messages (next commits)',
-    "event coded 1/2 as in R's survival": 'issue 17, second pass: coercion and messages (next commits)',
-    'regression target too large to standardise': 'issue 17, second pass: coercion and messages (next commits)',
-    'survival y frame with the time first (API)': 'issue 17, second pass: coercion and messages (next commits)',
-    'numpy array as X (API)': 'issue 17, second pass: coercion and messages (next commits)',
-    'survival y as a plain 2-column array (API)': 'issue 17, second pass: coercion and messages (next commits)',
-    "modality name with a '.'": 'issue 17, second pass: coercion and messages (next commits)',
-    "modality name with a '+'": 'issue 17, second pass: coercion and messages (next commits)',
-    'unknown fusion option': 'issue 17, second pass: coercion and messages (next commits)',
-    'unknown key in a modality': 'issue 17, second pass: coercion and messages (next commits)',
-    'tune.space key that is not a config key': 'issue 17, second pass: coercion and messages (next commits)',
-    'tune.space key of a fusion option for another head': 'issue 17, second pass: coercion and messages (next commits)',
-    'predict --output an existing directory': 'issue 17, second pass: coercion and messages (next commits)',
     'score() on 3 subjects (API)': 'issue 17, second pass: metric support (next commits)',
     'evaluate --cv with too few events per fold': 'issue 17, second pass: metric support (next commits)',
 }

@@ -153,6 +153,13 @@ def _check_number_columns(frame: pl.DataFrame, path: Path, text: set[str]) -> No
         numbers = col.cast(pl.Float64, strict=False)
         words = col.is_not_null() & numbers.is_null()
         n_words, n_values = int(words.sum()), int(col.is_not_null().sum())
+        comma = col.filter(words).str.contains(r"^\s*[+-]?(\d{1,3}(,\d{3})+(\.\d+)?|\d+,\d+)\s*$")
+        if n_words and comma.all():  # every cell that is not a number is one written with a comma
+            row = int(words.arg_max())
+            raise ValueError(
+                f"data file {str(path)!r}, column {name!r}: numbers written with a comma ({n_words} cell(s), e.g. "
+                f"{col[row]!r} at row {row}), which would be read as text (a categorical column); write them with "
+                "no thousands separator and a '.' as the decimal point (e.g. 2250 or 2.25)")
         if 0 < n_words and n_words <= 0.2 * n_values and col.filter(words).is_in(list(NA_TOKENS)).all():
             row = int(words.arg_max())
             raise ValueError(
@@ -180,15 +187,21 @@ def targets_from_frame(frame: pl.DataFrame, columns: list[str], problem: str) ->
     if problem == "survival":
         if len(columns) != 2:
             raise ValueError(f"data.target for survival must be [event_column, time_column], got {columns}")
+        if isinstance(frame.schema[columns[1]], pl.Duration):
+            raise ValueError(f"target time column {columns[1]!r} holds durations ({frame.schema[columns[1]]}), not "
+                             f"numbers; store them as numbers in one unit, e.g. days: pl.col({columns[1]!r})"
+                             ".dt.total_days()")
         if frame.schema[columns[1]].is_temporal():
             raise ValueError(f"target time column {columns[1]!r} holds dates ({frame.schema[columns[1]]}); expected the "
                              "time from the start of follow-up to the event or censoring (e.g. days: end - start)")
         if not frame.schema[columns[1]].is_numeric():
             col = frame[columns[1]]
             first = col.drop_nulls().head(1).to_list()
+            swapped = (f" (data.target {columns} lists the event first, then the time: swap them?)"
+                       if col.dtype == pl.Boolean and frame.schema[columns[0]].is_numeric() else "")
             raise ValueError(f"target time column {columns[1]!r} holds {col.dtype} values (e.g. "
                              f"{first[0] if first else None!r}), not numbers; store the time from the start of "
-                             "follow-up as numbers (e.g. days)")
+                             f"follow-up as numbers (e.g. days){swapped}")
         event, time = (frame[c].to_numpy() for c in columns)
         return np.rec.fromarrays([event, time.astype(float)], names=["event", "time"]).view(np.ndarray)
     if problem == "multilabel":
@@ -204,6 +217,9 @@ def targets_from_frame(frame: pl.DataFrame, columns: list[str], problem: str) ->
 def check_output_name(path: str | Path) -> Path:
     """A predictions file name mmclin can write (checked before any work is done)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"output {str(path)!r} is a directory; expected a .parquet or .csv file name (e.g. "
+                                f"{str(path / 'predictions.parquet')!r})")
     if path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"output {str(path)!r}: expected a .parquet or .csv file name")
     return path
