@@ -20,10 +20,7 @@ import bad_inputs_catalogue as catalogue  # noqa: E402
 
 # cases whose fix lies outside this change, with what it needs (a strict xfail: it fails once fixed, so the
 # marker is removed then)
-PENDING: dict[str, str] = {  # cases whose fix is still to come: name -> why (strict xfail)
-    'score() on 3 subjects (API)': 'issue 17, second pass: metric support (next commits)',
-    'evaluate --cv with too few events per fold': 'issue 17, second pass: metric support (next commits)',
-}
+PENDING: dict[str, str] = {}  # cases whose fix is still to come: name -> why (strict xfail)
 
 
 @pytest.fixture(scope="module")

@@ -496,6 +496,8 @@ class Experiment:
                 raise ValueError(f"--cv must be at least 2, got {cv}")
             _check_enough_rows(c, cv=cv)
             splits = list(cv_splits(c.y, problem, cv, cfg.data.split_seed, self._groups()))
+            _say_fold_support(task, c.y, splits, lambda k: list(cv_splits(c.y, problem, k, cfg.data.split_seed,
+                                                                         self._groups())))
         tracking.quiet_mlflow()
         rows, oof, reports, fold_scores = [], [], [], []
         with tracking.tracked_run(cfg.tracking, self.run_name(f"evaluate cv{cv}" if cv else "evaluate"),
@@ -532,6 +534,8 @@ class Experiment:
                 "mean": [_nan_stat(folds[m], np.nanmean) for m in metric_names],
                 "std": [_nan_stat(folds[m], lambda a: np.nanstd(a, ddof=1) if np.isfinite(a).sum() > 1 else np.nan)
                         for m in metric_names],  # the sample sd over folds, as in the baselines' table
+                # the folds each mean rests on: a metric undefined in a fold (too few subjects or events) is left out
+                "folds": [int(np.isfinite(folds[m].cast(pl.Float64).to_numpy()).sum()) for m in metric_names],
             })
             if run is not None:
                 tracking.log_metrics({f"cv_mean_{r['metric']}": r["mean"] for r in summary.to_dicts()})
@@ -567,6 +571,25 @@ def _build_task(cfg: ComponentConfig):
         return build_task(cfg)
     except (TypeError, ValueError) as err:
         raise ValueError(f"model.task ({cfg.name}): {err}") from None
+
+
+def _say_fold_support(task: Any, y: Any, splits: list[tuple[np.ndarray, np.ndarray]],
+                      splits_of: Any) -> None:
+    """Before any fold is trained: say how many test folds are too small for the primary metric (too few subjects
+    or events; the thresholds of ``Task.undefined_metrics``), and the largest fold count that is not."""
+    task.fit_targets(task.check_targets(y))  # the classes, so that the support of a fold can be counted
+
+    def thin(folds: list[tuple[np.ndarray, np.ndarray]]) -> list[str]:
+        reasons = (task.undefined_metrics(_take(y, te)).get(task.primary_metric) for _, te in folds)
+        return [r for r in reasons if r]
+
+    found = thin(splits)
+    if not found:
+        return
+    fewer = next((k for k in range(len(splits) - 1, 1, -1) if not thin(splits_of(k))), None)
+    fix = f"use --cv {fewer} or fewer" if fewer else "no fold count of 2 or more gives every fold enough of them"
+    log.warning("--cv %d: %d of %d test folds are too small for %s, which is undefined (NaN) there and left out of "
+                "its mean (the first: %s); %s", len(splits), len(found), len(splits), task.primary_metric, found[0], fix)
 
 
 def _output_column_clash(id_column: str, problem: str) -> str:
