@@ -507,6 +507,177 @@ COHORT_CASES = [
 ]
 
 
+# second pass (issue 17): kinds seen before, inputs not tried before
+def _cell(column: str, row: int, value: Any, dtype: Any = None):
+    """``frame`` with ``column[row] = value`` (the column cast to ``dtype`` first when given)."""
+    def edit(f):
+        col = f[column] if dtype is None else f[column].cast(dtype)
+        return f.with_columns(col.scatter(row, value))
+    return edit
+
+
+def _predict_edited(edit: Callable[[Any], Any]) -> Callable[[Env, Path], Run]:
+    """``mmclin predict`` with the fitted model on an edited copy of the cohort."""
+    def run(env: Env, tmp: Path) -> Run:
+        data = tmp / "new.parquet"
+        edit(env.frame).write_parquet(data)
+        before = snapshot([data])
+        result = env.predict(env.model, tmp, data)
+        result.lost = lost_since(before)
+        return result
+    return run
+
+
+def _all_null_column(env, tmp):
+    import polars as pl
+
+    return _parquet(env, tmp, lambda f: f.with_columns(pl.lit(None, pl.Float64).alias("size")))
+
+
+def _event_as_words(env, tmp):
+    import polars as pl
+
+    return _csv(env, tmp, lambda f: f.with_columns(pl.when(f["event"]).then(pl.lit("yes")).otherwise(pl.lit("no"))
+                                                    .alias("event")))
+
+
+def _thousands_csv(env, tmp):
+    import polars as pl
+
+    return _csv(env, tmp, lambda f: f.with_columns(pl.format("{},250", (pl.col("size") * 1000).cast(pl.Int64) // 1000)
+                                                    .alias("size")))
+
+
+def _decimal_comma_tsv(env, tmp):
+    import polars as pl
+
+    frame = env.frame.with_columns(pl.col("age").cast(pl.String).str.replace(r"\.", ","))
+    frame.write_csv(tmp / "c.tsv", separator="\t")
+    return tmp / "c.tsv"
+
+
+def _as_duration(f):
+    import polars as pl
+
+    return f.with_columns(pl.duration(days=pl.col("time").cast(pl.Int64)).alias("time"))
+
+
+def _event_one_two(f):
+    import polars as pl
+
+    return f.with_columns((pl.col("event").cast(pl.Int64) + 1).alias("event"))
+
+
+def _time_first_frame(c, model):
+    """y as a pandas frame of (time, status), the order of many tables, where (event, time) is expected."""
+    import pandas as pd
+
+    event, time = c.y.dtype.names
+    y = pd.DataFrame({"time": c.y[time], "status": c.y[event].astype(int)})
+    return model(modalities=c.modalities[:1], max_epochs=1).fit(c.frame, y)
+
+
+def _float_ids_with_nan(c, model):
+    """Numeric ids from pandas with one missing id: pandas stores it as NaN in a float column."""
+    df = c.frame.to_pandas()
+    df["patient_id"] = [float(i) for i in range(len(df))]
+    df.loc[5, "patient_id"] = float("nan")
+    return model(modalities=c.modalities[:1], id_column="patient_id", max_epochs=1).fit(df, c.y)
+
+
+def _numpy_x(c, model):
+    """What a scikit-learn user tries first: a numpy array of the modality's columns."""
+    spec = c.modalities[0]
+    X = c.frame.select(spec.columns).to_numpy()
+    return model(modalities=[spec], max_epochs=1).fit(X, c.y)
+
+
+def _plain_survival_array(c, model):
+    """Survival targets as a plain (n, 2) array of event and time, not a structured array."""
+    import numpy as np
+
+    event, time = c.y.dtype.names
+    y = np.column_stack([c.y[event].astype(float), c.y[time]])
+    return model(modalities=c.modalities[:1], max_epochs=1).fit(c.frame, y)
+
+
+def _score_of_three(env: Env, tmp: Path) -> Run:
+    from mmclin import MultimodalSurvivalModel
+    from mmclin.datasets import load_cohort
+
+    c = load_cohort("gse7390")
+    model = MultimodalSurvivalModel(modalities=c.modalities[:1], max_epochs=1).fit(c.frame, c.y)
+    return _undefined(api(lambda: {"c_index": model.score(c.frame.head(3), c.y[:3])}), "c_index")
+
+
+def _no_run_left(run_case: Callable[[Env, Path], Run]) -> Callable[[Env, Path], Run]:
+    """An error found while fitting (after the run directory was made) must not leave that directory behind saying
+    ``running``: a later ``predict``/``--resume`` would take it for a run in progress or a killed one."""
+    def run(env: Env, tmp: Path) -> Run:
+        result = run_case(env, tmp)
+        left = [str(m.parent) for m in (tmp / "outputs").glob("*/*/mmclin-run.json")
+                if json.loads(m.read_text()).get("status") == "running"]
+        if result.error and left:
+            result.lost.append(f"a run directory still says 'running' after the fit failed: {left}")
+        return result
+    return run
+
+
+COHORT_CASES += [  # second pass (issue 17): inputs of the same kinds, not tried before
+    _fit_file_case("modality column that is null in every row", _all_null_column,
+                   ("modality 'clinical'", "'size'", "no values")),
+    _fit_file_case("infinite value at fit time", lambda e, t: _parquet(e, t, _cell("age", 7, float("inf"))),
+                   ("modality 'clinical'", "'age'", "row 7", "not finite|inf")),
+    _fit_file_case("negative survival time", lambda e, t: _parquet(e, t, _cell("time", 6, -5.0)),
+                   ("'time'", "row 6", "> 0", "-5")),
+    _fit_file_case("survival time of 0", lambda e, t: _parquet(e, t, _cell("time", 6, 0.0)),
+                   ("'time'", "row 6", "> 0", "offset")),
+    _fit_file_case("NaN survival time (not null)", lambda e, t: _parquet(e, t, _cell("time", 8, float("nan"))),
+                   ("'time'", "row 8", "finite|NaN|missing")),
+    _fit_file_case("infinite survival time", lambda e, t: _parquet(e, t, _cell("time", 8, float("inf"))),
+                   ("'time'", "row 8", "finite")),
+    _fit_file_case("event column of yes/no words (CSV)", _event_as_words, ("'event'", "'yes'|'no'", "0/1")),
+    _fit_file_case("NaN in a float event column", lambda e, t: _parquet(e, t, _cell("event", 9, float("nan"),
+                                                                                  __import__("polars").Float64)),
+                   ("'event'", "row 9", "0/1|NaN|missing")),
+    _fit_file_case("survival target columns swapped", lambda e, t: e.data,
+                   ("data.target", "'event'", "the event first", "swap"), target="[time, event]"),
+    Case("fit failing on its data mid-way leaves no run directory", "damaged cohort", _no_run_left(
+        _damaged(lambda e, t: _parquet(e, t, _cell("X200726_at", 4, float("inf"))))),
+         ("modality 'genes'", "'X200726_at'", "row 4", "not finite")),
+    _fit_file_case("numbers with thousands separators (CSV)", _thousands_csv,
+                   (r"c\.csv", "column 'size'", "with a comma", r"row 0", "decimal point")),
+    _fit_file_case("decimal commas (TSV)", _decimal_comma_tsv, (r"c\.tsv", "column 'age'", "with a comma", "'57,0'")),
+    _fit_file_case("survival time as a duration", lambda e, t: _parquet(e, t, _as_duration),
+                   ("'time'", "durations", "total_days")),
+    _fit_file_case("event coded 1/2 as in R's survival", lambda e, t: _parquet(e, t, _event_one_two),
+                   ("'event'", "0/1", "1 or 2", "event == 2")),
+    _fit_file_case("regression target too large to standardise", lambda e, t: _parquet(e, t, _cell("size", 4, 1e300)),
+                   ("regression target", "row 4", "1e\\+300", "too large"), model="{task: {name: regression}}",
+                   target="[size]", modalities="    - {name: clinical, kind: tabular, columns: [age, grade, er]}"),
+    Case("survival y frame with the time first (API)", "damaged cohort", _estimator(_time_first_frame),
+         ("the event first", "swap")),
+    Case("float ids with a NaN (pandas, API)", "damaged cohort", _estimator(_float_ids_with_nan),
+         ("id column 'patient_id'", "row 5", "NaN|null|missing")),
+    Case("numpy array as X (API)", "damaged cohort", _estimator(_numpy_x),
+         ("ndarray", r"shape \(198, 4\)", "by name", "DataFrame")),
+    Case("survival y as a plain 2-column array (API)", "damaged cohort", _estimator(_plain_survival_array),
+         ("survival y", "plain array", "event", "time", "Surv")),
+    Case("-inf at predict time", "damaged cohort", _predict_edited(_cell("age", 3, float("-inf"))),
+         ("modality 'clinical'", "'age'", "row 3", "not finite|inf")),
+    Case("category seen only at predict time", "damaged cohort",
+         _predict_edited(_cell("grade", 2, "undifferentiated")),
+         ("modality 'clinical'", "column 'grade'", "1 row", "not seen in training"), warn=True),
+    Case("predict data lacking a modality's column", "damaged cohort", _predict_edited(lambda f: f.drop("grade")),
+         ("modality 'clinical'", "'grade'")),
+    Case("predict data without rows", "damaged cohort", _predict_edited(lambda f: f.head(0)),
+         (r"new\.parquet", "no rows")),
+    Case("numbers stored as text at predict time", "damaged cohort",
+         _predict_edited(lambda f: f.with_columns(f["age"].cast(__import__("polars").String))),
+         ("modality 'clinical'", "column 'age'", "numeric", "String")),
+]
+
+
 # ----------------------------------------------------------------------- damaged model dirs
 def _damaged_model(edit: Callable[[Path], None]) -> Callable[[Env, Path], Run]:
     def run(env: Env, tmp: Path) -> Run:
@@ -598,6 +769,68 @@ def _other_weights(model: Path) -> None:
     weights[key] = weights[key][:, :-1].contiguous()
     save_file(weights, str(model / "model.safetensors"))
     (model / "manifest.json").unlink()
+
+
+def _edit_manifest(model: Path) -> None:
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["sha256"]["mmclin.json"] = "0" * 64
+    (model / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _empty_manifest(model: Path) -> None:
+    """A manifest that lists no part: nothing would be checked."""
+    (model / "manifest.json").write_text(json.dumps({"sha256": {}}))
+
+
+def _nan_mean(meta: dict) -> None:
+    state = meta["featurizers"]["clinical"]
+    state["mean"] = [float("nan")] + list(state["mean"][1:])
+
+
+def _unfinished_run(tmp: Path) -> Path:
+    """A run directory of a fit killed before its model was saved: marker ``running``, checkpoints, no model."""
+    run_dir = tmp / "outputs" / "c" / "20000101-000000"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "mmclin-run.json").write_text(json.dumps({"verb": "fit", "config": "c", "status": "running",
+                                                          "mlflow_run_id": None}))
+    return run_dir
+
+
+def _explain_truncated_weights(env: Env, tmp: Path) -> Run:
+    model = env.model_copy(tmp)
+    _truncate("model.safetensors", manifest=True)(model)
+    return cli(["explain", model, "--data", env.data, "--output-dir", tmp / "ex", "--no-tracking", "--levels", "modality"])
+
+
+def _newer_format(model: Path) -> None:
+    """A model as a newer mmclin would save it: another format version, its manifest consistent with it."""
+    from mmclin.persistence.model_files import write_manifest
+
+    meta = json.loads((model / "mmclin.json").read_text())
+    (model / "mmclin.json").write_text(json.dumps({**meta, "format_version": 2}))
+    write_manifest(model, ["mmclin.json", "model.safetensors"])
+
+
+MODEL_CASES += [  # second pass (issue 17): inputs of the same kinds, not tried before
+    _model_case("manifest.json with an edited hash", _edit_manifest, ("mmclin.json", "SHA-256", "manifest.json")),
+    _model_case("manifest.json that lists no file", _empty_manifest,
+                ("manifest.json", "does not list", "model.safetensors")),
+    _model_case("model of a newer format version (manifest intact)", _newer_format,
+                ("format 2", "expected 1", "newer mmclin", "upgrade")),
+    _model_case("model directory holding a file its manifest does not list",
+                lambda m: (m / "notes.txt").write_text("mine\n"), (r"notes\.txt", "does not list", "ignored"),
+                warn=True),
+    _model_case("NaN in a stored mean, no manifest", _edit_json(_nan_mean, manifest=False),
+                ("mmclin.json", "modality 'clinical'", "not finite|NaN")),
+    Case("predict on the run directory of an unfinished fit", "damaged model",
+         lambda env, tmp: env.predict(_unfinished_run(tmp), tmp),
+         ("20000101-000000", "did not finish|unfinished", "--resume")),
+    Case("predict on a config's output directory with only unfinished runs", "damaged model",
+         lambda env, tmp: env.predict(_unfinished_run(tmp).parent, tmp),
+         (r"outputs/c'", "no finished run", "20000101-000000", "--resume")),
+    Case("explain with truncated weights", "damaged model", _explain_truncated_weights,
+         ("model.safetensors", "SHA-256")),
+]
 
 
 # ------------------------------------------------------------------------- checkpoints
@@ -739,6 +972,49 @@ CONFIG_CASES = [
     Case("data.root with no modality that reads files", "config", lambda env, tmp: cli(["fit", env.config(
         tmp, data_extra="  root: /nonexistent/images")]), ("data.root", "/nonexistent/images", "ignored", "image"),
          warn=True),
+]
+
+
+def _evaluate(env: Env, tmp: Path, *more: str, **config: Any) -> Run:
+    return cli(["evaluate", env.config(tmp, **config), *more])
+
+
+def _tune_space(space: str) -> Callable[[Env, Path], Run]:
+    return lambda env, tmp: cli(["tune", env.config(tmp, extra=f"tune: {{space: {{{space}}}, n_trials: 1, cv: null}}"),
+                                 "--no-refit"])
+
+
+CONFIG_CASES += [  # second pass (issue 17): inputs of the same kinds, not tried before
+    _config_case("trainer.val_fraction that leaves 1 training row", ("trainer.val_fraction", "0.99",
+                                                                      r"\d+ training row", r"\d+ validation row"),
+                 sets=("trainer.val_fraction=0.99",)),
+    Case("trainer.val_fraction that leaves 1 validation row", "config", lambda env, tmp: cli(["fit", env.config(
+        tmp), "--set", "trainer.val_fraction=0.005"]), ("trainer.val_fraction", "0.005", r"\d+ validation row"),
+         warn=True),
+    Case("modality name with a '.'", "config", lambda env, tmp: cli(["fit", env.config(
+        tmp, modalities="    - {name: clin.ical, kind: tabular, columns: [age, er, grade, size]}")]),
+         ("data.modalities.0.name", "'clin.ical'", "may not contain '.'", "'clin_ical'")),
+    Case("modality name with a '+'", "config", _estimator(lambda c, model: model(
+        modalities=[{"name": "clin+ical", "kind": "tabular", "columns": ["age", "er"]}], max_epochs=1).fit(c.frame, c.y)),
+         (r"modalities\[0\]", "'clin\\+ical'", "may not contain '\\+'")),
+    _config_case("batch size 1 for a Cox model", ("trainer.batch_size 1", "cox", "at least 2"),
+                 sets=("trainer.batch_size=1",)),
+    _config_case("unknown fusion option", ("model.fusion", "fusion head 'concat'", "'d_modle'", "did you mean 'd_model'"),
+                 model="{task: {name: cox}, fusion: {name: concat, d_modle: 8}}"),
+    Case("unknown key in a modality", "config", lambda env, tmp: cli(["fit", env.config(
+        tmp, modalities="    - {name: clinical, kind: tabular, colums: [age, er]}")]),
+         ("data.modalities.0.colums", "unknown key", "did you mean 'columns'")),
+    Case("tune.space key that is not a config key", "config", _tune_space(
+        "trainer.learnin_rate: {type: float, low: 0.0001, high: 0.1}"),
+         ("tune.space", "trainer.learnin_rate", "did you mean 'learning_rate'")),
+    Case("tune.space key of a fusion option for another head", "config", _tune_space(
+        "model.fusion.n_headz: {type: int, low: 1, high: 4}"), ("tune.space", "model.fusion", "unknown option 'n_headz'")),
+    Case("evaluate --cv larger than the number of subjects", "config",
+         lambda env, tmp: _evaluate(env, tmp, "--cv", "500"), ("198 row", "500-fold|--cv")),
+    Case("data.path is a directory", "config", lambda env, tmp: cli(["fit", env.config(tmp, tmp)]),
+         ("data file", "is a directory")),
+    Case("data.path of an unknown file type", "config", lambda env, tmp: cli(["fit", env.config(
+        tmp, (tmp / "c.xlsx").write_bytes(b"PK") and tmp / "c.xlsx")]), (r"c\.xlsx", "parquet", "csv")),
 ]
 
 
@@ -913,6 +1189,116 @@ DISK_CASES = [
 ]
 
 
+def _predict_into_a_directory(env: Env, tmp: Path) -> Run:
+    (tmp / "preds").mkdir()
+    return cli(["predict", env.model, "--data", env.data, "--output", tmp / "preds"])
+
+
+def _predict_csv_disk_full(env: Env, tmp: Path) -> Run:
+    import polars as pl
+
+    model = env.model
+    with mock.patch.object(pl.DataFrame, "write_csv", _disk_full):
+        run = cli(["predict", model, "--data", env.data, "--output", tmp / "p.csv"])
+    if list(tmp.glob(".p.csv*")) or (tmp / "p.csv").exists():
+        run.lost.append("a partial predictions file was left behind")
+    return run
+
+
+def _fit_predictions_disk_full(env: Env, tmp: Path) -> Run:
+    """The disk fills up after the model is saved, while the test predictions are written."""
+    import polars as pl
+
+    cfg = env.config(tmp)
+    with mock.patch.object(pl.DataFrame, "write_parquet", _disk_full):
+        run = cli(["fit", cfg])
+    runs = list((tmp / "outputs" / "c").glob("*"))
+    if any((d / ".test_predictions.parquet").exists() or list(d.glob(".test_predictions*")) for d in runs):
+        run.lost.append("a partial test predictions file was left behind")
+    return run
+
+
+_KILLED_EXPLAIN = """
+import os, signal, sys
+sys.argv = ["mmclin", "explain", {model!r}, "--data", {data!r}, "--output-dir", {out!r}, "--no-tracking",
+            "--levels", "modality"]
+os.replace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # killed between writing and renaming
+from mmclin.interfaces.cli import main
+main(sys.argv[1:])
+"""
+
+
+def _leftover_of_killed_explain(env: Env, tmp: Path) -> Run:
+    """``explain`` killed (SIGKILL) while swapping its finished output directory in, then ``explain`` again into the
+    same directory: the half-swapped temporary directory (``.ex.*`` beside ``ex``) must not stay."""
+    model, out = env.model, tmp / "ex"
+    code = _KILLED_EXPLAIN.format(model=str(model), data=str(env.data), out=str(out))
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                   capture_output=True, timeout=600)
+    if not list(tmp.glob(".ex.*")):
+        return Run(0, "", warnings=["(the killed explain left nothing behind)"])
+    run = _explain(env, tmp)  # the same --output-dir
+    stale = [p.name for p in tmp.glob(".ex.*")]
+    if stale:
+        run.warnings.append(f"(temporary directory of the killed explain still beside the output: {stale})")
+        run.verdict = "silent" if run.rc == 0 else None
+    elif run.rc == 0:
+        run.verdict = "clear"
+    return run
+
+
+def _over_users_file(where: Callable[[Path], Path], act: Callable[[Env, Path, Path], Run]) -> Callable[[Env, Path], Run]:
+    """``act(env, tmp, target)`` where ``target`` is a file of the user's (``where(tmp)`` is a file) or a directory
+    holding one: that file must stay as it was."""
+    def run(env: Env, tmp: Path) -> Run:
+        target = where(tmp)
+        mine = target if target.suffix else target / "notes.txt"
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        mine.write_text("mine\n")
+        before = snapshot([mine])
+        result = act(env, tmp, target)
+        result.lost = lost_since(before)
+        return result
+    return run
+
+
+def _save_estimator(env: Env, tmp: Path, target: Path) -> Run:
+    from mmclin import MultimodalSurvivalModel
+    from mmclin.datasets import load_cohort
+
+    c = load_cohort("gse7390")
+    model = MultimodalSurvivalModel(modalities=c.modalities[:1], max_epochs=1).fit(c.frame, c.y)
+    return api(lambda: model.save(str(target)))
+
+
+def _save_fitted(env: Env, tmp: Path, target: Path) -> Run:
+    from mmclin.training.core import FittedModel
+
+    fitted = FittedModel.load(env.model)
+    return api(lambda: fitted.save(target))
+
+
+DISK_CASES += [  # second pass (issue 17): inputs of the same kinds, not tried before
+    Case("pretrain --output a directory of the user's", "disk", _over_users_file(
+        lambda tmp: tmp / "mine", lambda env, tmp, mine: cli(["pretrain", env.config(tmp), "--output", mine, "--set",
+                                                              "pretrain.max_epochs=1"])),
+         (r"mine", "did not write", r"notes\.txt")),
+    Case("estimator save() into a directory of the user's (API)", "disk",
+         _over_users_file(lambda tmp: tmp / "mine", _save_estimator), (r"mine", "did not write", r"notes\.txt")),
+    Case("model saved over a file of the user's (API)", "disk",
+         _over_users_file(lambda tmp: tmp / "notes.txt", _save_fitted), (r"notes\.txt", "not a directory")),
+    Case("predict --output an existing directory", "disk", _predict_into_a_directory,
+         (r"preds'", "directory", "\\.parquet|\\.csv")),
+    Case("predict to CSV on a full disk", "disk", _predict_csv_disk_full, ("disk is full|no space left", r"p\.csv")),
+    Case("fit --output-dir a file of the user's", "disk", _over_users_file(
+        lambda tmp: tmp / "notes.txt", lambda env, tmp, mine: cli(["fit", env.config(tmp), "--output-dir", mine])),
+         (r"notes\.txt", "not a directory")),
+    Case("fit on a full disk (writing the test predictions)", "disk", _fit_predictions_disk_full,
+         ("disk is full|no space left", "test_predictions")),
+    Case("leftover temporary file of a killed explain", "disk", _leftover_of_killed_explain, (), slow=True),
+]
+
+
 # --------------------------------------------------------------------- metrics and support
 def _reported(task):
     """How mmclin reports a task's metrics (``reported_metrics`` where it exists, else the raw ``metrics``)."""
@@ -1024,6 +1410,22 @@ METRIC_CASES = [
          ("extrapolat", "follow-up"), warn=True),
     Case("fit on a 12-subject cohort (3 test subjects)", "metrics", _tiny_cohort_fit,
          ("c_index|undefined", r"\d event|\d subject"), warn=True),
+]
+
+def _evaluate_too_few_events_per_fold(env: Env, tmp: Path) -> Run:
+    """--cv 10 on 60 subjects with 25 events: each test fold holds 2 or 3 events, too few for a C-index."""
+    import polars as pl
+
+    data = _parquet(env, tmp, lambda f: pl.concat([f.filter(pl.col("event")).head(25),
+                                                    f.filter(~pl.col("event")).head(35)]))
+    return _evaluate(env, tmp, "--cv", "10", data=data)
+
+
+METRIC_CASES += [  # second pass (issue 17): inputs of the same kinds, not tried before
+    Case("score() on 3 subjects (API)", "metrics", _score_of_three, ("c_index", "3 subject"), warn=True),
+    Case("evaluate --cv with too few events per fold", "metrics", _evaluate_too_few_events_per_fold,
+         ("--cv 10", "10 of 10 test folds", "c_index", r"\d event\(s\)", "use --cv 2 or fewer"), warn=True,
+         slow=True),
 ]
 
 CASES: list[Case] = COHORT_CASES + MODEL_CASES + CHECKPOINT_CASES + CONFIG_CASES + DISK_CASES + METRIC_CASES

@@ -33,6 +33,18 @@ class ModalitySpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     categorical: list[str] | None = None  # tabular: columns to treat as categories (default: non-numeric ones)
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError("a modality needs a name (got an empty one)")
+        for ch, why in ((".", "it names the modality's encoder in the saved weights, where '.' separates the parts"),
+                        ("+", "it joins modality names in presence patterns, e.g. 'clinical+genes'")):
+            if ch in name:
+                raise ValueError(f"modality name {name!r} may not contain {ch!r} ({why}); use e.g. "
+                                 f"{name.replace(ch, '_')!r}")
+        return name
+
     @field_validator("columns")
     @classmethod
     def _unique_columns(cls, cols: list[str]) -> list[str]:
@@ -117,7 +129,14 @@ def to_polars(frame: Any) -> pl.DataFrame:
         pass
     if isinstance(frame, dict):
         return pl.DataFrame(frame)
-    raise TypeError(f"expected a polars or pandas DataFrame with one row per subject, got {type(frame).__name__}")
+    what = f" (an array of shape {frame.shape})" if isinstance(frame, np.ndarray) else ""
+    raise FrameTypeError(f"expected a polars or pandas DataFrame with one row per subject, got {type(frame).__name__}"
+                         f"{what}: each modality reads its columns by name (ModalitySpec.columns), and only a frame has "
+                         "column names; wrap it, e.g. pd.DataFrame(X, columns=[...the modalities' columns...])")
+
+
+class FrameTypeError(TypeError, ValueError):
+    """X of a type mmclin does not read (a TypeError, and a user's error to fix: a ValueError)."""
 
 
 def _mixed_pandas_column(frame: Any) -> str | None:

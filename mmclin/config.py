@@ -228,13 +228,61 @@ class ConfigError(ValueError):
     pass
 
 
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the config section at ``loc`` (a pydantic error's location, without its last part) accepts."""
+    import typing
+
+    cls: Any = ExperimentConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue  # an item of a list: the list's model is already in cls
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return []
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        candidates += [a for c in list(candidates) for a in typing.get_args(c)]
+        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if cls is None:
+            return []
+    return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
+
+
+def unknown_key_message(key: str, known: list[str]) -> str:
+    """``unknown key`` with the closest known one (``did you mean 'max_epochs'?``) or the known keys."""
+    import difflib
+
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key (did you mean {close[0]!r}?)"
+    return f"unknown key (keys here: {', '.join(known)})" if known else "unknown key"
+
+
+def check_component_options(cls: Any, options: dict[str, Any], where: str, derived: Any = ()) -> None:
+    """An option that the component ``cls`` does not take is an error naming ``where`` and the closest option it
+    does take (not Python's "unexpected keyword argument"); ``derived``: arguments mmclin fills in from the data."""
+    import inspect
+
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    known = [n for n, p in params.items() if n != "self" and n not in derived
+             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        hint = unknown_key_message(unknown[0], known).replace("unknown key", f"unknown option {unknown[0]!r}", 1)
+        raise ValueError(f"{where}: {hint.replace('keys here', 'its options are')}")
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid experiment config {source}:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = unknown_key_message(str(e["loc"][-1]), _fields_at(tuple(e["loc"][:-1])))
         if e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
         lines.append(f"  {key}: {msg}")

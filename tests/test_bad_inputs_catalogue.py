@@ -112,6 +112,87 @@ def test_stale_temporaries_are_removed_only_when_their_writer_is_gone(tmp_path):
     assert (tmp_path / "p.parquet").read_text() == "new"
 
 
+def test_stale_temporary_directories_of_a_gone_writer_are_removed_by_the_next_write(tmp_path):
+    """A directory write killed mid-swap (``explain``'s output, a model) leaves ``.<name>.<host>-<pid>.*.tmp``; the
+    next write of that name removes it when its writer is gone, and leaves a live writer's and the user's own."""
+    import subprocess
+
+    from mmclin.persistence.atomic import _HOST, atomic_directory
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".ex.{_HOST}-{dead.pid}.k2j4h5g6.tmp"
+    swapped_out = tmp_path / f".ex.{_HOST}-{dead.pid}.old.tmp"  # killed between the two renames of a swap
+    live = tmp_path / f".ex.{_HOST}-{os.getppid()}.a1b2c3d4.tmp"
+    mine = tmp_path / ".ex.backup"
+    for d in (stale, swapped_out, live, mine):
+        d.mkdir()
+        (d / "report.html").write_text("x")
+    with atomic_directory(tmp_path / "ex") as tmp:
+        (tmp / "report.html").write_text("new")
+    assert not stale.exists() and not swapped_out.exists()
+    assert live.exists() and mine.exists() and (tmp_path / "ex" / "report.html").read_text() == "new"
+
+
+def test_a_model_is_saved_again_over_itself_but_never_over_the_users_files(tmp_path):
+    import torch
+
+    from mmclin.persistence.atomic import ForeignFilesError
+    from mmclin.persistence.model_files import write_model_directory
+
+    net = torch.nn.Linear(2, 1)
+    path = write_model_directory(tmp_path / "m", net, "w.safetensors", {"a": 1}, "meta.json", 1)
+    write_model_directory(path, net, "w.safetensors", {"a": 2}, "meta.json", 1)  # a model replaces a model
+    assert '"a": 2' in (path / "meta.json").read_text()
+    (path / "notes.txt").write_text("mine")
+    with pytest.raises(ForeignFilesError, match=r"holds files mmclin did not write \(notes\.txt\); nothing was deleted"):
+        write_model_directory(path, net, "w.safetensors", {"a": 3}, "meta.json", 1)
+    assert (path / "notes.txt").read_text() == "mine" and '"a": 2' in (path / "meta.json").read_text()
+    hf = tmp_path / "hf"  # another tool's directory holding a file of the same name
+    hf.mkdir()
+    (hf / "w.safetensors").write_bytes(b"theirs")
+    with pytest.raises(ForeignFilesError):
+        write_model_directory(hf, net, "w.safetensors", {"a": 1}, "meta.json", 1)
+    assert (hf / "w.safetensors").read_bytes() == b"theirs"
+
+
+def test_a_failed_run_does_not_stay_marked_running(tmp_path):
+    """An empty run directory made by the failed run goes; one with checkpoints stays, marked failed, and
+    ``--resume`` still finds it; one this run did not make (a resumed one) is never removed."""
+    import json
+
+    from mmclin.persistence.outputs import new_run_directory, read_marker, settled_on_failure, unfinished_run_directory
+
+    empty = new_run_directory(tmp_path / "c", "fit", "c")
+    with pytest.raises(ValueError, match="bad data"), settled_on_failure(empty, made_here=True):
+        (empty / "checkpoints").mkdir()
+        (empty / "checkpoints" / "store.json").write_text(json.dumps({"fingerprint": "x"}))
+        raise ValueError("bad data")
+    assert not empty.exists()
+    kept = new_run_directory(tmp_path / "c", "fit", "c")
+    with pytest.raises(KeyboardInterrupt), settled_on_failure(kept, made_here=True):
+        (kept / "checkpoints" / "member0").mkdir(parents=True)
+        (kept / "checkpoints" / "member0" / "last.ckpt").write_bytes(b"epoch 3")
+        raise KeyboardInterrupt
+    assert read_marker(kept)["status"] == "interrupted" and unfinished_run_directory(tmp_path / "c") == kept
+    resumed = new_run_directory(tmp_path / "d", "fit", "c")
+    with pytest.raises(ValueError), settled_on_failure(resumed, made_here=False):
+        raise ValueError("damaged index")
+    assert read_marker(resumed)["status"] == "failed"
+
+
+def test_validation_carve_out_sizes_are_said_or_refused(caplog):
+    from mmclin.training.splits import validation_size
+
+    assert validation_size(100, 0.2) == 20 and validation_size(100, 0.0) == 0
+    with caplog.at_level("WARNING", logger="mmclin"):
+        assert validation_size(6, 0.2, say=True) == 0  # 1 validation row: trained without one, said
+    assert "trainer.val_fraction 0.2 of 6 training rows gives 1 validation row(s)" in caplog.text
+    with pytest.raises(ValueError, match=r"trainer.val_fraction 0.5 .* of 3 training rows leaves 1 training row\(s\) "
+                                         r"and 2 validation row\(s\)"):
+        validation_size(3, 0.5)
+
+
 @pytest.mark.parametrize("code, words", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "the file system is read-only")])
 def test_a_refused_write_names_the_target_and_leaves_nothing(tmp_path, code, words):
     from mmclin.persistence.atomic import WriteError, atomic_directory, write_file_atomic

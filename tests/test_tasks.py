@@ -190,7 +190,8 @@ def test_discrete_time_intervals_by_hand() -> None:
         ([1, 0, 1], [1.0, 2.0, -3.0], "'time' must be finite and > 0; row 2 has -3.0."),
         ([1, 0, 1], [1.0, np.nan, 2.0], "'time' must be finite and > 0; row 1 has nan."),
         ([1, 0, 1], [1.0, 2.0, np.inf], "'time' must be finite and > 0; row 2 has inf."),
-        ([1, 2, 1], [1.0, 2.0, 3.0], "'event' must be 0/1 or bool; row 1 has 2."),
+        ([1, 2, 1], [1.0, 2.0, 3.0], "'event' must be 0/1 or bool; row 1 has 2. All events are 1 or 2: R's survival "
+         "coding (1 = censored, 2 = event)? Then give event == 2 as the event (e.g. pl.col('event') == 2)."),
         ([1, 0, 1], [1.0, 2.0], "'event' has 3 samples but 'time' has 2."),
     ],
 )

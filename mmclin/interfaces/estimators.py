@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 from typing import Any, Iterator
 
@@ -186,8 +187,20 @@ class _MultimodalBase(EstimatorParams):
         return y
 
     def score(self, X: Any, y: Any) -> float:
+        """The task's primary metric (Harrell's C for survival); NaN, said, where ``y`` is too small to support it."""
         outputs = self._outputs(X)
-        return float(self.task_.score(self._scored_targets(y, outputs), outputs))
+        y = self._scored_targets(y, outputs)
+        return self._supported(y, self.task_.primary_metric, lambda: float(self.task_.score(y, outputs)))
+
+    def _supported(self, y: Any, metric: str, compute: Any) -> float:
+        """``compute()``, or NaN with an ``UndefinedMetricWarning`` when ``y`` has too few subjects or events for
+        ``metric`` (the thresholds of ``reported_metrics``, so ``score`` and ``metrics`` agree)."""
+        from mmclin.tasks.base import Metrics
+
+        reason = self.task_.undefined_metrics(y).get(metric)
+        if reason is None:
+            return compute()
+        return Metrics({metric: math.nan}).mark_undefined([metric], reason)[metric]
 
     def metrics(self, X: Any, y: Any, y_train: Any = None) -> dict[str, float]:
         """All the task's metrics (e.g. Harrell's and Uno's C, integrated Brier score)."""
@@ -343,7 +356,8 @@ class MultimodalRegressor(_MultimodalBase):
         """R² of ``predict`` (scikit-learn's regressor ``score``)."""
         from sklearn.metrics import r2_score
 
-        return float(r2_score(y, self.predict(X), sample_weight=sample_weight))
+        predictions = self.predict(X)
+        return self._supported(y, "r2", lambda: float(r2_score(y, predictions, sample_weight=sample_weight)))
 
     def _task_name(self, y: Any) -> str:
         return self.task or "regression"

@@ -19,7 +19,7 @@ import polars as pl
 
 from mmclin.cohort import Cohort, check_column_roles, check_unique_ids
 from mmclin.config import ComponentConfig, ExperimentConfig, load_config
-from mmclin.persistence.outputs import new_run_directory, unfinished_run_directory, update_marker
+from mmclin.persistence.outputs import new_run_directory, settled_on_failure, unfinished_run_directory, update_marker
 
 log = logging.getLogger("mmclin")
 
@@ -153,6 +153,13 @@ def _check_number_columns(frame: pl.DataFrame, path: Path, text: set[str]) -> No
         numbers = col.cast(pl.Float64, strict=False)
         words = col.is_not_null() & numbers.is_null()
         n_words, n_values = int(words.sum()), int(col.is_not_null().sum())
+        comma = col.filter(words).str.contains(r"^\s*[+-]?(\d{1,3}(,\d{3})+(\.\d+)?|\d+,\d+)\s*$")
+        if n_words and comma.all():  # every cell that is not a number is one written with a comma
+            row = int(words.arg_max())
+            raise ValueError(
+                f"data file {str(path)!r}, column {name!r}: numbers written with a comma ({n_words} cell(s), e.g. "
+                f"{col[row]!r} at row {row}), which would be read as text (a categorical column); write them with "
+                "no thousands separator and a '.' as the decimal point (e.g. 2250 or 2.25)")
         if 0 < n_words and n_words <= 0.2 * n_values and col.filter(words).is_in(list(NA_TOKENS)).all():
             row = int(words.arg_max())
             raise ValueError(
@@ -180,15 +187,21 @@ def targets_from_frame(frame: pl.DataFrame, columns: list[str], problem: str) ->
     if problem == "survival":
         if len(columns) != 2:
             raise ValueError(f"data.target for survival must be [event_column, time_column], got {columns}")
+        if isinstance(frame.schema[columns[1]], pl.Duration):
+            raise ValueError(f"target time column {columns[1]!r} holds durations ({frame.schema[columns[1]]}), not "
+                             f"numbers; store them as numbers in one unit, e.g. days: pl.col({columns[1]!r})"
+                             ".dt.total_days()")
         if frame.schema[columns[1]].is_temporal():
             raise ValueError(f"target time column {columns[1]!r} holds dates ({frame.schema[columns[1]]}); expected the "
                              "time from the start of follow-up to the event or censoring (e.g. days: end - start)")
         if not frame.schema[columns[1]].is_numeric():
             col = frame[columns[1]]
             first = col.drop_nulls().head(1).to_list()
+            swapped = (f" (data.target {columns} lists the event first, then the time: swap them?)"
+                       if col.dtype == pl.Boolean and frame.schema[columns[0]].is_numeric() else "")
             raise ValueError(f"target time column {columns[1]!r} holds {col.dtype} values (e.g. "
                              f"{first[0] if first else None!r}), not numbers; store the time from the start of "
-                             "follow-up as numbers (e.g. days)")
+                             f"follow-up as numbers (e.g. days){swapped}")
         event, time = (frame[c].to_numpy() for c in columns)
         return np.rec.fromarrays([event, time.astype(float)], names=["event", "time"]).view(np.ndarray)
     if problem == "multilabel":
@@ -204,6 +217,9 @@ def targets_from_frame(frame: pl.DataFrame, columns: list[str], problem: str) ->
 def check_output_name(path: str | Path) -> Path:
     """A predictions file name mmclin can write (checked before any work is done)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"output {str(path)!r} is a directory; expected a .parquet or .csv file name (e.g. "
+                                f"{str(path / 'predictions.parquet')!r})")
     if path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"output {str(path)!r}: expected a .parquet or .csv file name")
     return path
@@ -376,60 +392,62 @@ class Experiment:
             raise ValueError("--resume needs checkpoints, but trainer.checkpoint_every is 0 (checkpointing is off)")
         _check_enough_rows(c, test_size=cfg.data.test_size)
         tr, te = holdout_split(c.y, self._problem(), cfg.data.test_size, cfg.data.split_seed, self._groups())
-        out = self._run_directory(Path(output_dir or cfg.output_dir) / cfg.name, resume)
-        store = None
-        if cfg.trainer.checkpoint_every:
-            follow = follow_checkpoints_of is not None and resume
-            where = unfinished_run_directory(Path(follow_checkpoints_of) / cfg.name) if follow else out
-            if where is None:
-                raise ValueError(f"--resume: no unfinished run under {str(Path(follow_checkpoints_of) / cfg.name)!r}")
-            try:
-                store = checkpoint_store(where / "checkpoints", c.frame[tr], _take(c.y, tr), c.modalities, cfg.model,
-                                         cfg.trainer, self.task_config(), resume, read_only=follow)
-            except json.JSONDecodeError as err:  # the index of the checkpoints, damaged (a disk or a hand)
-                raise ValueError(f"--resume: the checkpoint index {str(where / 'checkpoints' / 'store.json')!r} is "
-                                 f"damaged (not valid JSON: {err}); nothing was deleted: move {str(where)!r} away to "
-                                 "train from the start") from None
-        tracking.quiet_mlflow()
-        resume_run_id = (store.run_id if store is not None else None) if resume else None
-        with tracking.tracked_run(cfg.tracking, self.run_name("fit"), tags=self._run_tags("fit", out),
-                                  resume_run_id=resume_run_id) as run:
-            if run is not None:
-                if store is not None:
-                    store.run_id = run.info.run_id
-                update_marker(out, mlflow_run_id=run.info.run_id)
-                tracking.log_config(cfg, c.frame)
-                tracking.log_metrics({"n_train": len(tr), "n_test": len(te)})
-            with rows_of_data(tr):
-                fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if run else None, store)
-            test_frame = c.frame[te]
-            with rows_of_data(te):
-                outputs = check_finite_outputs(fitted.predict_outputs(test_frame), "the test subjects")
-                metrics = fitted.task.reported_metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
-            preds = prediction_frame(fitted, test_frame, c.id_column or None)
-            model_dir = fitted.save(out / "model")
-            write_atomic(preds, out / "test_predictions.parquet")
-            if run is not None:
-                tracking.log_metrics(metrics, prefix="test_")
-                tracking.log_metrics({"best_epoch": fitted.best_epoch})
-                tracking.log_frame(preds, "test_predictions.parquet")
-                if cfg.tracking.log_model:
-                    # no input example: MLflow would store raw patient rows with the model
-                    log_fitted_model(fitted, model_dir)
-        if store is not None:  # the model and predictions are saved: nothing left to resume
-            store.clear()
-        update_marker(out, status="finished")
+        out, made_here = self._run_directory(Path(output_dir or cfg.output_dir) / cfg.name, resume)
+        with settled_on_failure(out, made_here):
+            store = None
+            if cfg.trainer.checkpoint_every:
+                follow = follow_checkpoints_of is not None and resume
+                where = unfinished_run_directory(Path(follow_checkpoints_of) / cfg.name) if follow else out
+                if where is None:
+                    raise ValueError(f"--resume: no unfinished run under {str(Path(follow_checkpoints_of) / cfg.name)!r}")
+                try:
+                    store = checkpoint_store(where / "checkpoints", c.frame[tr], _take(c.y, tr), c.modalities, cfg.model,
+                                             cfg.trainer, self.task_config(), resume, read_only=follow)
+                except json.JSONDecodeError as err:  # the index of the checkpoints, damaged (a disk or a hand)
+                    raise ValueError(f"--resume: the checkpoint index {str(where / 'checkpoints' / 'store.json')!r} is "
+                                     f"damaged (not valid JSON: {err}); nothing was deleted: move {str(where)!r} away to "
+                                     "train from the start") from None
+            tracking.quiet_mlflow()
+            resume_run_id = (store.run_id if store is not None else None) if resume else None
+            with tracking.tracked_run(cfg.tracking, self.run_name("fit"), tags=self._run_tags("fit", out),
+                                      resume_run_id=resume_run_id) as run:
+                if run is not None:
+                    if store is not None:
+                        store.run_id = run.info.run_id
+                    update_marker(out, mlflow_run_id=run.info.run_id)
+                    tracking.log_config(cfg, c.frame)
+                    tracking.log_metrics({"n_train": len(tr), "n_test": len(te)})
+                with rows_of_data(tr):
+                    fitted = self._fit(c.frame[tr], _take(c.y, tr), tracking.epoch_logger() if run else None, store)
+                test_frame = c.frame[te]
+                with rows_of_data(te):
+                    outputs = check_finite_outputs(fitted.predict_outputs(test_frame), "the test subjects")
+                    metrics = fitted.task.reported_metrics(_take(c.y, te), outputs, y_train=_take(c.y, tr))
+                preds = prediction_frame(fitted, test_frame, c.id_column or None)
+                model_dir = fitted.save(out / "model")
+                write_atomic(preds, out / "test_predictions.parquet")
+                if run is not None:
+                    tracking.log_metrics(metrics, prefix="test_")
+                    tracking.log_metrics({"best_epoch": fitted.best_epoch})
+                    tracking.log_frame(preds, "test_predictions.parquet")
+                    if cfg.tracking.log_model:
+                        # no input example: MLflow would store raw patient rows with the model
+                        log_fitted_model(fitted, model_dir)
+            if store is not None:  # the model and predictions are saved: nothing left to resume
+                store.clear()
+            update_marker(out, status="finished")
         return FitResult(metrics, preds, model_dir, run.info.run_id if run else None, fitted, fitted.history)
 
-    def _run_directory(self, parent: Path, resume: bool) -> Path:
-        """A new run directory under ``parent`` (``outputs/<name>``); with ``resume``, the newest unfinished one."""
+    def _run_directory(self, parent: Path, resume: bool) -> tuple[Path, bool]:
+        """A new run directory under ``parent`` (``outputs/<name>``); with ``resume``, the newest unfinished one;
+        and whether it was made now."""
         if resume:
             found = unfinished_run_directory(parent)
             if found is not None:
                 _remove_stale_temporaries(found, ["model", "test_predictions.parquet"])
-                return found
+                return found, False
             log.warning("--resume: no unfinished run under %s; training from the start", parent)
-        return new_run_directory(parent, "fit", self.config.name)
+        return new_run_directory(parent, "fit", self.config.name), True
 
     def run_name(self, verb: str) -> str:
         """The MLflow run name: the config's ``tracking.run_name``, else its name, the verb and the
@@ -478,6 +496,8 @@ class Experiment:
                 raise ValueError(f"--cv must be at least 2, got {cv}")
             _check_enough_rows(c, cv=cv)
             splits = list(cv_splits(c.y, problem, cv, cfg.data.split_seed, self._groups()))
+            _say_fold_support(task, c.y, splits, lambda k: list(cv_splits(c.y, problem, k, cfg.data.split_seed,
+                                                                         self._groups())))
         tracking.quiet_mlflow()
         rows, oof, reports, fold_scores = [], [], [], []
         with tracking.tracked_run(cfg.tracking, self.run_name(f"evaluate cv{cv}" if cv else "evaluate"),
@@ -514,6 +534,8 @@ class Experiment:
                 "mean": [_nan_stat(folds[m], np.nanmean) for m in metric_names],
                 "std": [_nan_stat(folds[m], lambda a: np.nanstd(a, ddof=1) if np.isfinite(a).sum() > 1 else np.nan)
                         for m in metric_names],  # the sample sd over folds, as in the baselines' table
+                # the folds each mean rests on: a metric undefined in a fold (too few subjects or events) is left out
+                "folds": [int(np.isfinite(folds[m].cast(pl.Float64).to_numpy()).sum()) for m in metric_names],
             })
             if run is not None:
                 tracking.log_metrics({f"cv_mean_{r['metric']}": r["mean"] for r in summary.to_dicts()})
@@ -549,6 +571,25 @@ def _build_task(cfg: ComponentConfig):
         return build_task(cfg)
     except (TypeError, ValueError) as err:
         raise ValueError(f"model.task ({cfg.name}): {err}") from None
+
+
+def _say_fold_support(task: Any, y: Any, splits: list[tuple[np.ndarray, np.ndarray]],
+                      splits_of: Any) -> None:
+    """Before any fold is trained: say how many test folds are too small for the primary metric (too few subjects
+    or events; the thresholds of ``Task.undefined_metrics``), and the largest fold count that is not."""
+    task.fit_targets(task.check_targets(y))  # the classes, so that the support of a fold can be counted
+
+    def thin(folds: list[tuple[np.ndarray, np.ndarray]]) -> list[str]:
+        reasons = (task.undefined_metrics(_take(y, te)).get(task.primary_metric) for _, te in folds)
+        return [r for r in reasons if r]
+
+    found = thin(splits)
+    if not found:
+        return
+    fewer = next((k for k in range(len(splits) - 1, 1, -1) if not thin(splits_of(k))), None)
+    fix = f"use --cv {fewer} or fewer" if fewer else "no fold count of 2 or more gives every fold enough of them"
+    log.warning("--cv %d: %d of %d test folds are too small for %s, which is undefined (NaN) there and left out of "
+                "its mean (the first: %s); %s", len(splits), len(found), len(splits), task.primary_metric, found[0], fix)
 
 
 def _output_column_clash(id_column: str, problem: str) -> str:
@@ -633,20 +674,22 @@ def resolve_model_path(model: str, tracking_uri: str | None = None) -> Path:
     directory (``outputs/<name>``: its newest finished run, said at INFO), or an MLflow
     ``runs:/<run_id>`` / run id whose ``model`` artifact is downloaded from ``tracking_uri``
     (default: the store ``fit`` writes, ``sqlite:///mlruns.db``)."""
-    from mmclin.persistence.outputs import newest_finished_model, read_marker, run_directories
+    from mmclin.persistence.outputs import newest_finished_model, newest_run, read_marker, unfinished_run_message
 
     p = Path(model)
     if p.is_dir():
-        if (p / "mmclin.json").exists() or not ((p / "model").is_dir() or run_directories(p)):
-            return p  # a model directory (FittedModel.load reports what is wrong with anything else)
-        if read_marker(p) is not None:
+        marker = read_marker(p)
+        if marker is not None and not (p / "mmclin.json").exists():  # a run directory of fit
             if not (p / "model" / "mmclin.json").exists():
-                raise FileNotFoundError(f"run directory {model!r} holds no model: its run did not finish "
-                                        "(mmclin fit --resume continues it)")
+                raise FileNotFoundError(unfinished_run_message(p, marker))
             return p / "model"
+        newest = newest_run(p)
+        if (p / "mmclin.json").exists() or newest is None:
+            return p  # a model directory (FittedModel.load reports what is wrong with anything else)
         found = newest_finished_model(p)
         if found is None:
-            raise FileNotFoundError(f"{model!r} holds no finished run with a model")
+            raise FileNotFoundError(f"{model!r} holds no finished run with a model; its newest run: "
+                                    + unfinished_run_message(*newest))
         log.info("using the newest finished run's model: %s", found)
         return found
     if model.startswith("runs:/") or (len(model) == 32 and all(ch in "0123456789abcdef" for ch in model)):

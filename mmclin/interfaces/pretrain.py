@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmclin.training.pretrain import PretrainedEncoders, pretrain_encoders
+from mmclin.persistence.model_files import check_replaceable
+from mmclin.training.pretrain import META, WEIGHTS, PretrainedEncoders, pretrain_encoders
 
 
 @dataclass
@@ -32,6 +33,7 @@ def pretrain_from_config(cfg: Any, output: str | Path | None = None) -> Pretrain
     tr, te = holdout_split(c.y, exp._problem(), cfg.data.test_size, cfg.data.split_seed, exp._groups())
     frame = read_table(p.path) if p.path else c.frame[tr]
     out = Path(output or p.output or Path(cfg.output_dir) / cfg.name / "pretrained")
+    check_replaceable(out, META, WEIGHTS)  # before training: never trained, then refused over the user's files
     tracking.quiet_mlflow()
     with tracking.tracked_run(cfg.tracking, cfg.tracking.run_name or f"{cfg.name}-pretrain", tags={"mmclin.verb": "pretrain"}) as run:
         if run is not None:

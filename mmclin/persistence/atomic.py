@@ -93,15 +93,15 @@ def _temporary_prefix(path: Path) -> str:
 
 
 def remove_stale_temporaries(path: str | Path) -> list[Path]:
-    """Remove the temporary files of earlier writes of ``path`` whose writer is gone: a process of this host
-    that no longer runs (a ``kill -9`` between writing and renaming), or, for names of older mmclin versions,
-    one that is more than an hour old. Temporaries of live writers and of other hosts are left alone."""
+    """Remove the temporary files and directories of earlier writes of ``path`` whose writer is gone: a process of
+    this host that no longer runs (a ``kill -9`` between writing and renaming), or, for file names of older mmclin
+    versions, one that is more than an hour old. Temporaries of live writers and of other hosts are left alone."""
     path = Path(path)
     if not path.parent.is_dir():
         return []
     start, removed = f".{path.name}.", []
     for p in path.parent.iterdir():
-        if not p.name.startswith(start) or not p.is_file():
+        if not p.name.startswith(start) or p.is_symlink() or not (p.is_file() or p.is_dir()):
             continue
         rest = p.name[len(start) - 1:]
         owner = _OWNER.match(rest)
@@ -109,9 +109,11 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
             stale = owner["host"] == _HOST and owner["pid"] != str(os.getpid()) and not process_alive(int(owner["pid"]))
         else:
             stale = bool(_OLD_STYLE.match(rest)) and time.time() - p.stat().st_mtime > 3600
+        if stale and p.is_dir() and owner is None:
+            stale = False  # directories are only ever named by their writer (below)
         if stale:
             with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
                 removed.append(p)
     if removed:
         log.info("removed %d temporary file(s) of an interrupted write of %s", len(removed), path)
@@ -173,11 +175,17 @@ def _swap_in(tmp: Path, path: Path) -> None:
     """Rename the finished ``tmp`` to ``path``; an existing ``path`` is swapped out first, then removed."""
     old = None
     if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        old = path.with_name(f"{_temporary_prefix(path)}old.tmp")  # removed by the next write if a kill strands it
         os.replace(path, old)
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _temporary_directory(path: Path) -> Path:
+    """A fresh directory beside ``path`` named for this writer, after removing those of writers that are gone."""
+    remove_stale_temporaries(path)
+    return Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
 
 
 @contextlib.contextmanager
@@ -188,7 +196,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     check_writable_parent(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp = _temporary_directory(path)
     except OSError as err:
         refused = refused_write(err, path)
         if refused is None:
@@ -211,11 +219,12 @@ class ForeignFilesError(FileExistsError, ValueError):
 
 
 def check_owned_directory(path: str | Path, marker: str, what: str = "mmclin",
-                          recognise: Callable[[Path], bool] | None = None) -> None:
+                          recognise: Callable[[Path], bool] | None = None, listed: str = "files") -> None:
     """Raise :class:`ForeignFilesError` unless ``path`` is absent, an empty directory, or a
-    directory whose ``marker`` file (JSON with a ``files`` list, written by
-    :func:`replace_owned_directory`) lists every file in it. ``recognise(path)`` may vouch for
-    a directory without a marker (one an older mmclin wrote before markers existed)."""
+    directory whose ``marker`` file (JSON whose ``listed`` entry names files: a ``files`` list, written by
+    :func:`replace_owned_directory`, or a model manifest's ``sha256`` map) lists every file in it.
+    ``recognise(path)`` may vouch for a directory without a marker (one an older mmclin wrote before
+    markers existed)."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return
@@ -224,13 +233,13 @@ def check_owned_directory(path: str | Path, marker: str, what: str = "mmclin",
     found = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir())
     if not found:
         return
-    listed: set[str] = set()
+    names: set[str] = set()
     if (path / marker).is_file():
         try:
-            listed = set(json.loads((path / marker).read_text()).get("files", []))
-        except (ValueError, AttributeError, OSError):
-            listed = set()
-    foreign = [f for f in found if f != marker and f not in listed]
+            names = set(json.loads((path / marker).read_text()).get(listed, []))
+        except (ValueError, AttributeError, OSError, TypeError):
+            names = set()
+    foreign = [f for f in found if f != marker and f not in names]
     if not (path / marker).is_file() and recognise is not None and recognise(path):
         return
     if not (path / marker).is_file() or foreign:
@@ -255,7 +264,7 @@ def replace_owned_directory(path: str | Path, marker: str, what: str = "mmclin",
         path = path.resolve()
     check_owned_directory(path, marker, what, recognise)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = _temporary_directory(path)
     try:
         yield tmp
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if not p.is_dir())

@@ -15,16 +15,22 @@ directories, under ``outputs/<name>/``: the missing-modality plot, ``pretrained/
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from mmclin.persistence.atomic import check_writable_parent, refused_write, write_json_atomic
 
 RUN_MARKER = "mmclin-run.json"
+# what a run directory holds before anything of value is written: its marker and the index of its checkpoints
+_EMPTY_RUN = {RUN_MARKER, "checkpoints/store.json"}
+log = logging.getLogger("mmclin")
 
 
 def new_run_directory(parent: str | Path, verb: str, config_name: str) -> Path:
@@ -49,6 +55,26 @@ def new_run_directory(parent: str | Path, verb: str, config_name: str) -> Path:
             "host": socket.gethostname(), "pid": os.getpid(), "mlflow_run_id": None})
         return directory
     raise RuntimeError(f"could not create a new run directory under {str(parent)!r}")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def settled_on_failure(directory: str | Path, made_here: bool) -> Iterator[None]:
+    """A run that fails (an error in the data found while training, a diverged loss, Ctrl-C) does not leave its
+    directory saying ``running``: one that this run made (``made_here``) and that holds nothing but its marker (and an
+    empty checkpoint index) is removed, as nothing in it can be resumed; otherwise its marker says ``failed`` (an
+    error) or ``interrupted``, and its checkpoints stay for ``mmclin fit --resume``."""
+    directory = Path(directory)
+    try:
+        yield
+    except BaseException as err:
+        with contextlib.suppress(OSError, ValueError):
+            files = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()}
+            if made_here and files <= _EMPTY_RUN:
+                shutil.rmtree(directory)
+                log.info("removed the run directory %s: the run failed before anything was saved", directory)
+            else:
+                update_marker(directory, status="failed" if isinstance(err, Exception) else "interrupted")
+        raise
 
 
 def read_marker(directory: str | Path) -> dict[str, Any] | None:
@@ -97,6 +123,27 @@ def unfinished_run_directory(parent: str | Path) -> Path | None:
         if marker.get("status") != "finished" and (directory / "checkpoints").is_dir():
             return directory
     return None
+
+
+def unfinished_run_message(directory: str | Path, marker: dict[str, Any]) -> str:
+    """Why the run directory ``directory`` holds no model, and what to do: continue it, or use a finished run."""
+    directory = Path(directory)
+    status = marker.get("status", "running")
+    how = {"running": "it is still running, or was killed before its model was saved",
+           "failed": "it failed before its model was saved",
+           "interrupted": "it was interrupted before its model was saved"}.get(status, f"its status is {status!r}")
+    resumable = (directory / "checkpoints").is_dir()
+    config = f" (the YAML file of config {marker['config']!r})" if marker.get("config") else ""
+    fix = f"continue it with `mmclin fit CONFIG --resume`{config}" if resumable else "fit it again"
+    newest = newest_finished_model(directory.parent)
+    other = f", or predict with the newest finished run: {str(newest)!r}" if newest else ""
+    return f"run directory {str(directory)!r} holds no model: its fit did not finish ({how}); {fix}{other}"
+
+
+def newest_run(parent: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest of mmclin's run directories under ``parent``, with its marker."""
+    runs = _runs(parent)
+    return runs[-1] if runs else None
 
 
 def newest_finished_model(parent: str | Path) -> Path | None:

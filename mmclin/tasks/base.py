@@ -122,6 +122,9 @@ class Task:
     def encode(self, y: Any) -> Tensor:
         raise NotImplementedError
 
+    def check_batch_size(self, batch_size: int) -> None:
+        """Refuse a training batch size (``trainer.batch_size``) that the loss cannot learn from; any by default."""
+
     # --- model ---------------------------------------------------------------------------
     def build_head(self, in_dim: int) -> nn.Module:
         return nn.Linear(in_dim, self.output_dim)

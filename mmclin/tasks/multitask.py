@@ -128,6 +128,10 @@ class MultiTask(Task):
         return torch.cat([self.tasks[key].encode_masked(y[key]) for key in self.tasks], dim=1)
 
     # --- model ----------------------------------------------------------------------------
+    def check_batch_size(self, batch_size: int) -> None:
+        for task in self.tasks.values():
+            task.check_batch_size(batch_size)
+
     def loss(self, outputs: Tensor, target: Tensor) -> Tensor:
         """``sum_k weight_k * loss_k`` over the rows where sub-task k has a label.
 

@@ -76,8 +76,14 @@ class RegressionTask(Task):
 
     def fit_targets(self, y: Any) -> "RegressionTask":
         values = self.check_targets(y)
-        self.mean_ = float(values.mean())
-        std = float(values.std())
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean, std = float(values.mean()), float(values.std())
+        if not (np.isfinite(mean) and np.isfinite(std)):  # an inf scale would make every prediction the mean
+            row = int(np.argmax(np.abs(values)))
+            raise ValueError(f"regression target at row {row} is {values[row]:.3g}: too large to standardise (the "
+                             "mean or standard deviation of the targets overflows); expected values whose squares are "
+                             "finite (|value| < 1e150), e.g. check the target's units")
+        self.mean_ = mean
         self.scale_ = std if std > 0 else 1.0  # a constant target: keep the unit scale
         return self
 

@@ -39,6 +39,10 @@ SURVIVAL_DTYPE = np.dtype([("event", bool), ("time", np.float64)])
 
 
 # --- targets -------------------------------------------------------------------------------
+class TargetTypeError(TypeError, ValueError):
+    """Survival targets of a type mmclin does not read (a TypeError, and a user's error to fix: a ValueError)."""
+
+
 def split_event_time(y: Any) -> tuple[np.ndarray, np.ndarray]:
     """The raw ``(event, time)`` columns of any accepted survival target form (unvalidated)."""
     if isinstance(y, np.ndarray) and y.dtype.names is not None:
@@ -58,11 +62,33 @@ def split_event_time(y: Any) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(y[0]), np.asarray(y[1])
     if hasattr(y, "columns") and len(y.columns) == 2:  # pandas / polars DataFrame, event first
         return tuple(np.asarray(y[c].to_numpy()) for c in y.columns)  # type: ignore[return-value]
-    raise TypeError(
+    if isinstance(y, np.ndarray):
+        raise ValueError(
+            f"survival y is a plain array of shape {y.shape}; which of its columns is the event and which the time "
+            "cannot be told from it: give a structured array (event, time), e.g. "
+            "sksurv.util.Surv.from_arrays(event=y[:, 0], time=y[:, 1]), or a dict {'event': ..., 'time': ...}."
+        )
+    raise TargetTypeError(
         "survival targets must be a structured array (event, time) such as "
         "sksurv.util.Surv.from_arrays(event, time), a dict {'event': ..., 'time': ...} or a tuple "
         f"(event, time); got {type(y).__name__}."
     )
+
+
+def _distinct(values: np.ndarray) -> set[float] | None:
+    """The distinct numbers of ``values`` (booleans as 0/1, missing values aside); None when they are not numbers."""
+    if values.dtype == bool:
+        return {float(v) for v in np.unique(values)}
+    if values.dtype.kind not in "iuf":
+        return None
+    v = values.astype(float)
+    return set(np.unique(v[~np.isnan(v)]).tolist())
+
+
+def _swapped(event: np.ndarray, time: np.ndarray) -> bool:
+    """``(time, event)`` given for ``(event, time)``: the time holds 0s and 1s (both), the event many values."""
+    t, e = _distinct(time), _distinct(event)
+    return t == {0.0, 1.0} and e is not None and len(e) > 2
 
 
 def to_survival_array(y: Any, require_event: bool = False) -> np.ndarray:
@@ -75,6 +101,10 @@ def to_survival_array(y: Any, require_event: bool = False) -> np.ndarray:
     event, time = event.reshape(-1) if event.ndim > 1 else event, time.reshape(-1) if time.ndim > 1 else time
     if len(event) != len(time):
         raise ValueError(f"'event' has {len(event)} samples but 'time' has {len(time)}.")
+    if _swapped(event, time):
+        first = next((v for v in event.tolist() if not is_missing(v)), None)
+        raise ValueError(f"survival targets are (event, time), the event first, but the first holds times (e.g. "
+                         f"{shown(first)!r}) and the second 0/1 events: swap them.")
     t = np.array([np.nan if is_missing(v) else v for v in time], dtype=object) if time.dtype == object else time
     try:
         t = t.astype(np.float64)
@@ -96,7 +126,11 @@ def to_survival_array(y: Any, require_event: bool = False) -> np.ndarray:
                            for v in event.tolist()], dtype=bool)
         if not ok.all():
             i = int(np.argmax(~ok))
-            raise ValueError(f"'event' must be 0/1 or bool; row {i} has {shown(event[i])!r}.")
+            hint = ""
+            if event.dtype.kind in "iuf" and set(np.unique(event[~np.isnan(event.astype(float))])) == {1, 2}:
+                hint = (" All events are 1 or 2: R's survival coding (1 = censored, 2 = event)? Then give "
+                        "event == 2 as the event (e.g. pl.col('event') == 2).")
+            raise ValueError(f"'event' must be 0/1 or bool; row {i} has {shown(event[i])!r}.{hint}")
         e = event.astype(np.float64) == 1
     if require_event and not e.any():
         raise ValueError(
@@ -347,6 +381,13 @@ class CoxTask(_SurvivalTask):
             raise ValueError(f"The 'ties' option of the cox task must be 'efron' or 'breslow'. Got {self.ties!r} instead.")
         self.baseline_times_: np.ndarray | None = None
         self.baseline_cumhaz_: np.ndarray | None = None
+
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size < 2:
+            raise ValueError(f"trainer.batch_size {batch_size} (batch_size of the estimators) is too small for the cox "
+                             "task: its partial likelihood compares each subject with the others of its batch, and a "
+                             "batch of one has none (its loss is 0: nothing would be learned); use at least 2 (the "
+                             "default is 64)")
 
     def fit_targets(self, y: Any) -> "CoxTask":
         self._learn_follow_up(to_survival_array(y, require_event=True))  # fail early on bad targets

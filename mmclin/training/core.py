@@ -12,7 +12,7 @@ import polars as pl
 import torch
 
 from mmclin.cohort import ModalitySpec, as_modality_specs, check_column_roles, check_unique_ids, to_polars
-from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig
+from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig, check_component_options
 from mmclin.encoders.base import Featurizer
 from mmclin.persistence.model_files import read_model_metadata, write_model_directory
 from mmclin.registry import ENCODERS, FEATURIZERS, FUSIONS, TASKS, load_builtin_components
@@ -20,7 +20,7 @@ from mmclin.tasks.base import Task
 from mmclin.training.data import TensorTable, batch_loader, featurize, fit_featurizers
 from mmclin.training.linear_path import LinearPath, linear_path_enabled
 from mmclin.training.model import EnsembleNet, MultimodalNet
-from mmclin.training.splits import validation_split
+from mmclin.training.splits import validation_size, validation_split
 
 if TYPE_CHECKING:
     from mmclin.training.checkpoints import CheckpointStore
@@ -69,6 +69,8 @@ def build_member(specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str, 
                 raise ValueError(f"modality {s.name!r}: {key!r} is a featurizer option; set it in the modality's "
                                  f"options (ModalitySpec(..., options={{{key!r}: ...}})), not in model.encoders")
             options.pop(key, None)  # featurizer options (e.g. max_events), not the encoder's
+        check_component_options(cls, options, f"model.encoders.{s.name} (modality {s.name!r}, encoder "
+                                f"{s.encoder_name!r})", derived=encoder_kwargs[s.name])
         try:
             encoders[s.name] = cls(**encoder_kwargs[s.name], **options)
         except (TypeError, ValueError, RuntimeError, AssertionError) as err:  # torch asserts on e.g. d_model % n_heads
@@ -76,6 +78,8 @@ def build_member(specs: list[ModalitySpec], encoder_kwargs: dict[str, dict[str, 
             raise ValueError(f"model.encoders.{s.name} (modality {s.name!r}, encoder {s.encoder_name!r}, options "
                              f"{shown}): {err or type(err).__name__}") from None
     dims = {m: e.output_dim for m, e in encoders.items()}
+    check_component_options(FUSIONS.get(model.fusion.name), model.fusion.options,
+                            f"model.fusion (fusion head {model.fusion.name!r})", derived=("input_dims",))
     try:
         fusion = FUSIONS.create(model.fusion.name, input_dims=dims, **model.fusion.options)
     except (TypeError, ValueError, RuntimeError, AssertionError) as err:
@@ -268,6 +272,8 @@ def fit_model(
     y = task_obj.check_targets(y)
     if task_obj.n_rows(y) != frame.height:
         raise ValueError(f"X has {frame.height} rows but y has {task_obj.n_rows(y)}")
+    task_obj.check_batch_size(trainer.batch_size)
+    validation_size(frame.height, trainer.val_fraction, say=True)  # before any work: too few rows left is an error
     if trainer.num_threads:
         torch.set_num_threads(trainer.num_threads)
     # featurizers and target encoding see all training rows (validation carve-outs included), never test rows

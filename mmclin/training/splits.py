@@ -1,10 +1,13 @@
 """Subject-level splits: hold-out, validation carve-out and K folds, stratified where it helps."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterator
 
 import numpy as np
 from sklearn.model_selection import GroupKFold, GroupShuffleSplit, KFold, StratifiedGroupKFold, StratifiedKFold, train_test_split
+
+log = logging.getLogger("mmclin")
 
 
 def stratify_labels(y: Any, problem: str) -> np.ndarray | None:
@@ -24,11 +27,29 @@ def _n(y: Any) -> int:
     return len(next(iter(y.values()))) if isinstance(y, dict) else len(y)
 
 
+def validation_size(n: int, fraction: float, say: bool = False) -> int:
+    """Validation rows of ``fraction`` (``trainer.val_fraction``) of ``n`` training rows: 0 when that would be fewer than
+    2 (too few to stop early on; said as a warning with the counts when ``say``); a fraction that would leave fewer
+    than 2 rows to train on is an error naming the key and both counts."""
+    n_val = int(round(fraction * n)) if fraction > 0 else 0
+    if n_val >= 2 and n - n_val < 2:
+        raise ValueError(f"trainer.val_fraction {fraction:g} (val_fraction of the estimators) of {n} training rows "
+                         f"leaves {n - n_val} training row(s) and {n_val} validation row(s): at least 2 training rows "
+                         "are needed; lower it, or set it to 0 to train on all rows without early stopping")
+    if fraction > 0 and n_val < 2:
+        if say and n >= 2:
+            log.warning("trainer.val_fraction %g of %d training rows gives %d validation row(s), too few to stop early "
+                        "on (at least 2 are needed): training on all %d rows for trainer.max_epochs epochs without "
+                        "validation", fraction, n, n_val, n)
+        return 0
+    return n_val
+
+
 def validation_split(y: Any, problem: str, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Carve a validation set out of the training rows (for early stopping only)."""
+    """Carve a validation set out of the training rows (for early stopping only; sizes: :func:`validation_size`)."""
     idx = np.arange(_n(y))
-    n_val = int(round(fraction * len(idx)))
-    if fraction <= 0 or n_val < 2 or len(idx) - n_val < 2:
+    n_val = validation_size(len(idx), fraction)
+    if n_val == 0:
         return idx, np.array([], dtype=int)
     strat = stratify_labels(y, problem)
     try:
