@@ -19,7 +19,9 @@ from mmclin.cohort import ModalitySpec, check_columns
 from mmclin.encoders.base import Featurizer
 from mmclin.registry import FEATURIZERS
 from mmclin.training.distributed import current_rank_world, n_shard_batches, shard_batches
-from mmclin.batch import Ragged
+from mmclin.batch import Ragged, RaggedWindows
+
+_RAGGED = (Ragged, RaggedWindows)  # padded per batch; RaggedWindows may read a memory-mapped event store
 
 
 def fit_featurizers(frame: pl.DataFrame, specs: list[ModalitySpec]) -> dict[str, Featurizer]:
@@ -47,7 +49,7 @@ class TensorTable:
     notes) is stored flat and padded per batch, to the longest row of that batch only.
     """
 
-    inputs: dict[str, dict[str, Tensor] | Ragged]
+    inputs: dict[str, dict[str, Tensor] | Ragged | RaggedWindows]
     present: dict[str, Tensor]
     target: Tensor | None = None
 
@@ -56,7 +58,7 @@ class TensorTable:
 
     def batch(self, idx: Tensor) -> ModalityBatch:
         return ModalityBatch(
-            inputs={m: d.pad(idx) if isinstance(d, Ragged) else {k: t[idx] for k, t in d.items()}
+            inputs={m: d.pad(idx) if isinstance(d, _RAGGED) else {k: t[idx] for k, t in d.items()}
                     for m, d in self.inputs.items()},
             present={m: p[idx] for m, p in self.present.items()},
             target=None if self.target is None else self.target[idx],
@@ -65,7 +67,7 @@ class TensorTable:
 
     def subset(self, idx: np.ndarray | Tensor) -> "TensorTable":
         idx = torch.as_tensor(idx, dtype=torch.long)
-        inputs = {m: d.take(idx) if isinstance(d, Ragged) else {k: t[idx] for k, t in d.items()}
+        inputs = {m: d.take(idx) if isinstance(d, _RAGGED) else {k: t[idx] for k, t in d.items()}
                   for m, d in self.inputs.items()}
         return TensorTable(inputs, {m: p[idx] for m, p in self.present.items()},
                            None if self.target is None else self.target[idx])
@@ -78,7 +80,7 @@ def featurize(frame: pl.DataFrame, featurizers: dict[str, Featurizer], target: T
     for name in sorted(featurizers):
         inputs[name], present[name] = featurizers[name].transform(frame)
     # a featurizer bug surfaces here, named, not mid-training (ragged rows are checked by their lengths)
-    ModalityBatch({m: {"lengths": d.lengths} if isinstance(d, Ragged) else d for m, d in inputs.items()},
+    ModalityBatch({m: {"lengths": d.lengths} if isinstance(d, _RAGGED) else d for m, d in inputs.items()},
                   present, target).validate()
     return TensorTable(inputs, present, target)
 

@@ -1,0 +1,871 @@
+"""Out-of-core event store: a long event table on disk -> per-subject flat arrays, memory-mapped.
+
+At hospital scale (10^8 - 10^9 events) the event table is never held in memory. The store is
+built once from the files (a MEDS dataset's ``data/**/*.parquet`` shards, or any long parquet /
+CSV table) and holds every subject's events, sorted by ``(time, code, value)``, as flat ``.npy``
+arrays plus per-subject offsets:
+
+    <store>/<key>/subjects.npy  int64 [S]      sorted subject ids
+                  offsets.npy   int64 [S + 1]  subject i owns events offsets[i]:offsets[i + 1]
+                  time.npy      int64 [E]      microseconds since 1970 (datetimes) or float64 (numbers)
+                  code.npy      int32 [E]      index into codes.json (-1: no code)
+                  value.npy     float [E]      NaN where the event has no value
+                  codes.json, manifest.json
+
+It is read with ``np.load(mmap_mode="r")``: a batch touches only its subjects' pages.
+A *sample* (a subject at a prediction time) is a window into its subject's events, found by a
+binary search: events with ``time <= cutoff`` (and ``>= window start``) -- so the cutoff is
+applied per sample when rows are indexed, one store serves every label file, fold and run, and
+no event after a sample's cutoff is ever read for it.
+
+Building is streaming and sharded: one pass over the id column plans subject ranges of about
+``partition_events`` events; each range is read on its own (pyarrow with the parquet statistics,
+so subject-sorted shards such as MEDS's read only their own row groups; codes stay dictionary
+encoded), sorted where needed and written as a finished partition; the partitions are then
+concatenated in chunks. The key (the store folder's name) hashes the input files (path, size,
+mtime), the columns and the code filters. Builds are atomic (a hidden ``.<key>.partial`` folder
+renamed into place once complete: no visible partial store), resumable (finished partitions
+are kept and reused after a kill) and locked (two processes never build one store together).
+Peak memory: one partition (``partition_events`` events, ~40 bytes each) plus per-subject arrays.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time as _time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import polars as pl
+
+from mmclin.persistence.atomic import check_writable_parent, refused_write, write_json_atomic
+
+__all__ = ["EventSource", "EventStore", "event_source", "open_event_store", "default_store_dir",
+           "events_to_store", "STORE_OPTIONS"]
+
+FORMAT_VERSION = 1
+log = logging.getLogger("mmclin.datasets")
+PARTITION_EVENTS = 2_000_000  # ~16 MB arrays: reused by malloc (fresh pages are slow to fault in)
+# the ModalitySpec options that say where a store-backed modality's events come from
+STORE_OPTIONS = ("events", "store", "id_column", "time_column", "code_column", "value_column", "text_column",
+                 "codes", "exclude_codes", "time_unit", "window", "partition_events")
+_UNIT_US = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6, "d": 86400e6}
+
+
+def default_store_dir() -> Path:
+    """``$MMCLIN_STORE_DIR``, else ``$XDG_CACHE_HOME/mmclin/event_stores`` (``~/.cache/...``)."""
+    if os.environ.get("MMCLIN_STORE_DIR"):
+        return Path(os.environ["MMCLIN_STORE_DIR"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "mmclin" / "event_stores"
+
+
+@dataclass(frozen=True)
+class EventSource:
+    """What a store is built from: files and how to read them (all of it goes into the store's key)."""
+
+    files: tuple[str, ...]
+    id_column: str = "subject_id"
+    time_column: str = "time"
+    code_column: str = "code"
+    value_column: str | None = "numeric_value"
+    text_column: str | None = None  # events with a non-null text here are notes, not series events (MEDS)
+    codes: tuple[str, ...] = ()  # keep codes starting with one of these (empty: every code)
+    exclude_codes: tuple[str, ...] = ()  # ... and starting with none of these
+
+    def options(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "files"}
+
+    def key(self) -> str:
+        """Hash of the format, the options and each file's path, size and modification time."""
+        stats = []
+        for f in self.files:
+            st = os.stat(f)
+            stats.append([f, st.st_size, st.st_mtime_ns])
+        text = json.dumps([FORMAT_VERSION, self.options(), stats], sort_keys=True, default=list)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    @property
+    def all_parquet(self) -> bool:
+        return all(f.lower().endswith((".parquet", ".pq")) for f in self.files)
+
+
+def _is_meds_root(path: Path) -> bool:
+    return path.is_dir() and (path / "data").is_dir()
+
+
+def event_source(events: Any, *, id_column: str = "subject_id", time_column: str = "time", code_column: str = "code",
+                 value_column: str | None = "numeric_value", text_column: str | None = None,
+                 codes: Any = None, exclude_codes: Any = None) -> EventSource:
+    """An :class:`EventSource` from a path (or list of paths): a MEDS dataset folder (its
+    ``data/**/*.parquet``; events with a ``text_value`` are notes and left out), a folder of parquet
+    files, a parquet/CSV file, or a glob. Every file's columns and types are checked here (parquet:
+    from its metadata only), and a bad one is named with the column."""
+    paths = events if isinstance(events, (list, tuple)) else [events]
+    files: list[str] = []
+    meds = False
+    for p in paths:
+        if not isinstance(p, (str, os.PathLike)):
+            raise TypeError(f"events: an out-of-core modality reads files; got a {type(p).__name__} (write the table to "
+                            "parquet first, or use events_to_frame for a table in memory)")
+        path = Path(p)
+        if any(ch in str(p) for ch in "*?["):
+            found = sorted(glob.glob(str(p), recursive=True))
+        elif _is_meds_root(path):
+            meds = True
+            found = sorted(str(f) for f in (path / "data").rglob("*.parquet"))
+        elif path.is_dir():
+            found = sorted(str(f) for f in path.rglob("*.parquet"))
+        elif path.exists():
+            found = [str(path)]
+        else:
+            raise FileNotFoundError(f"events {str(p)!r} does not exist")
+        if not found:
+            raise FileNotFoundError(f"events {str(p)!r} holds no .parquet files")
+        files += [str(Path(f).resolve()) for f in found]
+    if meds and text_column is None:
+        text_column = "text_value"
+    prefixes = tuple(codes or ()) if not isinstance(codes, str) else (codes,)
+    excluded = tuple(exclude_codes or ()) if not isinstance(exclude_codes, str) else (exclude_codes,)
+    src = EventSource(tuple(files), id_column, time_column, code_column, value_column, text_column,
+                      tuple(p for p in prefixes if p != "") if "" not in prefixes else (), excluded)
+    _check_files(src)
+    return src
+
+
+def _file_schema(path: str) -> dict[str, Any]:
+    """Column -> arrow type (parquet: metadata only; CSV: polars' inferred types); cached per file version."""
+    st = os.stat(path)
+    return _schema_of(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _schema_of(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    if path.lower().endswith((".parquet", ".pq")):
+        try:
+            schema = pq.read_schema(path)
+        except Exception as err:
+            raise ValueError(f"events file {path!r} is not a readable parquet file ({err})") from None
+        return {n: schema.field(n).type for n in schema.names}
+    from mmclin.datasets.events import scan_table
+
+    schema = scan_table(path, f"events file {path!r}").collect_schema()
+    return {n: pl.Series([], dtype=dt).to_arrow().type for n, dt in schema.items()}
+
+
+def _check_files(src: EventSource) -> None:
+    """Columns present with types the store can hold, per file (one error naming the file and column)."""
+    import pyarrow as pa
+
+    for f in src.files:
+        schema = _file_schema(f)
+        need = [src.id_column, src.time_column, src.code_column]
+        lacking = [c for c in need if c not in schema]
+        if lacking:
+            raise ValueError(f"events file {f!r} has no column {lacking[0]!r}; its columns are {list(schema)[:15]}")
+        t = schema[src.id_column]
+        if not (pa.types.is_integer(t) or pa.types.is_null(t)):
+            raise ValueError(f"events file {f!r} column {src.id_column!r} has type {t}; the event store needs integer "
+                             "ids (map text ids to numbers first)")
+        t = schema[src.time_column]
+        if pa.types.is_timestamp(t) and t.tz is not None:
+            raise ValueError(f"events file {f!r} column {src.time_column!r} has time zone {t.tz!r}; expected naive "
+                             "timestamps (MEDS times are naive)")
+        if not (pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_integer(t) or pa.types.is_floating(t)
+                or pa.types.is_null(t)):
+            raise ValueError(f"events file {f!r} column {src.time_column!r} has type {t}; expected a datetime or a "
+                             "number (parse text times first)")
+        if src.value_column and src.value_column in schema:
+            t = schema[src.value_column]
+            if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)):
+                raise ValueError(f"events file {f!r} column {src.value_column!r} has type {t}; expected numeric values "
+                                 "(text values belong in notes)")
+    kinds = {_time_kind(_file_schema(f)[src.time_column]) for f in src.files} - {None}
+    if len(kinds) > 1:
+        raise ValueError(f"events files mix datetime and numeric {src.time_column!r} columns ({sorted(src.files)[:2]}...)")
+
+
+def _time_kind(t: Any) -> str | None:
+    import pyarrow as pa
+
+    if pa.types.is_null(t):
+        return None
+    return "datetime" if (pa.types.is_timestamp(t) or pa.types.is_date(t)) else "number"
+
+
+# --- the store ----------------------------------------------------------------------------
+@dataclass
+class EventStore:
+    """Per-subject events as flat arrays (memory-mapped when on disk); see the module docstring."""
+
+    subjects: np.ndarray  # [S] int64, in storage order
+    offsets: np.ndarray  # [S + 1]
+    time: np.ndarray
+    code: np.ndarray
+    value: np.ndarray
+    codes: list[str]
+    time_kind: str
+    path: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._order = np.argsort(self.subjects, kind="stable")  # for id lookups: subjects need not be sorted
+        self._sorted = self.subjects[self._order]
+
+    @property
+    def n_events(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def n_subjects(self) -> int:
+        return int(len(self.subjects))
+
+    @classmethod
+    def open(cls, path: str | Path) -> "EventStore":
+        path = Path(path)
+        info = json.loads((path / "manifest.json").read_text())
+        if info.get("format") != FORMAT_VERSION:
+            raise ValueError(f"event store {str(path)!r} has format {info.get('format')}, this mmclin reads "
+                             f"{FORMAT_VERSION}; delete it to rebuild")
+
+        def load(name: str) -> np.ndarray:
+            return np.load(path / name, mmap_mode="r")
+
+        return cls(np.load(path / "subjects.npy"), np.load(path / "offsets.npy"), load("time.npy"), load("code.npy"),
+                   load("value.npy"), json.loads((path / "codes.json").read_text()), info["time_kind"], path, info)
+
+    def windows(self, ids: np.ndarray, cutoff: np.ndarray, start: np.ndarray | None = None,
+                known: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(starts, stops)`` of each row's events with ``start <= time <= cutoff`` (binary searches over
+        its subject's sorted times; a subject without events, or ``known`` False, gives an empty window).
+
+        Shapes: ids, cutoff, start ``[N]`` -> starts, stops int64 ``[N]``."""
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self._sorted, ids), max(len(self._sorted) - 1, 0))
+        found = (self._sorted[pos] == ids) if len(self._sorted) else np.zeros(len(ids), bool)
+        if known is not None:
+            found &= known
+        row = self._order[pos] if len(self._order) else pos
+        lo = np.where(found, self.offsets[row] if len(self._order) else 0, 0)
+        hi = np.where(found, self.offsets[row + 1] if len(self._order) else 0, 0)
+        stop = _segment_search(self.time, lo, hi, cutoff, right=True)  # first event after the cutoff
+        begin = lo if start is None else _segment_search(self.time, lo, stop, start, right=False)
+        return begin.astype(np.int64), stop.astype(np.int64)
+
+
+def _segment_search(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: np.ndarray, right: bool) -> np.ndarray:
+    """Per row, the first index in ``[lo, hi)`` whose value is ``> target`` (``right``) or ``>= target``; ``hi``
+    if none. ``values`` sorted within each range; vectorised (one gather per halving step)."""
+    lo, hi = lo.astype(np.int64).copy(), hi.astype(np.int64).copy()
+    target = np.asarray(target)
+    active = np.flatnonzero(lo < hi)
+    while len(active):
+        mid = (lo[active] + hi[active]) // 2
+        v = values[mid]
+        tg = target[active]
+        go = (v <= tg) if right else (v < tg)
+        lo[active] = np.where(go, mid + 1, lo[active])
+        hi[active] = np.where(go, hi[active], mid)
+        active = active[lo[active] < hi[active]]
+    return lo
+
+
+# --- building -------------------------------------------------------------------------------
+@dataclass
+class _Part:
+    """One partition's events, each subject's contiguous and sorted by (time, code, value; no value last):
+    ``subjects``/``counts`` in storage order, ``code`` indexing ``codes`` (-1: none)."""
+
+    subjects: np.ndarray
+    counts: np.ndarray
+    time: np.ndarray
+    code: np.ndarray
+    value: np.ndarray
+    codes: list[str]
+
+
+def _runs(ids: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run-length encoding of an id column: ``(values, lengths, is_null)``."""
+    if len(ids) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
+    null = ~valid if valid is not None else np.zeros(len(ids), bool)
+    change = np.flatnonzero((ids[1:] != ids[:-1]) | (null[1:] != null[:-1])) + 1
+    starts = np.concatenate([[0], change])
+    return ids[starts].astype(np.int64), np.diff(np.append(starts, len(ids))), null[starts]
+
+
+def _file_runs(path: str, id_column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of equal ids of one file, in row order (parquet: one row group's id column at a time)."""
+    vals, lens, nulls = [], [], []
+    if path.lower().endswith((".parquet", ".pq")):
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        for g in range(pf.num_row_groups):
+            col = pf.read_row_group(g, columns=[id_column]).column(0)
+            ids = col.fill_null(0).to_numpy() if col.null_count else col.to_numpy()
+            valid = col.is_valid().to_numpy(zero_copy_only=False) if col.null_count else None
+            v, n, z = _runs(np.asarray(ids), valid)
+            vals.append(v), lens.append(n), nulls.append(z)
+    else:
+        from mmclin.datasets.events import scan_table
+
+        col = scan_table(path, f"events file {path!r}").select(pl.col(id_column).cast(pl.Int64)).collect().to_series()
+        v, n, z = _runs(col.fill_null(0).to_numpy(), col.is_not_null().to_numpy())
+        vals.append(v), lens.append(n), nulls.append(z)
+    v, n, z = (np.concatenate(x) if x else np.zeros(0, t) for x, t in ((vals, np.int64), (lens, np.int64), (nulls, bool)))
+    if len(v) > 1:  # runs split at row-group edges: merge
+        cont = np.concatenate([[False], (v[1:] == v[:-1]) & (z[1:] == z[:-1])])
+        group = np.cumsum(~cont) - 1
+        n = np.bincount(group, weights=n).astype(np.int64)
+        v, z = v[~cont], z[~cont]
+    return v, n, z
+
+
+def _plan(src: EventSource, partition_events: int) -> dict[str, Any]:
+    """How the rows are cut into partitions, from one pass over the id column (memory: one entry per run of
+    equal ids, i.e. per subject in subject-sorted files).
+
+    * ``clustered`` (each subject's rows contiguous in one file, as in MEDS shards): partitions are row
+      ranges ``[file, start, stop)`` of one file cut at subject boundaries, read once, in order;
+    * otherwise ranges of subject ids ``[lo, hi]``, each read with a filter from every file."""
+    runs = [_file_runs(f, src.id_column) for f in src.files]
+    n_null = int(sum(n[z].sum() for _, n, z in runs))
+    if n_null:
+        log.warning("events for the event store: %d row(s) with a null %r were dropped", n_null, src.id_column)
+    ids = np.concatenate([v[~z] for v, _, z in runs]) if runs else np.zeros(0, np.int64)
+    if len(np.unique(ids)) == len(ids):
+        parts = []
+        for i, (v, n, z) in enumerate(runs):
+            ends = np.cumsum(n)
+            start = 0
+            while start < (ends[-1] if len(ends) else 0):
+                stop = int(ends[min(np.searchsorted(ends, start + partition_events, side="left"), len(ends) - 1)])
+                parts.append([i, start, stop])
+                start = stop
+        return {"clustered": True, "parts": parts}
+    counts = np.concatenate([n[~z] for _, n, z in runs])
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    per = np.bincount(inverse, weights=counts).astype(np.int64)
+    cum, parts, start = np.cumsum(per), [], 0
+    while start < len(uniq):
+        stop = max(int(np.searchsorted(cum, cum[start] - per[start] + partition_events, side="right")), start + 1)
+        parts.append([int(uniq[start]), int(uniq[stop - 1])])
+        start = stop
+    return {"clustered": False, "parts": parts}
+
+
+class _RowGroups:
+    """Reads row ranges of parquet files by row group, keeping the last row group decoded (a range's last
+    row group is usually the next range's first)."""
+
+    def __init__(self, src: EventSource) -> None:
+        self.src, self.files, self.last = src, {}, None
+
+    def read(self, path: str, start: int, stop: int) -> Any:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if path not in self.files:
+            pf = pq.ParquetFile(path, read_dictionary=[self.src.code_column])
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+            self.files = {path: (pf, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))}
+        pf, bounds = self.files[path]
+        schema = _file_schema(path)
+        cols = [c for c in (self.src.id_column, self.src.time_column, self.src.code_column, self.src.value_column,
+                            self.src.text_column) if c and c in schema]
+        pieces = []
+        for g in range(int(np.searchsorted(bounds, start, side="right")) - 1, len(bounds) - 1):
+            lo, hi = int(bounds[g]), int(bounds[g + 1])
+            if lo >= stop:
+                break
+            if self.last is not None and self.last[:2] == (path, g):
+                table = self.last[2]
+            else:
+                table = pf.read_row_group(g, columns=cols)
+                self.last = (path, g, table)
+            pieces.append(table.slice(max(start - lo, 0), min(stop, hi) - max(start, lo)))
+        return pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def _keep_rows(t: Any, src: EventSource) -> Any:
+    """Rows with an id and a time (and, with a text column, no text: those are notes); only where some
+    row must go (a filter copies every column)."""
+    import pyarrow.compute as pc
+
+    cols = [t.column(src.id_column), t.column(src.time_column)]
+    drop = sum(c.null_count for c in cols)
+    if src.text_column and src.text_column in t.column_names:
+        text = t.column(src.text_column)
+        drop += len(text) - text.null_count
+        t = t.drop_columns([src.text_column]) if text.null_count == len(text) else t
+    if not drop:
+        return t
+    mask = pc.and_(pc.is_valid(cols[0]), pc.is_valid(cols[1]))
+    if src.text_column and src.text_column in t.column_names:
+        mask = pc.and_(mask, pc.is_null(t.column(src.text_column)))
+    return t.filter(mask)
+
+
+def _read_part(src: EventSource, plan: dict[str, Any], part: list[int], time_kind: str,
+               reader: _RowGroups | None = None) -> Any:
+    """One partition's events as an arrow table (id, time, code, value), filters applied."""
+    if plan["clustered"]:
+        i, start, stop = part
+        path = src.files[i]
+        if path.lower().endswith((".parquet", ".pq")):
+            t = (reader or _RowGroups(src)).read(path, start, stop)
+        else:
+            from mmclin.datasets.events import scan_table
+
+            t = scan_table(path, f"events file {path!r}").slice(start, stop - start).collect().to_arrow()
+        return _normalise(_keep_rows(t, src), src, time_kind)
+    return _read_range(src, part[0], part[1], time_kind)
+
+
+def _read_range(src: EventSource, lo: int, hi: int, time_kind: str) -> Any:
+    """The events of subjects ``lo..hi`` from every file (pyarrow filters; statistics prune row groups)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    tables = []
+    for f in src.files:
+        schema = _file_schema(f)
+        cols = [c for c in (src.id_column, src.time_column, src.code_column, src.value_column, src.text_column)
+                if c and c in schema]
+        if f.lower().endswith((".parquet", ".pq")):
+            import pyarrow.dataset as ds
+
+            fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns={src.code_column}))
+            t = ds.dataset(f, format=fmt).to_table(
+                columns=cols, filter=(pc.field(src.id_column) >= lo) & (pc.field(src.id_column) <= hi))
+        else:
+            from mmclin.datasets.events import scan_table
+
+            t = (scan_table(f, f"events file {f!r}").filter(pl.col(src.id_column).is_between(lo, hi))
+                 .select(cols).collect().to_arrow())
+        tables.append(_normalise(_keep_rows(t, src), src, time_kind))
+    tables = [t for t in tables if t.num_rows] or tables[:1]
+    return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+
+
+def _normalise(t: Any, src: EventSource, time_kind: str) -> Any:
+    """A table in the store's column types: int64 id, int64 us / float64 time, dictionary code, float32 or
+    float64 value (float32 is kept as it is: widening it later is exact)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out = {"id": pc.cast(t.column(src.id_column), pa.int64())}
+    tm = t.column(src.time_column)
+    if time_kind == "datetime":
+        if pa.types.is_date(tm.type):
+            tm = pc.cast(tm, pa.timestamp("us"))
+        out["time"] = pc.cast(pc.cast(tm, pa.timestamp("us"), safe=False), pa.int64())
+    else:
+        out["time"] = pc.cast(tm, pa.float64())
+    code = t.column(src.code_column)
+    if pa.types.is_dictionary(code.type):
+        if not (pa.types.is_string(code.type.value_type) or pa.types.is_large_string(code.type.value_type)):
+            code = pc.dictionary_encode(pc.cast(code.cast(code.type.value_type), pa.string()))
+    else:
+        if not (pa.types.is_string(code.type) or pa.types.is_large_string(code.type)):
+            code = pc.cast(code, pa.string())
+        code = pc.dictionary_encode(code)
+    out["code"] = code
+    if src.value_column and src.value_column in t.column_names:
+        v = t.column(src.value_column)
+        out["value"] = v if pa.types.is_float32(v.type) else pc.cast(v, pa.float64())
+    else:
+        out["value"] = pa.nulls(t.num_rows, pa.float32())
+    return pa.table(out)
+
+
+def _codes_of(col: Any) -> tuple[np.ndarray, list[str]]:
+    """Dictionary column -> (int32 index into the returned strings, -1 for null; the strings)."""
+    import pyarrow as pa
+
+    col = col.unify_dictionaries() if isinstance(col, pa.ChunkedArray) else pa.chunked_array([col])
+    if col.num_chunks == 0:
+        return np.zeros(0, dtype=np.int64), []
+    dictionary = col.chunk(0).dictionary.to_pylist()
+    parts = []
+    for ch in col.chunks:
+        idx = ch.indices.fill_null(-1) if ch.null_count else ch.indices
+        parts.append(idx.to_numpy(zero_copy_only=False).astype(np.int32, copy=False))
+    return (np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, np.int32)), dictionary
+
+
+def _column(table: Any, name: str) -> np.ndarray:
+    col = table.column(name)
+    return np.asarray(col.to_numpy() if col.num_chunks != 1 else col.chunk(0).to_numpy(zero_copy_only=False))
+
+
+def _process(table: Any, src: EventSource, where: str, contiguous: bool = False) -> _Part:
+    """One partition's arrow table -> its sorted arrays (see :class:`_Part`)."""
+    subject, t, value = _column(table, "id"), _column(table, "time"), _column(table, "value")
+    idx, dictionary = _codes_of(table.column("code"))
+    if not np.issubdtype(value.dtype, np.floating):
+        value = value.astype(np.float64)
+    # code filters are decided once per dictionary entry, then looked up per event
+    if src.codes or src.exclude_codes:
+        keep_entry = np.ones(len(dictionary) + 1, dtype=bool)
+        keep_entry[:-1] = [(not src.codes or c.startswith(src.codes)) and not (src.exclude_codes and
+                           c.startswith(src.exclude_codes)) for c in dictionary]
+        keep_entry[-1] = not src.codes  # a null code matches no prefix
+        keep = keep_entry[idx]  # idx -1 -> the last entry
+        subject, t, idx, value = subject[keep], t[keep], idx[keep], value[keep]
+    if src.value_column is None:
+        value = np.full(len(subject), np.nan, dtype=np.float32)
+    elif np.isinf(value).any():
+        i = int(np.flatnonzero(np.isinf(value))[0])
+        raise ValueError(_locate_bad_value(src, int(subject[i]), where))
+    # the partition's own dictionary: used entries only, ranked in string order (ranks sort like the strings)
+    used = np.flatnonzero(np.bincount(idx[idx >= 0], minlength=len(dictionary))) if len(dictionary) else np.zeros(0, int)
+    names = [dictionary[i] for i in used]
+    order = sorted(range(len(names)), key=names.__getitem__)
+    rank = np.full(len(dictionary) + 1, -1, dtype=np.int32)
+    rank[used[order]] = np.arange(len(names), dtype=np.int32)
+    code = rank[idx]
+    perm = _sort_order(subject, t, code, value, contiguous)
+    if perm is not None:
+        subject, t, code, value = subject[perm], t[perm], code[perm], value[perm]
+    if len(subject):
+        first = np.concatenate([[0], np.flatnonzero(subject[1:] != subject[:-1]) + 1])
+        subjects, counts = subject[first], np.diff(np.append(first, len(subject)))
+    else:
+        subjects, counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return _Part(subjects.astype(np.int64), counts.astype(np.int64), t, code, value, [names[i] for i in order])
+
+
+def _sort_order(subject: np.ndarray, t: np.ndarray, code: np.ndarray, value: np.ndarray,
+                contiguous: bool = False) -> np.ndarray | None:
+    """A permutation making each subject's events contiguous and sorted by (time, code, value; NaN last),
+    None when they already are. Subjects need not be in id order.
+
+    MEDS shards come sorted by (subject, time): then only ties within one time need an order, which one
+    stable sort of a (tie group, code) key gives in near-linear time (timsort on runs)."""
+    n = len(subject)
+    if n < 2:
+        return None
+    new = subject[1:] != subject[:-1]
+    first = None
+    runs = subject[np.concatenate([[0], np.flatnonzero(new) + 1])] if not contiguous else None
+    if runs is not None and len(np.unique(runs)) != len(runs):  # a subject in pieces (several files): group them
+        first = np.argsort(subject, kind="stable")
+        subject, t, code, value = subject[first], t[first], code[first], value[first]
+        new = subject[1:] != subject[:-1]
+    perm = _sort_within(new, t, code, value)
+    if first is None:
+        return perm
+    return first if perm is None else first[perm]
+
+
+def _sort_within(new: np.ndarray, t: np.ndarray, code: np.ndarray, value: np.ndarray) -> np.ndarray | None:
+    dt = t[1:] - t[:-1] if t.dtype.kind == "f" else np.diff(t)
+    if (~new & (dt < 0)).any():  # times not sorted within a subject: the full sort
+        group = np.concatenate([[0], np.cumsum(new)])
+        frame = pl.DataFrame({"s": group, "t": t, "c": code, "v": value, "i": np.arange(len(t))})
+        frame = frame.with_columns(pl.col("v").fill_nan(None))  # NaN is "no value": last, as nulls
+        return frame.sort(["s", "t", "c", "v"], nulls_last=True)["i"].to_numpy()
+    same = ~new & (dt == 0)
+    if not same.any():
+        return None
+    dc = code[1:] < code[:-1]
+    eq = code[1:] == code[:-1]
+    vn = np.isnan(value)
+    value_bad = eq & (((value[1:] < value[:-1]) & ~vn[1:]) | (vn[:-1] & ~vn[1:]))
+    if not (same & (dc | value_bad)).any():
+        return None
+    group = np.zeros(len(t), dtype=np.int64)
+    np.cumsum(~same, out=group[1:])
+    bits = max(int(code.max()) + 2, 2).bit_length()
+    key = group.view(np.uint64) << np.uint64(bits)
+    key |= (code + 1).astype(np.uint64)
+    perm = np.argsort(key, kind="stable")
+    # equal (time, code): order by value (NaN last); rare, so sorted only where it happens
+    k, v = key[perm], value[perm]
+    tie = k[1:] == k[:-1]
+    if tie.any():
+        vn = np.isnan(v)
+        bad = tie & (((v[1:] < v[:-1]) & ~vn[1:]) | (vn[:-1] & ~vn[1:]))
+        if bad.any():
+            run = np.concatenate([[0], np.cumsum(~tie)])  # runs of equal (time, code)
+            hit = np.zeros(int(run[-1]) + 1, dtype=bool)
+            hit[run[1:][bad]] = True
+            sub = np.flatnonzero(hit[run])
+            within = np.lexsort((np.where(vn[sub], np.inf, v[sub]), vn[sub], run[sub]))
+            perm[sub] = perm[sub][within]
+    return perm
+
+
+def _locate_bad_value(src: EventSource, subject: int, where: str) -> str:
+    """Error text naming the file and row of the first infinite value of ``subject`` (found on the error path
+    only: one scan per file)."""
+    from mmclin.datasets.events import scan_table
+
+    for f in src.files:
+        lf = scan_table(f, f"events file {f!r}").with_row_index("__row")
+        hit = (lf.filter((pl.col(src.id_column) == subject) & pl.col(src.value_column).cast(pl.Float64).is_infinite())
+               .select("__row", src.value_column).head(1).collect())
+        if hit.height:
+            return (f"events file {f!r} column {src.value_column!r} row {hit['__row'][0]}: value "
+                    f"{hit[src.value_column][0]} is not finite; expected a finite number or null")
+    return f"events ({where}) column {src.value_column!r}: a value is not finite; expected a finite number or null"
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive lock (``flock``) on ``path``: builders of one store take turns."""
+    import fcntl
+
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+_HEADER = 128  # bytes of every .npy header the writer leaves (rewritten with the final length at the end)
+
+
+def _npy_header(dtype: np.dtype, n: int) -> bytes:
+    """A version 1.0 .npy header of exactly ``_HEADER`` bytes (padded with spaces, as the format allows)."""
+    text = "{'descr': %r, 'fortran_order': False, 'shape': (%d,), }" % (np.lib.format.dtype_to_descr(np.dtype(dtype)), n)
+    body = text.ljust(_HEADER - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
+
+
+class _Writer:
+    """Appends finished partitions to the store's flat files; ``progress.json`` records what is complete,
+    so a killed build is truncated back to it and continues with the next partition."""
+
+    ITEMS = ("time", "code", "value")
+    ROWS = ("subjects", "counts")
+
+    def __init__(self, folder: Path, time_kind: str, value_dtype: np.dtype) -> None:
+        self.folder = folder
+        self.dtypes = {"time": np.dtype(np.int64 if time_kind == "datetime" else np.float64),
+                       "code": np.dtype(np.int32), "value": np.dtype(value_dtype),
+                       "subjects": np.dtype(np.int64), "counts": np.dtype(np.int64)}
+        path = folder / "progress.json"
+        self.progress = json.loads(path.read_text()) if path.exists() else {"done": 0, "items": 0, "rows": 0, "codes": []}
+        self.lookup = {c: i for i, c in enumerate(self.progress["codes"])}
+        for name, dtype in self.dtypes.items():
+            n = self.progress["items" if name in self.ITEMS else "rows"]
+            with open(folder / f"{name}.npy", "r+b" if (folder / f"{name}.npy").exists() else "wb") as f:
+                f.truncate(_HEADER + n * dtype.itemsize)  # drops what a killed partition left
+                f.seek(0)
+                f.write(_npy_header(dtype, n))
+
+    @property
+    def done(self) -> int:
+        return int(self.progress["done"])
+
+    def append(self, part: _Part) -> None:
+        ids = np.empty(len(part.codes) + 1, dtype=np.int32)
+        for j, c in enumerate(part.codes):  # codes get store-wide ids in order of first appearance
+            ids[j] = self.lookup.setdefault(c, len(self.lookup))
+        ids[-1] = -1
+        arrays = {"time": part.time, "code": ids[part.code], "value": part.value, "subjects": part.subjects,
+                  "counts": part.counts}
+        for name, arr in arrays.items():
+            with open(self.folder / f"{name}.npy", "ab") as f:
+                np.ascontiguousarray(arr, dtype=self.dtypes[name]).tofile(f)
+        self.progress = {"done": self.done + 1, "items": self.progress["items"] + int(part.counts.sum()),
+                         "rows": self.progress["rows"] + len(part.subjects), "codes": list(self.lookup)}
+        write_json_atomic(self.folder / "progress.json", self.progress)
+
+    def finish(self) -> dict[str, Any]:
+        for name, dtype in self.dtypes.items():
+            with open(self.folder / f"{name}.npy", "r+b") as f:
+                f.write(_npy_header(dtype, self.progress["items" if name in self.ITEMS else "rows"]))
+        subjects, counts = np.load(self.folder / "subjects.npy"), np.load(self.folder / "counts.npy")
+        if len(np.unique(subjects)) != len(subjects):
+            raise ValueError("event store: a subject's events came out in two partitions (did the input files change "
+                             "during the build?); delete the partial build and retry")
+        offsets = np.zeros(len(subjects) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        np.save(self.folder / "offsets.npy", offsets)
+        (self.folder / "counts.npy").unlink()
+        (self.folder / "codes.json").write_text(json.dumps(self.progress["codes"]))
+        (self.folder / "progress.json").unlink()
+        return {"n_events": int(offsets[-1]), "n_subjects": int(len(subjects)), "n_codes": len(self.progress["codes"])}
+
+
+def _value_dtype(src: EventSource) -> np.dtype:
+    import pyarrow as pa
+
+    types = [_file_schema(f).get(src.value_column) for f in src.files] if src.value_column else []
+    types = [t for t in types if t is not None and not pa.types.is_null(t)]
+    return np.dtype(np.float32) if types and all(pa.types.is_float32(t) for t in types) else np.dtype(np.float64)
+
+
+def _store_time_kind(src: EventSource) -> str:
+    kinds = {_time_kind(_file_schema(f)[src.time_column]) for f in src.files} - {None}
+    return kinds.pop() if kinds else "datetime"
+
+
+def build_store(src: EventSource, dest: Path, partition_events: int = PARTITION_EVENTS) -> EventStore:
+    """Build the store of ``src`` at ``dest`` (see the module docstring): locked, resumable, atomic."""
+    dest = Path(dest)
+    check_writable_parent(dest, "event store", writable=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _lock(dest.parent / f".{dest.name}.lock"):
+            if (dest / "manifest.json").exists():  # built by another process while this one waited
+                return EventStore.open(dest)
+            return _build_locked(src, dest, partition_events)
+    except Exception as err:
+        refused = refused_write(err, dest, dest.parent)
+        if refused is not None:
+            raise refused from None
+        raise
+
+
+def _build_locked(src: EventSource, dest: Path, partition_events: int) -> EventStore:
+    t0 = _time.perf_counter()
+    partial = dest.parent / f".{dest.name}.partial"
+    partial.mkdir(exist_ok=True)
+    plan_file = partial / "plan.json"
+    plan = json.loads(plan_file.read_text()) if plan_file.exists() else None
+    if plan is None or plan.get("partition_events") != partition_events:
+        for old in partial.iterdir():
+            old.unlink()
+        plan = {**_plan(src, partition_events), "partition_events": partition_events}
+        write_json_atomic(plan_file, plan)
+    time_kind, value_dtype = _store_time_kind(src), _value_dtype(src)
+    writer = _Writer(partial, time_kind, value_dtype)
+    if writer.done:
+        log.info("event store %s: %d of %d partition(s) kept from an interrupted build", dest.name, writer.done,
+                 len(plan["parts"]))
+    reader = _RowGroups(src)
+    for i in range(writer.done, len(plan["parts"])):
+        part = plan["parts"][i]
+        where = f"rows {part[1]}..{part[2]} of {src.files[part[0]]!r}" if plan["clustered"] else f"subjects {part}"
+        writer.append(_process(_read_part(src, plan, part, time_kind, reader), src, where, plan["clustered"]))
+    counts = writer.finish()
+    plan_file.unlink()
+    info = {"format": FORMAT_VERSION, "key": dest.name, "source": src.options(), "files": list(src.files),
+            "time_kind": time_kind, "value_dtype": str(value_dtype), "partitions": len(plan["parts"]),
+            "clustered": plan["clustered"], "build_seconds": round(_time.perf_counter() - t0, 3), **counts}
+    write_json_atomic(partial / "manifest.json", info)
+    os.replace(partial, dest)  # the store appears complete, or not at all
+    log.info("event store %s: %d events of %d subjects in %.1f s", dest, counts["n_events"], counts["n_subjects"],
+             info["build_seconds"])
+    return EventStore.open(dest)
+
+
+def build_in_memory(src: EventSource, partition_events: int = PARTITION_EVENTS) -> EventStore:
+    """The same arrays as :func:`build_store`, in memory (nothing written; for small data and comparisons)."""
+    time_kind, value_dtype = _store_time_kind(src), _value_dtype(src)
+    plan = _plan(src, partition_events)
+    reader = _RowGroups(src)
+    parts = [_process(_read_part(src, plan, p, time_kind, reader), src, f"part {p}", plan["clustered"])
+             for p in plan["parts"]]
+    lookup: dict[str, int] = {}
+    code = []
+    for p in parts:
+        ids = np.array([lookup.setdefault(c, len(lookup)) for c in p.codes] + [-1], dtype=np.int32)
+        code.append(ids[p.code])
+
+    def cat(xs: list[np.ndarray], dtype: Any) -> np.ndarray:
+        return np.concatenate(xs).astype(dtype, copy=False) if xs else np.zeros(0, dtype)
+
+    counts = cat([p.counts for p in parts], np.int64)
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return EventStore(cat([p.subjects for p in parts], np.int64), offsets,
+                      cat([p.time for p in parts], np.int64 if time_kind == "datetime" else np.float64),
+                      cat(code, np.int32), cat([p.value for p in parts], value_dtype), list(lookup), time_kind, None,
+                      {"source": src.options(), "n_events": int(offsets[-1]), "clustered": plan["clustered"]})
+
+
+def window_length(window: Any, is_time: bool) -> Any:
+    """A window option in the store's time units: microseconds (int) for datetimes, the number itself
+    otherwise; ``"48h"`` / ``"7d"`` as :func:`~mmclin.datasets.events.events_to_frame` reads them."""
+    import datetime as dt
+
+    from mmclin.datasets.events import _parse_duration
+
+    if is_time:
+        if isinstance(window, str):
+            window = pl.select(pl.duration(**_parse_duration(window))).item()
+        if not isinstance(window, dt.timedelta):
+            raise ValueError(f"window={window!r}: with datetime times give a string like '48h' / '7d'")
+        return int(window / dt.timedelta(microseconds=1))
+    if isinstance(window, (int, float)) and not isinstance(window, bool):
+        return float(window)
+    raise ValueError(f"window={window!r}: with numeric times give a number in the time column's units")
+
+
+def open_event_store(src: EventSource, store: str | Path | None = None,
+                     partition_events: int = PARTITION_EVENTS) -> EventStore:
+    """The store of ``src``: opened from ``store`` (a folder holding stores; default
+    :func:`default_store_dir`) when built before, else built there first; ``store="memory"`` builds
+    the arrays in memory (nothing written)."""
+    if isinstance(store, str) and store == "memory":
+        return build_in_memory(src)
+    root = Path(store) if store is not None else default_store_dir()
+    dest = root / src.key()
+    if (dest / "manifest.json").exists():
+        return EventStore.open(dest)
+    return build_store(src, dest, partition_events)
+
+
+def events_to_store(events: Any, subjects: Any, *, name: str = "events", store: str | Path | None = None,
+                    id_column: str = "subject_id", time_column: str = "time", code_column: str = "code",
+                    value_column: str | None = "numeric_value", prediction_time: str = "prediction_time",
+                    window: Any = None, window_start: str | None = None, time_unit: str = "h",
+                    codes: Any = None, exclude_codes: Any = None, text_column: str | None = None,
+                    **featurizer_options: Any) -> tuple[pl.DataFrame, Any]:
+    """Out-of-core :func:`~mmclin.datasets.events.events_to_frame`: ``(frame, spec)``.
+
+    Builds (or reuses) the event store of ``events`` (files: a MEDS dataset folder, parquet / CSV files,
+    a folder or a glob) under ``store`` and returns ``subjects`` plus a reference column ``name``
+    (``struct{subject_id, prediction_time[, window_start]}``: which events each row may see; null =
+    modality absent) and the ``irregular_series`` :class:`~mmclin.cohort.ModalitySpec` that reads them,
+    its ``options`` naming the files, the store and the window (featurizer options such as
+    ``max_events`` go through ``featurizer_options``). Train with the spec as with any other: the
+    featurizer reads the store per batch, fitted on training rows only.
+    """
+    from mmclin.cohort import ModalitySpec
+    from mmclin.datasets.events import scan_table
+
+    src = event_source(events, id_column=id_column, time_column=time_column, code_column=code_column,
+                       value_column=value_column, text_column=text_column, codes=codes, exclude_codes=exclude_codes)
+    open_event_store(src, store)
+    subj = scan_table(subjects, "subjects").collect() if not isinstance(subjects, pl.DataFrame) else subjects
+    for col in [id_column, prediction_time] + ([window_start] if window_start else []):
+        if col not in subj.columns:
+            raise ValueError(f"the subjects table has no column {col!r}; its columns are {subj.columns[:15]}")
+    if name in subj.columns:
+        raise ValueError(f"the subjects frame already has a column {name!r}; choose another name= for the modality")
+    fields = {"subject_id": pl.col(id_column).cast(pl.Int64), "prediction_time": pl.col(prediction_time)}
+    if window_start:
+        fields["window_start"] = pl.col(window_start)
+    frame = subj.with_columns(pl.struct(**fields).alias(name))
+    options: dict[str, Any] = {"events": [str(e) for e in events] if isinstance(events, (list, tuple)) else str(events),
+                               "store": str(store) if store is not None else None, "id_column": id_column,
+                               "time_column": time_column, "code_column": code_column, "value_column": value_column,
+                               "time_unit": time_unit}
+    if isinstance(window, __import__("datetime").timedelta):  # options are JSON (saved with the model)
+        window = f"{window.total_seconds()}s"
+    for k, v in (("window", window), ("codes", codes), ("exclude_codes", exclude_codes), ("text_column", text_column)):
+        if v is not None:
+            options[k] = list(v) if isinstance(v, tuple) else v
+    options.update(featurizer_options)
+    options = {k: v for k, v in options.items() if v is not None}
+    return frame, ModalitySpec(name=name, kind="irregular_series", columns=[name], options=options)
