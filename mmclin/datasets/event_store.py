@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import functools
 import glob
 import hashlib
@@ -846,7 +847,7 @@ def events_to_store(events: Any, subjects: Any, *, name: str = "events", store: 
 
     src = event_source(events, id_column=id_column, time_column=time_column, code_column=code_column,
                        value_column=value_column, text_column=text_column, codes=codes, exclude_codes=exclude_codes)
-    open_event_store(src, store)
+    open_event_store(src, store, int(featurizer_options.get("partition_events", PARTITION_EVENTS)))
     subj = scan_table(subjects, "subjects").collect() if not isinstance(subjects, pl.DataFrame) else subjects
     for col in [id_column, prediction_time] + ([window_start] if window_start else []):
         if col not in subj.columns:
@@ -861,7 +862,7 @@ def events_to_store(events: Any, subjects: Any, *, name: str = "events", store: 
                                "store": str(store) if store is not None else None, "id_column": id_column,
                                "time_column": time_column, "code_column": code_column, "value_column": value_column,
                                "time_unit": time_unit}
-    if isinstance(window, __import__("datetime").timedelta):  # options are JSON (saved with the model)
+    if isinstance(window, dt.timedelta):  # options are JSON (saved with the model)
         window = f"{window.total_seconds()}s"
     for k, v in (("window", window), ("codes", codes), ("exclude_codes", exclude_codes), ("text_column", text_column)):
         if v is not None:

@@ -167,6 +167,7 @@ def read_meds(
     time_unit: str = "h",
     max_events: int | None = None,
     max_static_codes: int = 50,
+    store: str | Path | None = None,
 ) -> Cohort:
     """Read a MEDS dataset and a MEDS (ACES) label table into a one-row-per-prediction cohort.
 
@@ -182,6 +183,11 @@ def read_meds(
         window: observation window before each prediction time (``"48h"``, a timedelta).
         time_unit: unit of event times relative to the prediction time. max_events: most recent kept.
         max_static_codes: static codes (null time) kept as tabular columns, most frequent first.
+        store: out of core: a folder of event stores (:mod:`mmclin.datasets.event_store`; ``"memory"``:
+            the same arrays in memory). The series modalities' columns then hold references
+            (``struct{subject_id, prediction_time}``) and their events are read from the store per batch;
+            ``max_events`` becomes the featurizer's (each row's most recent events in a batch). Default
+            None: the events are aggregated into the frame.
 
     Returns:
         ``Cohort`` whose frame has ``sample_id`` (``"<subject_id>@<prediction_time>"``),
@@ -253,7 +259,18 @@ def read_meds(
     taken = pl.lit(False)
     common = dict(id_column="subject_id", time_column="time", prediction_time="prediction_time", window=window,
                   time_unit=time_unit)
+    earlier: list[str] = []
     for name, prefixes in groups.items():
+        if store is not None:  # out of core: the frame holds references, the store the events
+            from mmclin.datasets.event_store import events_to_store
+
+            frame, spec = events_to_store(root, frame, name=name, store=store, prediction_time="prediction_time",
+                                          window=window, time_unit=time_unit, codes=[p for p in prefixes if p] or None,
+                                          exclude_codes=list(earlier) or None,
+                                          **({"max_events": max_events} if max_events is not None else {}))
+            earlier += [p for p in prefixes if p] if "" not in prefixes and prefixes else [""]
+            specs.append(spec)
+            continue
         match = _prefix_filter(prefixes)
         frame = events_to_frame(numeric.filter(match & ~taken), frame, name=name, max_events=max_events, **common)
         taken = taken | match

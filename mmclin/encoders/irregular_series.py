@@ -29,6 +29,7 @@ from mmclin.encoders.base import Featurizer, ModalityEncoder
 from mmclin.registry import ENCODERS, FEATURIZERS
 
 PAD_CODE, UNKNOWN_CODE, FIRST_CODE = 0, 1, 2
+STREAM_ITEMS = 1 << 22  # events per chunk when a featurizer streams an event store (~100 MB)
 
 
 def list_column_present(frame: pl.DataFrame, column: str) -> Tensor:
@@ -382,10 +383,9 @@ def _relative_time(time: np.ndarray, cut: np.ndarray, unit_us: float, kind: str)
     return (time - cut).astype(np.float64)
 
 
-def _store_chunks(store: Any, starts: np.ndarray, lengths: np.ndarray, cut: np.ndarray, unit_us: float,
-                  budget: int = 1 << 22):
+def _store_chunks(store: Any, starts: np.ndarray, lengths: np.ndarray, cut: np.ndarray, unit_us: float):
     """``(code, value, relative time)`` of the rows' events in flat order (rows, then time), ~``budget`` at a time."""
-    n, i = len(starts), 0
+    n, i, budget = len(starts), 0, STREAM_ITEMS
     csum = np.cumsum(lengths)
     while i < n:
         done = csum[i - 1] if i else 0
