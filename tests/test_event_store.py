@@ -288,3 +288,77 @@ def test_bad_inputs_name_the_file_column_and_row(tmp_path):
                                 .alias("p")).with_columns(pl.struct(subject_id="subject_id", prediction_time="p").alias("ev"))
     with pytest.raises(ValueError, match=r"modality 'ev', column 'ev', row 3: the reference has no prediction_time"):
         fit_featurizers(no_cut, [spec])
+
+
+# --- the length-grouped sampler -------------------------------------------------------------------
+def _epoch_batches(sampler, epoch):
+    sampler.set_epoch(epoch)
+    return list(iter(sampler))
+
+
+def test_length_grouped_batches_hold_every_row_once_with_similar_lengths():
+    from mmclin.training.data import IndexBatches, LengthGroupedBatches
+
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.lognormal(3, 1.5, 3_001).astype(np.int64), 20_000)  # heavy-tailed
+    grouped = LengthGroupedBatches(lengths, 32, seed=7)
+    plain = IndexBatches(len(lengths), 32, True, seed=7)
+    for epoch in (0, 1):
+        batches = _epoch_batches(grouped, epoch)
+        rows = torch.cat(batches).numpy()
+        assert sorted(rows.tolist()) == list(range(len(lengths)))  # every row exactly once
+        assert [len(b) for b in batches] == [32] * (len(lengths) // 32) + [len(lengths) % 32]
+        assert len(batches) == len(grouped)
+
+        def padded(bs):  # the cells a batch padded to its longest row holds
+            return sum(len(b) * int(lengths[b.numpy()].max()) for b in bs)
+
+        assert padded(batches) < padded(_epoch_batches(plain, epoch)) / 5
+    a, b = _epoch_batches(grouped, 0), _epoch_batches(LengthGroupedBatches(lengths, 32, seed=7), 0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # deterministic by (seed, epoch)
+    assert not all(torch.equal(x, y) for x, y in zip(a, _epoch_batches(grouped, 1)))  # reshuffled per epoch
+    # long and short batches are interleaved, not sorted over the epoch
+    means = [lengths[x.numpy()].mean() for x in a[:-1]]
+    assert not (np.all(np.diff(means) >= 0) or np.all(np.diff(means) <= 0))
+
+
+def test_length_grouped_batches_shard_across_ranks():
+    from mmclin.training.data import LengthGroupedBatches
+    from mmclin.training.distributed import shard_batches
+
+    lengths = np.random.default_rng(1).lognormal(3, 1.5, 1_000).astype(np.int64)
+    sampler = LengthGroupedBatches(lengths, 16, seed=3)
+    order = sampler._order(0, world=2)
+    ranks = [list(shard_batches(order, 16, r, 2)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1])  # same number of steps: no DDP hang
+    rows = torch.cat([torch.cat(r) for r in ranks]).numpy()
+    assert len(set(rows.tolist())) == len(rows) == 1_000  # disjoint, all rows (1000 = 31 x 32 + 8 split 4 / 4)
+    # a global step's two halves come from one length-sorted run: each rank pads far less than unsorted
+    padded = sum(len(b) * int(lengths[b.numpy()].max()) for r in ranks for b in r)
+    plain = torch.randperm(1_000, generator=torch.Generator().manual_seed(0))
+    padded_plain = sum(len(b) * int(lengths[b.numpy()].max()) for r in (0, 1) for b in shard_batches(plain, 16, r, 2))
+    assert padded < padded_plain / 2.5
+
+
+def test_resume_is_exact_with_length_grouping_and_a_store(meds_root, tmp_path):
+    from test_resume import _Crash
+
+    from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig
+    from mmclin.training.core import checkpoint_store, fit_model
+
+    c = read_meds(meds_root, meds_root / "labels.parquet", series=SERIES, store=tmp_path / "stores")
+    cfg = dict(model=ModelConfig(encoders={"labs": {"d_model": 16, "n_layers": 1}, "vitals": {"d_model": 16, "n_layers": 1}}),
+               trainer=TrainerConfig(max_epochs=3, batch_size=16, patience=None, progress_bar=False,
+                                     group_by_length=True),
+               task=ComponentConfig(name="binary"))
+    ref = fit_model(c.frame, c.y, c.modalities, **cfg)
+    store = checkpoint_store(tmp_path / "ck", c.frame, c.y, c.modalities, resume=False, **cfg)
+    with pytest.raises(RuntimeError, match="crash"):
+        fit_model(c.frame, c.y, c.modalities, checkpoints=store, extra_callbacks=[_Crash("epoch_end", 0, 1)], **cfg)
+    store = checkpoint_store(tmp_path / "ck", c.frame, c.y, c.modalities, resume=True, **cfg)
+    resumed = fit_model(c.frame, c.y, c.modalities, checkpoints=store, **cfg)
+    assert resumed.history == ref.history
+    np.testing.assert_array_equal(resumed.predict_outputs(c.frame), ref.predict_outputs(c.frame))
+    plain = fit_model(c.frame, c.y, c.modalities, **{**cfg, "trainer": cfg["trainer"].model_copy(
+        update={"group_by_length": False})})
+    assert plain.history != ref.history  # the option is in effect
