@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -337,22 +338,39 @@ class RaggedWindows:
         return out
 
     @property
-    def fields(self) -> dict[str, Tensor]:
-        """Every row's items after ``transform``, back to back (as :attr:`Ragged.fields`): materialises
-        ``n_items`` items (rows x their kept length), gathered in chunks of about 4M items."""
-        parts: dict[str, list[Tensor]] = {k: [] for k in self.names}
-        n, start = len(self), 0
+    def fields(self) -> "Mapping[str, Tensor]":
+        """Every row's items after ``transform``, back to back (as :attr:`Ragged.fields`), computed per key
+        when asked: materialises ``n_items`` values (rows x their kept length), gathered ~4M at a time."""
+        return _WindowFields(self)
+
+
+class _WindowFields(Mapping):
+    """:attr:`RaggedWindows.fields`: one key at a time, nothing kept."""
+
+    def __init__(self, rw: RaggedWindows) -> None:
+        self.rw = rw
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rw.names)
+
+    def __len__(self) -> int:
+        return len(self.rw.names)
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self.rw.names:
+            raise KeyError(key)
+        rw, parts = self.rw, []
+        n, start = len(rw), 0
         while start < n:
-            budget = np.cumsum(self.row_lengths[start:])
+            budget = np.cumsum(rw.row_lengths[start:])
             stop = min(n, start + max(1, int(np.searchsorted(budget, 1 << 22, side="right"))))
             rows = np.arange(start, stop)
-            ids = item_ranges(self.starts[rows], self.row_lengths[rows])
+            ids = item_ranges(rw.starts[rows], rw.row_lengths[rows])
             start = stop
             if not len(ids):
                 continue
-            owner = np.repeat(rows, self.row_lengths[rows])
-            got = self.transform({k: np.asarray(a[ids])[None, :] for k, a in self.items.items()},
-                                 {k: v[owner][None, :] for k, v in self.row_fields.items()})
-            for k in self.names:
-                parts[k].append(torch.from_numpy(np.ascontiguousarray(got[k][0])))
-        return {k: torch.cat(v) if v else torch.zeros(0) for k, v in parts.items()}
+            owner = np.repeat(rows, rw.row_lengths[rows])
+            got = rw.transform({k: np.asarray(a[ids])[None, :] for k, a in rw.items.items()},
+                               {k: v[owner][None, :] for k, v in rw.row_fields.items()})
+            parts.append(torch.from_numpy(np.ascontiguousarray(got[key][0])))
+        return torch.cat(parts) if parts else torch.zeros(0)

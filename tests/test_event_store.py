@@ -94,9 +94,11 @@ def test_store_predictions_equal_in_memory_predictions(meds_root, tmp_path):
     np.testing.assert_array_equal(a.predict_proba(mem.frame), b.predict_proba(ooc.frame))
 
 
-def test_unsorted_tables_in_several_files_match_events_to_frame(tmp_path):
+@pytest.mark.parametrize("options", [{}, {"min_code_count": 170}], ids=["all-codes", "rare-codes-unknown"])
+def test_unsorted_tables_in_several_files_match_events_to_frame(tmp_path, options):
     """A generic long table (not MEDS, not sorted, one subject's events spread over two files): the store is
-    built from subject-id ranges and still equals events_to_frame + the featurizer, ties included."""
+    built from subject-id ranges and still equals events_to_frame + the featurizer, ties included (and with
+    two codes sharing the unknown id, whose moments then take a second pass in the in-memory order)."""
     from mmclin.datasets import events_to_frame
 
     ev = tied_events()
@@ -105,12 +107,12 @@ def test_unsorted_tables_in_several_files_match_events_to_frame(tmp_path):
     ev[half:].write_csv(tmp_path / "b.csv")
     subjects = _subjects(ev)
     frame, spec = events_to_store([tmp_path / "a.parquet", tmp_path / "b.csv"], subjects, name="ev",
-                                  store=tmp_path / "s", partition_events=40)
+                                  store=tmp_path / "s", partition_events=40, **options)
     src = event_source([tmp_path / "a.parquet", tmp_path / "b.csv"])
     store = open_event_store(src, tmp_path / "s")
     assert store.info["clustered"] is False and store.info["partitions"] > 3
     mem = events_to_frame(ev, subjects, name="ev")
-    spec_m = ModalitySpec(name="ev", kind="irregular_series", columns=["ev"])
+    spec_m = ModalitySpec(name="ev", kind="irregular_series", columns=["ev"], options=options)
     fm, fo = fit_featurizers(mem, [spec_m])["ev"], fit_featurizers(frame, [spec])["ev"]
     assert fm.state_dict() == fo.state_dict()
     tm, to = featurize(mem, {"ev": fm}), featurize(frame, {"ev": fo})

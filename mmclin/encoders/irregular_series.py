@@ -200,17 +200,37 @@ class IrregularSeriesFeaturizer(Featurizer):
         lengths = stops - starts
         unit = _time_unit_us(self.spec)
         n_store = len(store.codes)
-        counts = np.zeros(n_store + 1, dtype=np.int64)  # the last slot: events without a code
+        slots = n_store + 1  # the last slot: events without a code
+        counts = np.zeros(slots, dtype=np.int64)
+        # per store code, in flat order: a code's sums are then those of its model id (log_skewed aside)
+        obs_n, obs_s1, obs_s2 = np.zeros(slots), np.zeros(slots), np.zeros(slots)
         n_items = int(lengths.sum())
         hi, low = -np.inf, _LowQuantile(n_items, 0.01)
-        for code, _, t in _store_chunks(store, starts, lengths, cut, unit):
-            counts += np.bincount(code.astype(np.int64) % (n_store + 1), minlength=n_store + 1)
+        for code, v, t in _store_chunks(store, starts, lengths, cut, unit):
+            slot = np.where(code < 0, n_store, code)
+            counts += np.bincount(slot, minlength=slots)
+            if not self.log_skewed:
+                obs = ~np.isnan(v)
+                np.add.at(obs_n, slot[obs], 1.0)
+                np.add.at(obs_s1, slot[obs], v[obs])
+                np.add.at(obs_s2, slot[obs], v[obs] ** 2)
             if len(t):
                 hi = max(hi, float(t.max()))
                 low.add(t)
         self.vocab = sorted(store.codes[i] for i in np.flatnonzero(counts[:-1] >= self.min_code_count))
         lookup = _store_lookup(store, self.vocab)
         n = len(self.vocab) + FIRST_CODE
+        lo = low.value() if n_items else hi
+        self.time_shift, self.time_scale = hi, (hi - lo) if hi > lo else 1.0
+        unknown = np.flatnonzero((lookup == UNKNOWN_CODE) & (obs_n > 0))
+        if not self.log_skewed and len(unknown) <= 1:
+            # one slot per model id: its flat-order sums are the in-memory ones, bit for bit
+            cnt, s1, s2 = np.zeros(n), np.zeros(n), np.zeros(n)
+            used = np.flatnonzero(obs_n > 0)
+            cnt[lookup[used]], s1[lookup[used]], s2[lookup[used]] = obs_n[used], obs_s1[used], obs_s2[used]
+            self.log_codes = []
+            self._set_moments(cnt, s1, s2, n)
+            return self
         self.log_codes = []
         if self.log_skewed:  # the moments of _skewed_codes, accumulated in the in-memory order
             cnt, s1 = np.zeros(n), np.zeros(n)
@@ -236,15 +256,17 @@ class IrregularSeriesFeaturizer(Featurizer):
             np.add.at(cnt, ids[obs], 1.0)
             np.add.at(s1, ids[obs], v[obs])
             np.add.at(s2, ids[obs], v[obs] ** 2)
+        self._set_moments(cnt, s1, s2, n)
+        return self
+
+    def _set_moments(self, cnt: np.ndarray, s1: np.ndarray, s2: np.ndarray, n: int) -> None:
+        """Per-code mean and sd from observed counts and sums, as :meth:`fit` computes them."""
         cnt = cnt.astype(np.int64)
         mean = np.divide(s1, cnt, out=np.zeros(n), where=cnt > 0)
         var = np.divide(s2, cnt, out=np.ones(n), where=cnt > 0) - mean**2
         std = np.sqrt(np.clip(var, 0, None))
         self.mean = mean.tolist()
         self.std = np.where(std > 1e-12, std, 1.0).tolist()
-        lo = low.value() if n_items else hi
-        self.time_shift, self.time_scale = hi, (hi - lo) if hi > lo else 1.0
-        return self
 
     def _transform_from_store(self, frame: pl.DataFrame) -> tuple[RaggedWindows, Tensor]:
         store, starts, stops, cut = self._windows(frame)
