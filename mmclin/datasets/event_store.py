@@ -573,39 +573,49 @@ def _sort_order(subject: np.ndarray, t: np.ndarray, code: np.ndarray, value: np.
 
 
 def _sort_within(new: np.ndarray, t: np.ndarray, code: np.ndarray, value: np.ndarray) -> np.ndarray | None:
-    dt = t[1:] - t[:-1] if t.dtype.kind == "f" else np.diff(t)
-    if (~new & (dt < 0)).any():  # times not sorted within a subject: the full sort
+    """:func:`_sort_order` once subjects are contiguous (``new[i]``: a subject starts at ``i + 1``)."""
+    dt = np.diff(t)
+    if np.any((dt < 0) & ~new):  # times not sorted within a subject: the full sort
         group = np.concatenate([[0], np.cumsum(new)])
         frame = pl.DataFrame({"s": group, "t": t, "c": code, "v": value, "i": np.arange(len(t))})
         frame = frame.with_columns(pl.col("v").fill_nan(None))  # NaN is "no value": last, as nulls
         return frame.sort(["s", "t", "c", "v"], nulls_last=True)["i"].to_numpy()
-    same = ~new & (dt == 0)
-    if not same.any():
+    same = dt == 0
+    same &= ~new
+    pos = np.flatnonzero(same)  # i: events i and i + 1 share subject and time
+    if not len(pos):
         return None
-    dc = code[1:] < code[:-1]
-    eq = code[1:] == code[:-1]
-    vn = np.isnan(value)
-    value_bad = eq & (((value[1:] < value[:-1]) & ~vn[1:]) | (vn[:-1] & ~vn[1:]))
-    if not (same & (dc | value_bad)).any():
+    c0, c1 = code[pos], code[pos + 1]
+    eq = c1 == c0
+    unordered = bool(np.any(c1 < c0))
+    if not unordered and eq.any():
+        v0, v1 = value[pos[eq]], value[pos[eq] + 1]
+        n0, n1 = np.isnan(v0), np.isnan(v1)
+        unordered = bool(np.any(((v1 < v0) & ~n1) | (n0 & ~n1)))
+    if not unordered:
         return None
-    group = np.zeros(len(t), dtype=np.int64)
-    np.cumsum(~same, out=group[1:])
+    # one stable sort of (tie group, code): near-linear on these runs (timsort)
+    key = np.cumsum(~same, dtype=np.int64)
+    key = np.concatenate([[0], key]).view(np.uint64)
     bits = max(int(code.max()) + 2, 2).bit_length()
-    key = group.view(np.uint64) << np.uint64(bits)
+    key <<= np.uint64(bits)
     key |= (code + 1).astype(np.uint64)
     perm = np.argsort(key, kind="stable")
     # equal (time, code): order by value (NaN last); rare, so sorted only where it happens
-    k, v = key[perm], value[perm]
-    tie = k[1:] == k[:-1]
-    if tie.any():
-        vn = np.isnan(v)
-        bad = tie & (((v[1:] < v[:-1]) & ~vn[1:]) | (vn[:-1] & ~vn[1:]))
-        if bad.any():
-            run = np.concatenate([[0], np.cumsum(~tie)])  # runs of equal (time, code)
+    k = key[perm]
+    tie = np.flatnonzero(k[1:] == k[:-1])
+    if len(tie):
+        v0, v1 = value[perm[tie]], value[perm[tie + 1]]
+        n0, n1 = np.isnan(v0), np.isnan(v1)
+        bad = tie[((v1 < v0) & ~n1) | (n0 & ~n1)]
+        if len(bad):
+            run = np.concatenate([[0], np.cumsum(k[1:] != k[:-1])])  # runs of equal (time, code)
             hit = np.zeros(int(run[-1]) + 1, dtype=bool)
-            hit[run[1:][bad]] = True
+            hit[run[bad]] = True
             sub = np.flatnonzero(hit[run])
-            within = np.lexsort((np.where(vn[sub], np.inf, v[sub]), vn[sub], run[sub]))
+            v = value[perm[sub]]
+            vn = np.isnan(v)
+            within = np.lexsort((np.where(vn, np.inf, v), vn, run[sub]))
             perm[sub] = perm[sub][within]
     return perm
 
@@ -662,8 +672,14 @@ class _Writer:
                        "code": np.dtype(np.int32), "value": np.dtype(value_dtype),
                        "subjects": np.dtype(np.int64), "counts": np.dtype(np.int64)}
         path = folder / "progress.json"
-        self.progress = json.loads(path.read_text()) if path.exists() else {"done": 0, "items": 0, "rows": 0, "codes": []}
-        self.lookup = {c: i for i, c in enumerate(self.progress["codes"])}
+        self.progress = json.loads(path.read_text()) if path.exists() else {"done": 0, "items": 0, "rows": 0, "n_codes": 0}
+        codes = []
+        if (folder / "codes.txt").exists():  # one JSON string a line; lines past n_codes are a killed partition's
+            codes = [json.loads(line) for line in (folder / "codes.txt").read_text(encoding="utf-8").splitlines()]
+        codes = codes[: self.progress["n_codes"]]
+        with open(folder / "codes.txt", "w", encoding="utf-8") as f:
+            f.write("".join(json.dumps(c) + "\n" for c in codes))
+        self.lookup = {c: i for i, c in enumerate(codes)}
         for name, dtype in self.dtypes.items():
             n = self.progress["items" if name in self.ITEMS else "rows"]
             with open(folder / f"{name}.npy", "r+b" if (folder / f"{name}.npy").exists() else "wb") as f:
@@ -685,8 +701,12 @@ class _Writer:
         for name, arr in arrays.items():
             with open(self.folder / f"{name}.npy", "ab") as f:
                 np.ascontiguousarray(arr, dtype=self.dtypes[name]).tofile(f)
+        known = self.progress["n_codes"]
+        if len(self.lookup) > known:  # this partition's new codes, appended (rewriting the whole list is not free)
+            with open(self.folder / "codes.txt", "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(c) + "\n" for c in list(self.lookup)[known:]))
         self.progress = {"done": self.done + 1, "items": self.progress["items"] + int(part.counts.sum()),
-                         "rows": self.progress["rows"] + len(part.subjects), "codes": list(self.lookup)}
+                         "rows": self.progress["rows"] + len(part.subjects), "n_codes": len(self.lookup)}
         write_json_atomic(self.folder / "progress.json", self.progress)
 
     def finish(self) -> dict[str, Any]:
@@ -701,9 +721,10 @@ class _Writer:
         np.cumsum(counts, out=offsets[1:])
         np.save(self.folder / "offsets.npy", offsets)
         (self.folder / "counts.npy").unlink()
-        (self.folder / "codes.json").write_text(json.dumps(self.progress["codes"]))
+        (self.folder / "codes.json").write_text(json.dumps(list(self.lookup)))
         (self.folder / "progress.json").unlink()
-        return {"n_events": int(offsets[-1]), "n_subjects": int(len(subjects)), "n_codes": len(self.progress["codes"])}
+        (self.folder / "codes.txt").unlink()
+        return {"n_events": int(offsets[-1]), "n_subjects": int(len(subjects)), "n_codes": len(self.lookup)}
 
 
 def _value_dtype(src: EventSource) -> np.dtype:
