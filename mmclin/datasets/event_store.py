@@ -5,28 +5,30 @@ built once from the files (a MEDS dataset's ``data/**/*.parquet`` shards, or any
 CSV table) and holds every subject's events, sorted by ``(time, code, value)``, as flat ``.npy``
 arrays plus per-subject offsets:
 
-    <store>/<key>/subjects.npy  int64 [S]      sorted subject ids
+    <store>/<key>/subjects.npy  int64 [S]      subject ids (in storage order)
                   offsets.npy   int64 [S + 1]  subject i owns events offsets[i]:offsets[i + 1]
                   time.npy      int64 [E]      microseconds since 1970 (datetimes) or float64 (numbers)
                   code.npy      int32 [E]      index into codes.json (-1: no code)
-                  value.npy     float [E]      NaN where the event has no value
+                  value.npy     float [E]      NaN where the event has no value (float32 kept as float32)
                   codes.json, manifest.json
 
-It is read with ``np.load(mmap_mode="r")``: a batch touches only its subjects' pages.
-A *sample* (a subject at a prediction time) is a window into its subject's events, found by a
-binary search: events with ``time <= cutoff`` (and ``>= window start``) -- so the cutoff is
-applied per sample when rows are indexed, one store serves every label file, fold and run, and
-no event after a sample's cutoff is ever read for it.
+It is read with ``np.load(mmap_mode="r")``: a batch touches only its rows' pages. A *sample* (a
+subject at a prediction time) is a window into its subject's events found by binary search:
+events with ``time <= cutoff`` (and ``>= window start``). The cutoff is applied per sample when
+rows are indexed, so one store serves every label file, fold and run, and no event after a
+sample's cutoff is ever read for it.
 
-Building is streaming and sharded: one pass over the id column plans subject ranges of about
-``partition_events`` events; each range is read on its own (pyarrow with the parquet statistics,
-so subject-sorted shards such as MEDS's read only their own row groups; codes stay dictionary
-encoded), sorted where needed and written as a finished partition; the partitions are then
-concatenated in chunks. The key (the store folder's name) hashes the input files (path, size,
-mtime), the columns and the code filters. Builds are atomic (a hidden ``.<key>.partial`` folder
-renamed into place once complete: no visible partial store), resumable (finished partitions
-are kept and reused after a kill) and locked (two processes never build one store together).
-Peak memory: one partition (``partition_events`` events, ~40 bytes each) plus per-subject arrays.
+Building streams: one pass over the id column (run-length encoded, one row group at a time) plans
+partitions of about ``partition_events`` rows. When every subject's rows are contiguous in one
+file (MEDS shards) a partition is a row range of one file cut at subject boundaries, read once by
+row group with codes kept dictionary-encoded; otherwise it is a range of subject ids read with a
+filter from every file. Each partition is sorted where needed (MEDS shards only need ties within
+one time ordered) and appended to the flat files. The key (the store folder's name) hashes the
+input files (path, size, mtime), the columns and the code filters. Builds are atomic (a hidden
+``.<key>.partial`` folder renamed into place when complete: no visible partial store), resumable
+(``progress.json`` records the finished partitions; a killed build is truncated back to them and
+continues) and locked (two processes never build one store together: DDP ranks wait, then reuse).
+Peak memory: one partition plus one entry per subject, whatever the number of events.
 """
 from __future__ import annotations
 
