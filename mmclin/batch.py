@@ -282,6 +282,8 @@ class RaggedWindows:
     row_fields: dict[str, np.ndarray] = field(default_factory=dict)
     names: tuple[str, ...] = ()
     mask_key: str = "mask"
+    inner: Any = None  # ``(items [B, L] index, mask [B, L]) -> {name: [B, L, L2, ...]}``: a second level (note terms)
+    inner_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.starts = np.asarray(self.starts, dtype=np.int64)
@@ -297,7 +299,7 @@ class RaggedWindows:
         return int(len(self.starts))
 
     def keys(self) -> list[str]:
-        return [*self.names, self.mask_key]
+        return [*self.names, self.mask_key, *self.inner_names]
 
     @property
     def lengths(self) -> Tensor:
@@ -312,7 +314,8 @@ class RaggedWindows:
         """The rows ``idx`` (no item is copied)."""
         i = np.asarray(torch.as_tensor(idx, dtype=torch.long).numpy())
         return RaggedWindows(self.items, self.starts[i], self.row_lengths[i], self.transform,
-                             {k: v[i] for k, v in self.row_fields.items()}, self.names, self.mask_key)
+                             {k: v[i] for k, v in self.row_fields.items()}, self.names, self.mask_key, self.inner,
+                             self.inner_names)
 
     def pad(self, idx: Tensor | np.ndarray, max_len: int | None = None) -> dict[str, Tensor]:
         """Dense tensors for rows ``idx``, padded to the longest of them (see the class Shapes)."""
@@ -335,6 +338,8 @@ class RaggedWindows:
             t = torch.from_numpy(np.ascontiguousarray(out_np[k]))
             out[k] = torch.where(mask_t, t, torch.zeros((), dtype=t.dtype))
         out[self.mask_key] = mask_t
+        if self.inner is not None:
+            out.update(self.inner(src, mask))
         return out
 
     @property

@@ -68,17 +68,20 @@ def meds_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("options", [{}, {"max_events": 5, "log_skewed": True, "min_code_count": 2}])
+@pytest.mark.parametrize("options", [{}, {"max_events": 5, "log_skewed": True, "min_code_count": 2,
+                                     "max_notes": 1, "max_terms": 5}])
 def test_store_gives_the_in_memory_inputs_bit_for_bit(meds_root, tmp_path, options):
     mem = read_meds(meds_root, meds_root / "labels.parquet", series=SERIES)
     ooc = read_meds(meds_root, meds_root / "labels.parquet", series=SERIES, store=tmp_path / "stores")
     assert [s.name for s in ooc.modalities] == [s.name for s in mem.modalities]
     assert ooc.frame.schema["labs"] == pl.Struct({"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")})
     train = np.arange(0, mem.frame.height, 2)
-    for name in SERIES:
-        spec_m = ModalitySpec(name=name, kind="irregular_series", columns=[name], options=options)
+    for name in [*SERIES, "notes"]:  # the notes too: hashed once into a notes store
+        kind = "notes" if name == "notes" else "irregular_series"
+        mine = {k: v for k, v in options.items() if (k in ("max_notes", "max_terms")) == (kind == "notes")}
+        spec_m = ModalitySpec(name=name, kind=kind, columns=[name], options=mine)
         spec_o = next(s for s in ooc.modalities if s.name == name)
-        spec_o = spec_o.model_copy(update={"options": {**spec_o.options, **options}})
+        spec_o = spec_o.model_copy(update={"options": {**spec_o.options, **mine}})
         fm = fit_featurizers(mem.frame[train], [spec_m])[name]
         fo = fit_featurizers(ooc.frame[train], [spec_o])[name]
         assert fm.state_dict() == fo.state_dict()  # vocabulary, per-code moments, time scale: fitted on train rows
@@ -364,3 +367,30 @@ def test_resume_is_exact_with_length_grouping_and_a_store(meds_root, tmp_path):
     plain = fit_model(c.frame, c.y, c.modalities, **{**cfg, "trainer": cfg["trainer"].model_copy(
         update={"group_by_length": False})})
     assert plain.history != ref.history  # the option is in effect
+
+
+# --- notes out of core ------------------------------------------------------------------------------
+def test_notes_from_a_store_equal_notes_in_memory(tmp_path):
+    """Several notes per subject, blank ones, ties in time, notes after the cutoffs, an unsorted table: the
+    notes store (times + hashed term counts) gives the in-memory featurizer's IDF and batches bit for bit."""
+    from mmclin.datasets import notes_to_frame
+    from mmclin.datasets.event_store import notes_to_store
+
+    rng = np.random.default_rng(0)
+    words = ["sepsis", "stable", "pressors", "lactate", "rising", "extubated", "family", "meeting", "fever"]
+    rows = []
+    for s in range(25):
+        for _ in range(rng.integers(0, 8)):
+            text = " ".join(rng.choice(words, rng.integers(1, 12))) if rng.random() > 0.1 else "   "
+            rows.append((s, _h(float(np.round(rng.uniform(0, 60), 0))), text))
+    notes = pl.DataFrame(rows, schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "text": pl.String},
+                         orient="row").sample(fraction=1.0, shuffle=True, seed=1)
+    notes.write_parquet(tmp_path / "notes.parquet")
+    subjects = _subjects(notes)
+    for options in ({}, {"max_notes": 2, "max_terms": 7, "n_features": 4096}):
+        frame, spec = notes_to_store(tmp_path / "notes.parquet", subjects, name="nt", store=tmp_path / "s", **options)
+        mem = notes_to_frame(notes, subjects, name="nt")
+        fm = fit_featurizers(mem[::2], [ModalitySpec(name="nt", kind="notes", columns=["nt"], options=options)])["nt"]
+        fo = fit_featurizers(frame[::2], [spec])["nt"]
+        assert fm.state_dict() == fo.state_dict()
+        _same_batches(featurize(mem, {"nt": fm}), featurize(frame, {"nt": fo}), "nt", "nt", mem.height)

@@ -52,8 +52,8 @@ import polars as pl
 
 from mmclin.persistence.atomic import check_writable_parent, refused_write, write_json_atomic
 
-__all__ = ["EventSource", "EventStore", "event_source", "open_event_store", "default_store_dir",
-           "events_to_store", "STORE_OPTIONS"]
+__all__ = ["EventSource", "EventStore", "NoteStore", "event_source", "open_event_store", "default_store_dir",
+           "events_to_store", "notes_to_store", "STORE_OPTIONS"]
 
 FORMAT_VERSION = 1
 log = logging.getLogger("mmclin.datasets")
@@ -84,6 +84,8 @@ class EventSource:
     text_column: str | None = None  # events with a non-null text here are notes, not series events (MEDS)
     codes: tuple[str, ...] = ()  # keep codes starting with one of these (empty: every code)
     exclude_codes: tuple[str, ...] = ()  # ... and starting with none of these
+    kind: str = "events"  # "notes": the rows with a text (text_column), hashed by the notes featurizer
+    text_key: str = ""  # notes: how texts become term counts (the text featurizer and its options)
 
     def options(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "files"}
@@ -108,7 +110,7 @@ def _is_meds_root(path: Path) -> bool:
 
 def event_source(events: Any, *, id_column: str = "subject_id", time_column: str = "time", code_column: str = "code",
                  value_column: str | None = "numeric_value", text_column: str | None = None,
-                 codes: Any = None, exclude_codes: Any = None) -> EventSource:
+                 codes: Any = None, exclude_codes: Any = None, kind: str = "events", text_key: str = "") -> EventSource:
     """An :class:`EventSource` from a path (or list of paths): a MEDS dataset folder (its
     ``data/**/*.parquet``; events with a ``text_value`` are notes and left out), a folder of parquet
     files, a parquet/CSV file, or a glob. Every file's columns and types are checked here (parquet:
@@ -139,8 +141,12 @@ def event_source(events: Any, *, id_column: str = "subject_id", time_column: str
         text_column = "text_value"
     prefixes = tuple(codes or ()) if not isinstance(codes, str) else (codes,)
     excluded = tuple(exclude_codes or ()) if not isinstance(exclude_codes, str) else (exclude_codes,)
+    if kind == "notes":
+        if text_column is None:
+            raise ValueError("notes from event files need text_column (MEDS: text_value)")
+        value_column = None
     src = EventSource(tuple(files), id_column, time_column, code_column, value_column, text_column,
-                      tuple(p for p in prefixes if p != "") if "" not in prefixes else (), excluded)
+                      tuple(p for p in prefixes if p != "") if "" not in prefixes else (), excluded, kind, text_key)
     _check_files(src)
     return src
 
@@ -173,7 +179,9 @@ def _check_files(src: EventSource) -> None:
 
     for f in src.files:
         schema = _file_schema(f)
-        need = [src.id_column, src.time_column, src.code_column]
+        need = [src.id_column, src.time_column] + ([src.code_column] if src.kind == "events" or src.codes
+                                                     or src.exclude_codes else []) + \
+            ([src.text_column] if src.kind == "notes" else [])
         lacking = [c for c in need if c not in schema]
         if lacking:
             raise ValueError(f"events file {f!r} has no column {lacking[0]!r}; its columns are {list(schema)[:15]}")
@@ -381,7 +389,7 @@ class _RowGroups:
         import pyarrow.parquet as pq
 
         if path not in self.files:
-            pf = pq.ParquetFile(path, read_dictionary=[self.src.code_column])
+            pf = pq.ParquetFile(path, read_dictionary=[c for c in [self.src.code_column] if c in _file_schema(path)])
             sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
             self.files = {path: (pf, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))}
         pf, bounds = self.files[path]
@@ -409,6 +417,9 @@ def _keep_rows(t: Any, src: EventSource) -> Any:
 
     cols = [t.column(src.id_column), t.column(src.time_column)]
     drop = sum(c.null_count for c in cols)
+    if src.kind == "notes":
+        mask = pc.and_(pc.and_(pc.is_valid(cols[0]), pc.is_valid(cols[1])), pc.is_valid(t.column(src.text_column)))
+        return t.filter(mask)
     if src.text_column and src.text_column in t.column_names:
         text = t.column(src.text_column)
         drop += len(text) - text.null_count
@@ -465,11 +476,21 @@ def _read_range(src: EventSource, lo: int, hi: int, time_kind: str) -> Any:
 
 def _normalise(t: Any, src: EventSource, time_kind: str) -> Any:
     """A table in the store's column types: int64 id, int64 us / float64 time, dictionary code, float32 or
-    float64 value (float32 is kept as it is: widening it later is exact)."""
+    float64 value (float32 is kept as it is: widening it later is exact); notes: id, time, code, text."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     out = {"id": pc.cast(t.column(src.id_column), pa.int64())}
+    if src.kind == "notes":
+        tm = t.column(src.time_column)
+        if time_kind == "datetime":
+            tm = pc.cast(pc.cast(pc.cast(tm, pa.timestamp("us")) if pa.types.is_date(tm.type) else tm,
+                                 pa.timestamp("us"), safe=False), pa.int64())
+        out["time"] = tm if time_kind == "datetime" else pc.cast(tm, pa.float64())
+        code = t.column(src.code_column) if src.code_column in t.column_names else pa.nulls(t.num_rows, pa.string())
+        out["code"] = pc.cast(code.cast(code.type.value_type) if pa.types.is_dictionary(code.type) else code, pa.string())
+        out["text"] = pc.cast(t.column(src.text_column), pa.string())
+        return pa.table(out)
     tm = t.column(src.time_column)
     if time_kind == "datetime":
         if pa.types.is_date(tm.type):
@@ -622,6 +643,73 @@ def _sort_within(new: np.ndarray, t: np.ndarray, code: np.ndarray, value: np.nda
     return perm
 
 
+def _process_notes(table: Any, src: EventSource, counter: Any) -> dict[str, np.ndarray]:
+    """One partition's notes -> arrays: each subject's notes with non-blank text, sorted by (time, text), and
+    their term counts (``counter``: the text featurizer's hashing; stateless, so done once here)."""
+    frame = pl.from_arrow(table)
+    keep = pl.col("text").str.strip_chars().str.len_chars() > 0
+    if src.codes or src.exclude_codes:
+        code = pl.col("code")
+        if src.codes:
+            keep = keep & pl.any_horizontal([code.str.starts_with(p) for p in src.codes]).fill_null(False)
+        if src.exclude_codes:
+            keep = keep & ~pl.any_horizontal([code.str.starts_with(p) for p in src.exclude_codes]).fill_null(False)
+    frame = frame.filter(keep)
+    # subjects keep their first appearance's order (contiguous), notes sorted within a subject
+    first = frame.select(pl.col("id").rle_id().alias("run"), "id").group_by("id", maintain_order=True).agg(
+        pl.col("run").first())
+    frame = (frame.join(first, on="id", how="left", maintain_order="left")
+             .sort(["run", "time", "text"], maintain_order=True))
+    texts = frame["text"].to_list()
+    counts = counter(texts) if texts else None
+    subject = frame["id"].to_numpy()
+    if len(subject):
+        start = np.concatenate([[0], np.flatnonzero(subject[1:] != subject[:-1]) + 1])
+        subjects, per = subject[start], np.diff(np.append(start, len(subject)))
+    else:
+        subjects, per = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return {"time": frame["time"].to_numpy(),
+            "term_counts": np.diff(counts.indptr) if counts is not None else np.zeros(0, np.int64),
+            "term": counts.indices if counts is not None else np.zeros(0, np.int32),
+            "count": counts.data if counts is not None else np.zeros(0, np.float32),
+            "subjects": subjects, "counts": per}
+
+
+@dataclass
+class NoteStore:
+    """Per-subject notes on disk: note times and each note's hashed term counts (memory-mapped).
+
+    Shapes: subjects ``[S]``, offsets ``[S + 1]`` (over notes), time ``[N]``, term_offsets ``[N + 1]``,
+    term / count ``[T]``."""
+
+    subjects: np.ndarray
+    offsets: np.ndarray
+    time: np.ndarray
+    term_offsets: np.ndarray
+    term: np.ndarray
+    count: np.ndarray
+    time_kind: str
+    path: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._order = np.argsort(self.subjects, kind="stable")
+        self._sorted = self.subjects[self._order]
+
+    windows = EventStore.windows
+
+    @classmethod
+    def open(cls, path: str | Path) -> "NoteStore":
+        path = Path(path)
+        info = json.loads((path / "manifest.json").read_text())
+
+        def load(name: str) -> np.ndarray:
+            return np.load(path / f"{name}.npy", mmap_mode="r")
+
+        return cls(np.load(path / "subjects.npy"), np.load(path / "offsets.npy"), load("time"), load("term_offsets"),
+                   load("term"), load("count"), info["time_kind"], path, info)
+
+
 def _locate_bad_value(src: EventSource, subject: int, where: str) -> str:
     """Error text naming the file and row of the first infinite value of ``subject`` (found on the error path
     only: one scan per file)."""
@@ -662,19 +750,18 @@ def _npy_header(dtype: np.dtype, n: int) -> bytes:
 
 
 class _Writer:
-    """Appends finished partitions to the store's flat files; ``progress.json`` records what is complete,
-    so a killed build is truncated back to it and continues with the next partition."""
+    """Appends finished partitions to the store's flat files; ``progress.json`` records what is complete
+    (each file's length), so a killed build is truncated back to it and continues with the next partition.
+    ``code`` arrays arrive as partition-local indices and get store-wide ids (order of first appearance);
+    ``counts`` / ``term_counts`` become ``offsets`` / ``term_offsets`` at the end."""
 
-    ITEMS = ("time", "code", "value")
-    ROWS = ("subjects", "counts")
+    OFFSETS = {"counts": "offsets", "term_counts": "term_offsets"}
 
-    def __init__(self, folder: Path, time_kind: str, value_dtype: np.dtype) -> None:
-        self.folder = folder
-        self.dtypes = {"time": np.dtype(np.int64 if time_kind == "datetime" else np.float64),
-                       "code": np.dtype(np.int32), "value": np.dtype(value_dtype),
-                       "subjects": np.dtype(np.int64), "counts": np.dtype(np.int64)}
+    def __init__(self, folder: Path, dtypes: dict[str, Any]) -> None:
+        self.folder, self.dtypes = folder, {k: np.dtype(v) for k, v in dtypes.items()}
         path = folder / "progress.json"
-        self.progress = json.loads(path.read_text()) if path.exists() else {"done": 0, "items": 0, "rows": 0, "n_codes": 0}
+        self.progress = json.loads(path.read_text()) if path.exists() else {
+            "done": 0, "lengths": {k: 0 for k in self.dtypes}, "n_codes": 0}
         codes = []
         if (folder / "codes.txt").exists():  # one JSON string a line; lines past n_codes are a killed partition's
             codes = [json.loads(line) for line in (folder / "codes.txt").read_text(encoding="utf-8").splitlines()]
@@ -683,7 +770,7 @@ class _Writer:
             f.write("".join(json.dumps(c) + "\n" for c in codes))
         self.lookup = {c: i for i, c in enumerate(codes)}
         for name, dtype in self.dtypes.items():
-            n = self.progress["items" if name in self.ITEMS else "rows"]
+            n = self.progress["lengths"][name]
             with open(folder / f"{name}.npy", "r+b" if (folder / f"{name}.npy").exists() else "wb") as f:
                 f.truncate(_HEADER + n * dtype.itemsize)  # drops what a killed partition left
                 f.seek(0)
@@ -693,40 +780,45 @@ class _Writer:
     def done(self) -> int:
         return int(self.progress["done"])
 
-    def append(self, part: _Part) -> None:
-        ids = np.empty(len(part.codes) + 1, dtype=np.int32)
-        for j, c in enumerate(part.codes):  # codes get store-wide ids in order of first appearance
-            ids[j] = self.lookup.setdefault(c, len(self.lookup))
-        ids[-1] = -1
-        arrays = {"time": part.time, "code": ids[part.code], "value": part.value, "subjects": part.subjects,
-                  "counts": part.counts}
+    def append(self, arrays: dict[str, np.ndarray], codes: list[str] | None = None) -> None:
+        if codes is not None:
+            ids = np.empty(len(codes) + 1, dtype=np.int32)
+            for j, c in enumerate(codes):  # codes get store-wide ids in order of first appearance
+                ids[j] = self.lookup.setdefault(c, len(self.lookup))
+            ids[-1] = -1
+            arrays = {**arrays, "code": ids[arrays["code"]]}
+        lengths = dict(self.progress["lengths"])
         for name, arr in arrays.items():
             with open(self.folder / f"{name}.npy", "ab") as f:
                 np.ascontiguousarray(arr, dtype=self.dtypes[name]).tofile(f)
+            lengths[name] += len(arr)
         known = self.progress["n_codes"]
         if len(self.lookup) > known:  # this partition's new codes, appended (rewriting the whole list is not free)
             with open(self.folder / "codes.txt", "a", encoding="utf-8") as f:
                 f.write("".join(json.dumps(c) + "\n" for c in list(self.lookup)[known:]))
-        self.progress = {"done": self.done + 1, "items": self.progress["items"] + int(part.counts.sum()),
-                         "rows": self.progress["rows"] + len(part.subjects), "n_codes": len(self.lookup)}
+        self.progress = {"done": self.done + 1, "lengths": lengths, "n_codes": len(self.lookup)}
         write_json_atomic(self.folder / "progress.json", self.progress)
 
     def finish(self) -> dict[str, Any]:
         for name, dtype in self.dtypes.items():
             with open(self.folder / f"{name}.npy", "r+b") as f:
-                f.write(_npy_header(dtype, self.progress["items" if name in self.ITEMS else "rows"]))
-        subjects, counts = np.load(self.folder / "subjects.npy"), np.load(self.folder / "counts.npy")
+                f.write(_npy_header(dtype, self.progress["lengths"][name]))
+        subjects = np.load(self.folder / "subjects.npy")
         if len(np.unique(subjects)) != len(subjects):
             raise ValueError("event store: a subject's events came out in two partitions (did the input files change "
                              "during the build?); delete the partial build and retry")
-        offsets = np.zeros(len(subjects) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        np.save(self.folder / "offsets.npy", offsets)
-        (self.folder / "counts.npy").unlink()
+        for counts_name, offsets_name in self.OFFSETS.items():
+            if counts_name in self.dtypes:
+                counts = np.load(self.folder / f"{counts_name}.npy")
+                offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+                np.cumsum(counts, out=offsets[1:])
+                np.save(self.folder / f"{offsets_name}.npy", offsets)
+                (self.folder / f"{counts_name}.npy").unlink()
         (self.folder / "codes.json").write_text(json.dumps(list(self.lookup)))
         (self.folder / "progress.json").unlink()
         (self.folder / "codes.txt").unlink()
-        return {"n_events": int(offsets[-1]), "n_subjects": int(len(subjects)), "n_codes": len(self.lookup)}
+        n_items = int(np.load(self.folder / "offsets.npy", mmap_mode="r")[-1])
+        return {"n_events": n_items, "n_subjects": int(len(subjects)), "n_codes": len(self.lookup)}
 
 
 def _value_dtype(src: EventSource) -> np.dtype:
@@ -742,16 +834,17 @@ def _store_time_kind(src: EventSource) -> str:
     return kinds.pop() if kinds else "datetime"
 
 
-def build_store(src: EventSource, dest: Path, partition_events: int = PARTITION_EVENTS) -> EventStore:
-    """Build the store of ``src`` at ``dest`` (see the module docstring): locked, resumable, atomic."""
+def build_store(src: EventSource, dest: Path, partition_events: int = PARTITION_EVENTS, counter: Any = None) -> Any:
+    """Build the store of ``src`` at ``dest`` (see the module docstring): locked, resumable, atomic.
+    Notes (``src.kind == "notes"``) need ``counter``: texts -> scipy CSR of term counts (the text featurizer's)."""
     dest = Path(dest)
     check_writable_parent(dest, "event store", writable=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         with _lock(dest.parent / f".{dest.name}.lock"):
             if (dest / "manifest.json").exists():  # built by another process while this one waited
-                return EventStore.open(dest)
-            return _build_locked(src, dest, partition_events)
+                return NoteStore.open(dest) if src.kind == "notes" else EventStore.open(dest)
+            return _build_locked(src, dest, partition_events, counter)
     except Exception as err:
         refused = refused_write(err, dest, dest.parent)
         if refused is not None:
@@ -759,7 +852,7 @@ def build_store(src: EventSource, dest: Path, partition_events: int = PARTITION_
         raise
 
 
-def _build_locked(src: EventSource, dest: Path, partition_events: int) -> EventStore:
+def _build_locked(src: EventSource, dest: Path, partition_events: int, counter: Any = None) -> Any:
     t0 = _time.perf_counter()
     partial = dest.parent / f".{dest.name}.partial"
     partial.mkdir(exist_ok=True)
@@ -771,7 +864,13 @@ def _build_locked(src: EventSource, dest: Path, partition_events: int) -> EventS
         plan = {**_plan(src, partition_events), "partition_events": partition_events}
         write_json_atomic(plan_file, plan)
     time_kind, value_dtype = _store_time_kind(src), _value_dtype(src)
-    writer = _Writer(partial, time_kind, value_dtype)
+    time_dtype = np.int64 if time_kind == "datetime" else np.float64
+    if src.kind == "notes":
+        dtypes = {"time": time_dtype, "term_counts": np.int64, "term": np.int32, "count": np.float32,
+                  "subjects": np.int64, "counts": np.int64}
+    else:
+        dtypes = {"time": time_dtype, "code": np.int32, "value": value_dtype, "subjects": np.int64, "counts": np.int64}
+    writer = _Writer(partial, dtypes)
     if writer.done:
         log.info("event store %s: %d of %d partition(s) kept from an interrupted build", dest.name, writer.done,
                  len(plan["parts"]))
@@ -779,7 +878,13 @@ def _build_locked(src: EventSource, dest: Path, partition_events: int) -> EventS
     for i in range(writer.done, len(plan["parts"])):
         part = plan["parts"][i]
         where = f"rows {part[1]}..{part[2]} of {src.files[part[0]]!r}" if plan["clustered"] else f"subjects {part}"
-        writer.append(_process(_read_part(src, plan, part, time_kind, reader), src, where, plan["clustered"]))
+        table = _read_part(src, plan, part, time_kind, reader)
+        if src.kind == "notes":
+            writer.append(_process_notes(table, src, counter))
+        else:
+            p = _process(table, src, where, plan["clustered"])
+            writer.append({"time": p.time, "code": p.code, "value": p.value, "subjects": p.subjects,
+                           "counts": p.counts}, p.codes)
     counts = writer.finish()
     plan_file.unlink()
     info = {"format": FORMAT_VERSION, "key": dest.name, "source": src.options(), "files": list(src.files),
@@ -787,9 +892,9 @@ def _build_locked(src: EventSource, dest: Path, partition_events: int) -> EventS
             "clustered": plan["clustered"], "build_seconds": round(_time.perf_counter() - t0, 3), **counts}
     write_json_atomic(partial / "manifest.json", info)
     os.replace(partial, dest)  # the store appears complete, or not at all
-    log.info("event store %s: %d events of %d subjects in %.1f s", dest, counts["n_events"], counts["n_subjects"],
-             info["build_seconds"])
-    return EventStore.open(dest)
+    log.info("event store %s: %d %s of %d subjects in %.1f s", dest, counts["n_events"], src.kind,
+             counts["n_subjects"], info["build_seconds"])
+    return NoteStore.open(dest) if src.kind == "notes" else EventStore.open(dest)
 
 
 def build_in_memory(src: EventSource, partition_events: int = PARTITION_EVENTS) -> EventStore:
@@ -836,17 +941,19 @@ def window_length(window: Any, is_time: bool) -> Any:
 
 
 def open_event_store(src: EventSource, store: str | Path | None = None,
-                     partition_events: int = PARTITION_EVENTS) -> EventStore:
+                     partition_events: int = PARTITION_EVENTS, counter: Any = None) -> Any:
     """The store of ``src``: opened from ``store`` (a folder holding stores; default
     :func:`default_store_dir`) when built before, else built there first; ``store="memory"`` builds
     the arrays in memory (nothing written)."""
     if isinstance(store, str) and store == "memory":
+        if src.kind == "notes":
+            raise ValueError("notes from event files need an on-disk store (store: a folder), not 'memory'")
         return build_in_memory(src)
     root = Path(store) if store is not None else default_store_dir()
     dest = root / src.key()
     if (dest / "manifest.json").exists():
-        return EventStore.open(dest)
-    return build_store(src, dest, partition_events)
+        return NoteStore.open(dest) if src.kind == "notes" else EventStore.open(dest)
+    return build_store(src, dest, partition_events, counter)
 
 
 def events_to_store(events: Any, subjects: Any, *, name: str = "events", store: str | Path | None = None,
@@ -866,12 +973,41 @@ def events_to_store(events: Any, subjects: Any, *, name: str = "events", store: 
     featurizer reads the store per batch, fitted on training rows only.
     """
     from mmclin.cohort import ModalitySpec
-    from mmclin.datasets.events import scan_table
 
     src = event_source(events, id_column=id_column, time_column=time_column, code_column=code_column,
                        value_column=value_column, text_column=text_column, codes=codes, exclude_codes=exclude_codes)
     open_event_store(src, store, int(featurizer_options.get("partition_events", PARTITION_EVENTS)))
-    subj = scan_table(subjects, "subjects").collect() if not isinstance(subjects, pl.DataFrame) else subjects
+    frame = _reference_frame(subjects, name, id_column, prediction_time, window_start)
+    options = {**_source_options(events, store, id_column, time_column, time_unit, window, code_column=code_column,
+                                 value_column=value_column, codes=codes, exclude_codes=exclude_codes,
+                                 text_column=text_column), **featurizer_options}
+    return frame, ModalitySpec(name=name, kind="irregular_series", columns=[name], options=options)
+
+
+def notes_to_store(notes: Any, subjects: Any, *, name: str = "notes", store: str | Path | None = None,
+                   id_column: str = "subject_id", time_column: str = "time", text_column: str = "text",
+                   prediction_time: str = "prediction_time", window: Any = None, window_start: str | None = None,
+                   time_unit: str = "h", codes: Any = None, code_column: str = "code",
+                   **featurizer_options: Any) -> tuple[pl.DataFrame, Any]:
+    """Out-of-core :func:`~mmclin.datasets.events.notes_to_frame`: ``(frame, spec)`` as :func:`events_to_store`,
+    for a ``notes`` modality. The files are checked now; the notes store (note times and hashed term counts)
+    is built when the featurizer first needs it, since the hashing is the text featurizer's."""
+    from mmclin.cohort import ModalitySpec
+
+    event_source(notes, id_column=id_column, time_column=time_column, code_column=code_column, text_column=text_column,
+                 codes=codes, kind="notes")
+    frame = _reference_frame(subjects, name, id_column, prediction_time, window_start)
+    options = _source_options(notes, store, id_column, time_column, time_unit, window, codes=codes,
+                              text_column=text_column, code_column=code_column if codes else None)
+    return frame, ModalitySpec(name=name, kind="notes", columns=[name], options={**options, **featurizer_options})
+
+
+def _reference_frame(subjects: Any, name: str, id_column: str, prediction_time: str,
+                     window_start: str | None) -> pl.DataFrame:
+    """``subjects`` plus the reference column ``name``: ``struct{subject_id, prediction_time[, window_start]}``."""
+    from mmclin.datasets.events import scan_table
+
+    subj = subjects if isinstance(subjects, pl.DataFrame) else scan_table(subjects, "subjects").collect()
     for col in [id_column, prediction_time] + ([window_start] if window_start else []):
         if col not in subj.columns:
             raise ValueError(f"the subjects table has no column {col!r}; its columns are {subj.columns[:15]}")
@@ -880,16 +1016,16 @@ def events_to_store(events: Any, subjects: Any, *, name: str = "events", store: 
     fields = {"subject_id": pl.col(id_column).cast(pl.Int64), "prediction_time": pl.col(prediction_time)}
     if window_start:
         fields["window_start"] = pl.col(window_start)
-    frame = subj.with_columns(pl.struct(**fields).alias(name))
-    options: dict[str, Any] = {"events": [str(e) for e in events] if isinstance(events, (list, tuple)) else str(events),
-                               "store": str(store) if store is not None else None, "id_column": id_column,
-                               "time_column": time_column, "code_column": code_column, "value_column": value_column,
-                               "time_unit": time_unit}
-    if isinstance(window, dt.timedelta):  # options are JSON (saved with the model)
+    return subj.with_columns(pl.struct(**fields).alias(name))
+
+
+def _source_options(events: Any, store: Any, id_column: str, time_column: str, time_unit: str, window: Any,
+                    **more: Any) -> dict[str, Any]:
+    """A store-backed spec's options (JSON: they are saved with the model)."""
+    if isinstance(window, dt.timedelta):
         window = f"{window.total_seconds()}s"
-    for k, v in (("window", window), ("codes", codes), ("exclude_codes", exclude_codes), ("text_column", text_column)):
-        if v is not None:
-            options[k] = list(v) if isinstance(v, tuple) else v
-    options.update(featurizer_options)
-    options = {k: v for k, v in options.items() if v is not None}
-    return frame, ModalitySpec(name=name, kind="irregular_series", columns=[name], options=options)
+    options = {"events": [str(e) for e in events] if isinstance(events, (list, tuple)) else str(events),
+               "store": str(store) if store is not None else None, "id_column": id_column, "time_column": time_column,
+               "time_unit": time_unit, "window": window,
+               **{k: list(v) if isinstance(v, tuple) else v for k, v in more.items()}}
+    return {k: v for k, v in options.items() if v is not None or k == "value_column"}  # None: code-only events

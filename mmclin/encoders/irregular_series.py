@@ -320,7 +320,7 @@ FEATURIZERS.register("irregular_series")(IrregularSeriesFeaturizer)
 def _reference_column(frame: pl.DataFrame, spec: Any) -> str:
     """The one column of a store-backed modality: ``struct{subject_id, prediction_time[, window_start]}``."""
     if len(spec.columns) != 1:
-        raise ValueError(f"modality {spec.name!r} (irregular_series from an event store): expects exactly one "
+        raise ValueError(f"modality {spec.name!r} ({spec.kind} from an event store): expects exactly one "
                          f"reference column, got {spec.columns}")
     col = spec.columns[0]
     dtype = frame.schema[col]
@@ -340,18 +340,21 @@ def _time_unit_us(spec: Any) -> float:
     return table[unit]
 
 
-def store_windows(frame: pl.DataFrame, spec: Any) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
-    """Open (or build) the store a spec names and find each row's events: ``(store, starts, stops, cutoff)``,
-    events ``starts[i]:stops[i]`` with ``window start <= time <= cutoff`` (cutoff int64 us or float)."""
+def store_windows(frame: pl.DataFrame, spec: Any, store: Any = None) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    """Open (or build) the store a spec names (or use ``store``) and find each row's items:
+    ``(store, starts, stops, cutoff)``, items ``starts[i]:stops[i]`` with ``window start <= time <= cutoff``
+    (cutoff int64 us or float)."""
     from mmclin.datasets.event_store import event_source, open_event_store, window_length
 
     o = spec.options
     col = _reference_column(frame, spec)
-    src = event_source(o["events"], id_column=o.get("id_column", "subject_id"), time_column=o.get("time_column", "time"),
-                       code_column=o.get("code_column", "code"), value_column=o.get("value_column", "numeric_value"),
-                       text_column=o.get("text_column"), codes=o.get("codes"), exclude_codes=o.get("exclude_codes"))
-    store = open_event_store(src, o.get("store"), **({"partition_events": int(o["partition_events"])}
-                                                     if "partition_events" in o else {}))
+    if store is None:
+        src = event_source(o["events"], id_column=o.get("id_column", "subject_id"),
+                           time_column=o.get("time_column", "time"), code_column=o.get("code_column", "code"),
+                           value_column=o.get("value_column", "numeric_value"), text_column=o.get("text_column"),
+                           codes=o.get("codes"), exclude_codes=o.get("exclude_codes"))
+        store = open_event_store(src, o.get("store"), **({"partition_events": int(o["partition_events"])}
+                                                         if "partition_events" in o else {}))
     ref = frame.select(pl.col(col).struct.unnest()) if frame.height else None
     n = frame.height
     if ref is None:
