@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -238,3 +239,143 @@ def offsets_from_rows(row_of_item: np.ndarray, n_rows: int) -> np.ndarray:
     out = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(counts, out=out[1:])
     return out
+
+
+def item_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ranges ``[starts[i], starts[i] + lengths[i])`` (numpy; no Python loop)."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    before = np.cumsum(lengths) - lengths
+    return np.repeat(starts - before, lengths) + np.arange(total, dtype=np.int64)
+
+
+@dataclass
+class RaggedWindows:
+    """Rows that are windows into shared item arrays (possibly memory-mapped), padded per batch.
+
+    Where :class:`Ragged` owns its items (rows back to back), here row ``i`` reads items
+    ``starts[i] : starts[i] + lengths[i]`` of ``items``, which several rows may share (a subject's
+    events seen at several prediction times) and which may live on disk (``np.load(mmap_mode="r")``):
+    :meth:`take` subsets rows without touching items, and :meth:`pad` gathers only the batch's
+    items, then maps them with ``transform`` (fitted state such as code ids and standardisation,
+    applied per batch so one store serves every fold). Memory grows with rows and the batch, not
+    with the items.
+
+    Args:
+        items: ``{name: [E]}`` numpy arrays, shared by all rows.
+        starts, lengths: int64 ``[N]``; a row of length 0 has no items.
+        transform: ``(items {name: [B, L]}, rows {name: [B, 1]}) -> {field: [B, L] numpy}`` (row values
+            broadcast against the items); its output at padded slots is ignored (replaced by 0 / False).
+        row_fields: ``{name: [N]}`` per-row values ``transform`` needs (e.g. each row's cutoff).
+        names: the field names ``transform`` returns (for :meth:`keys`).
+
+    Shapes:
+        ``pad(idx)`` for ``B`` rows whose longest has ``L`` items (``L >= 1``): each field ``[B, L]``,
+        ``mask_key: [B, L]`` bool, as :meth:`Ragged.pad`.
+    """
+
+    items: dict[str, np.ndarray]
+    starts: np.ndarray
+    row_lengths: np.ndarray
+    transform: Any
+    row_fields: dict[str, np.ndarray] = field(default_factory=dict)
+    names: tuple[str, ...] = ()
+    mask_key: str = "mask"
+    inner: Any = None  # ``(items [B, L] index, mask [B, L]) -> {name: [B, L, L2, ...]}``: a second level (note terms)
+    inner_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.starts = np.asarray(self.starts, dtype=np.int64)
+        self.row_lengths = np.asarray(self.row_lengths, dtype=np.int64)
+        if self.starts.shape != self.row_lengths.shape or self.starts.ndim != 1:
+            raise ValueError(f"RaggedWindows: starts {self.starts.shape} and lengths {self.row_lengths.shape} must be "
+                             "1-D of one length")
+        for k, v in self.row_fields.items():
+            if len(v) != len(self.starts):
+                raise ValueError(f"RaggedWindows row field {k!r} has {len(v)} rows but there are {len(self.starts)}")
+
+    def __len__(self) -> int:
+        return int(len(self.starts))
+
+    def keys(self) -> list[str]:
+        return [*self.names, self.mask_key, *self.inner_names]
+
+    @property
+    def lengths(self) -> Tensor:
+        """Items per row, ``[N]``."""
+        return torch.from_numpy(self.row_lengths)
+
+    @property
+    def n_items(self) -> int:
+        return int(self.row_lengths.sum())
+
+    def take(self, idx: Tensor | np.ndarray) -> "RaggedWindows":
+        """The rows ``idx`` (no item is copied)."""
+        i = np.asarray(torch.as_tensor(idx, dtype=torch.long).numpy())
+        return RaggedWindows(self.items, self.starts[i], self.row_lengths[i], self.transform,
+                             {k: v[i] for k, v in self.row_fields.items()}, self.names, self.mask_key, self.inner,
+                             self.inner_names)
+
+    def pad(self, idx: Tensor | np.ndarray, max_len: int | None = None) -> dict[str, Tensor]:
+        """Dense tensors for rows ``idx``, padded to the longest of them (see the class Shapes)."""
+        i = np.asarray(torch.as_tensor(idx, dtype=torch.long).numpy())
+        starts, lengths = self.starts[i], self.row_lengths[i]
+        if max_len is not None:
+            lengths = np.minimum(lengths, max_len)
+        width = max(int(lengths.max()) if len(i) else 0, 1)
+        mask = np.arange(width) < lengths[:, None]
+        src = np.where(mask, starts[:, None] + np.arange(width), 0)
+        n_items = min((len(a) for a in self.items.values()), default=0)
+        if n_items == 0:  # no items at all: every row is padding
+            raw = {k: np.zeros(mask.shape, dtype=a.dtype) for k, a in self.items.items()}
+        else:
+            raw = {k: np.asarray(a[src]) for k, a in self.items.items()}
+        out_np = self.transform(raw, {k: v[i][:, None] for k, v in self.row_fields.items()})
+        mask_t = torch.from_numpy(mask)
+        out: dict[str, Tensor] = {}
+        for k in self.names:
+            t = torch.from_numpy(np.ascontiguousarray(out_np[k]))
+            out[k] = torch.where(mask_t, t, torch.zeros((), dtype=t.dtype))
+        out[self.mask_key] = mask_t
+        if self.inner is not None:
+            out.update(self.inner(src, mask))
+        return out
+
+    @property
+    def fields(self) -> "Mapping[str, Tensor]":
+        """Every row's items after ``transform``, back to back (as :attr:`Ragged.fields`), computed per key
+        when asked: materialises ``n_items`` values (rows x their kept length), gathered ~4M at a time."""
+        return _WindowFields(self)
+
+
+class _WindowFields(Mapping):
+    """:attr:`RaggedWindows.fields`: one key at a time, nothing kept."""
+
+    def __init__(self, rw: RaggedWindows) -> None:
+        self.rw = rw
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rw.names)
+
+    def __len__(self) -> int:
+        return len(self.rw.names)
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self.rw.names:
+            raise KeyError(key)
+        rw, parts = self.rw, []
+        n, start = len(rw), 0
+        while start < n:
+            budget = np.cumsum(rw.row_lengths[start:])
+            stop = min(n, start + max(1, int(np.searchsorted(budget, 1 << 22, side="right"))))
+            rows = np.arange(start, stop)
+            ids = item_ranges(rw.starts[rows], rw.row_lengths[rows])
+            start = stop
+            if not len(ids):
+                continue
+            owner = np.repeat(rows, rw.row_lengths[rows])
+            got = rw.transform({k: np.asarray(a[ids])[None, :] for k, a in rw.items.items()},
+                               {k: v[owner][None, :] for k, v in rw.row_fields.items()})
+            parts.append(torch.from_numpy(np.ascontiguousarray(got[key][0])))
+        return torch.cat(parts) if parts else torch.zeros(0)

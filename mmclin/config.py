@@ -94,6 +94,9 @@ class TrainerConfig(BaseModel):
     progress_bar: bool = True
     # `mmclin fit`: checkpoint every N epochs (0: never) so `mmclin fit --resume` continues an interrupted run
     checkpoint_every: int = Field(1, ge=0)
+    # training batches of rows of similar length (events, notes; shuffled groups of 50 batches sorted by
+    # length, mmclin.training.data.LengthGroupedBatches): far less padding when lengths are heavy-tailed
+    group_by_length: bool = False
 
 
 class PretrainConfig(BaseModel):

@@ -20,6 +20,7 @@ later ones are removed before aggregation. The dataset's own splits become a ``s
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from pathlib import Path
@@ -167,6 +168,7 @@ def read_meds(
     time_unit: str = "h",
     max_events: int | None = None,
     max_static_codes: int = 50,
+    store: str | Path | None = None,
 ) -> Cohort:
     """Read a MEDS dataset and a MEDS (ACES) label table into a one-row-per-prediction cohort.
 
@@ -182,6 +184,11 @@ def read_meds(
         window: observation window before each prediction time (``"48h"``, a timedelta).
         time_unit: unit of event times relative to the prediction time. max_events: most recent kept.
         max_static_codes: static codes (null time) kept as tabular columns, most frequent first.
+        store: out of core: a folder of event stores (:mod:`mmclin.datasets.event_store`). The series and
+            notes modalities' columns then hold references (``struct{subject_id, prediction_time}``) and
+            their events are read from the stores per batch (notes: hashed once into a notes store when the
+            featurizer first fits); ``max_events`` becomes the featurizer's (each row's most recent events in
+            a batch). Default None: the events are aggregated into the frame.
 
     Returns:
         ``Cohort`` whose frame has ``sample_id`` (``"<subject_id>@<prediction_time>"``),
@@ -253,7 +260,18 @@ def read_meds(
     taken = pl.lit(False)
     common = dict(id_column="subject_id", time_column="time", prediction_time="prediction_time", window=window,
                   time_unit=time_unit)
+    earlier: list[str] = []
     for name, prefixes in groups.items():
+        if store is not None:  # out of core: the frame holds references, the store the events
+            from mmclin.datasets.event_store import events_to_store
+
+            frame, spec = events_to_store(root, frame, name=name, store=store, prediction_time="prediction_time",
+                                          window=window, time_unit=time_unit, codes=[p for p in prefixes if p] or None,
+                                          exclude_codes=list(earlier) or None,
+                                          **({"max_events": max_events} if max_events is not None else {}))
+            earlier += [p for p in prefixes if p] if "" not in prefixes and prefixes else [""]
+            specs.append(spec)
+            continue
         match = _prefix_filter(prefixes)
         frame = events_to_frame(numeric.filter(match & ~taken), frame, name=name, max_events=max_events, **common)
         taken = taken | match
@@ -261,6 +279,19 @@ def read_meds(
     if has_text:
         text_groups = notes or {"notes": [""]}
         for name, prefixes in text_groups.items():
+            if store is not None:  # out of core: references; the notes featurizer builds its notes store
+                codes = [p for p in prefixes if p] if "" not in prefixes and prefixes else None
+                match = timed.filter(pl.col("text_value").is_not_null() & _prefix_filter(prefixes))
+                if notes is None and not match.head(1).select(pl.len()).collect(engine="streaming").item():
+                    continue
+                frame = frame.with_columns(pl.struct(subject_id=pl.col("subject_id").cast(pl.Int64),
+                                                     prediction_time="prediction_time").alias(name))
+                options = {"events": str(root), "store": str(store), "time_unit": time_unit, "text_column": "text_value",
+                           "codes": codes, "window": window if not isinstance(window, dt.timedelta)
+                           else f"{window.total_seconds()}s"}
+                specs.append(ModalitySpec(name=name, kind="notes", columns=[name],
+                                          options={k: v for k, v in options.items() if v is not None}))
+                continue
             txt = timed.filter(pl.col("text_value").is_not_null() & _prefix_filter(prefixes))
             frame = notes_to_frame(txt, frame, name=name, text_column="text_value", **common)
             if notes is not None or frame[name].is_not_null().any():

@@ -23,12 +23,13 @@ import polars as pl
 import torch
 from torch import Tensor, nn
 
-from mmclin.batch import ModalityTokens
+from mmclin.batch import ModalityTokens, Ragged, RaggedWindows, item_ranges, offsets_from_rows
+from mmclin.datasets.event_store import STORE_OPTIONS
 from mmclin.encoders.base import Featurizer, ModalityEncoder
 from mmclin.registry import ENCODERS, FEATURIZERS
-from mmclin.batch import Ragged, offsets_from_rows
 
 PAD_CODE, UNKNOWN_CODE, FIRST_CODE = 0, 1, 2
+STREAM_ITEMS = 1 << 22  # events per chunk when a featurizer streams an event store (~100 MB)
 
 
 def list_column_present(frame: pl.DataFrame, column: str) -> Tensor:
@@ -94,9 +95,17 @@ class IrregularSeriesFeaturizer(Featurizer):
     """
 
     kind = "irregular_series"
-    option_names: ClassVar[tuple[str, ...]] = ("max_events", "min_code_count", "clip", "log_skewed")
+    option_names: ClassVar[tuple[str, ...]] = ("max_events", "min_code_count", "clip", "log_skewed", *STORE_OPTIONS)
+
+    @property
+    def from_store(self) -> bool:
+        """Out of core: the spec's ``options["events"]`` names event files, the column holds references
+        (:func:`mmclin.datasets.event_store.events_to_store`) and batches are read from the event store."""
+        return "events" in self.spec.options
 
     def _column(self, frame: pl.DataFrame) -> str:
+        if self.from_store:
+            return _reference_column(frame, self.spec)
         if len(self.spec.columns) != 1:
             raise ValueError(f"modality {self.spec.name!r} (irregular_series): expects exactly one list[struct{{time, code, value}}] "
                              f"column, got {self.spec.columns}")
@@ -106,7 +115,14 @@ class IrregularSeriesFeaturizer(Featurizer):
         return col
 
     def present_rows(self, frame: pl.DataFrame) -> Tensor:
+        if self.from_store:
+            _, starts, stops, _ = self._windows(frame)
+            return torch.from_numpy(stops > starts)
         return list_column_present(frame, self._column(frame))
+
+    def _windows(self, frame: pl.DataFrame) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+        """``(store, starts, stops, cutoff)``: each row's events in the store (see ``store_windows``)."""
+        return store_windows(frame, self.spec)
 
     def _events(self, frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         col = self._column(frame)
@@ -127,6 +143,8 @@ class IrregularSeriesFeaturizer(Featurizer):
         self.log_skewed = bool(o.get("log_skewed", False))
         if self.max_events < 1:
             raise ValueError(f"modality {self.spec.name!r}: max_events must be >= 1, got {self.max_events}")
+        if self.from_store:
+            return self._fit_from_store(frame)
         self.check_present_in_training(frame, self.present_rows(frame))
         rows, t, v, codes = self._events(frame)
         counts = codes.drop_nulls().value_counts(sort=True, name="n").filter(pl.col("n") >= self.min_code_count)
@@ -173,7 +191,95 @@ class IrregularSeriesFeaturizer(Featurizer):
         phys = codes.cast(lookup, strict=False).to_physical()
         return (phys.cast(pl.Int64) + FIRST_CODE).fill_null(UNKNOWN_CODE).to_numpy()
 
-    def transform(self, frame: pl.DataFrame) -> tuple[Ragged, Tensor]:
+    def _fit_from_store(self, frame: pl.DataFrame) -> "IrregularSeriesFeaturizer":
+        """:meth:`fit` over the event store, streaming the training rows' events in chunks (flat order: rows,
+        then time): the same statistics, bit for bit, as over the rows held in memory (sums accumulate in
+        that order, the 1% time quantile from the smallest values kept)."""
+        store, starts, stops, cut = self._windows(frame)
+        self.check_present_in_training(frame, torch.from_numpy(stops > starts))
+        lengths = stops - starts
+        unit = _time_unit_us(self.spec)
+        n_store = len(store.codes)
+        slots = n_store + 1  # the last slot: events without a code
+        counts = np.zeros(slots, dtype=np.int64)
+        # per store code, in flat order: a code's sums are then those of its model id (log_skewed aside)
+        obs_n, obs_s1, obs_s2 = np.zeros(slots), np.zeros(slots), np.zeros(slots)
+        n_items = int(lengths.sum())
+        hi, low = -np.inf, _LowQuantile(n_items, 0.01)
+        for code, v, t in _store_chunks(store, starts, lengths, cut, unit):
+            slot = np.where(code < 0, n_store, code)
+            counts += np.bincount(slot, minlength=slots)
+            if not self.log_skewed:
+                obs = ~np.isnan(v)
+                np.add.at(obs_n, slot[obs], 1.0)
+                np.add.at(obs_s1, slot[obs], v[obs])
+                np.add.at(obs_s2, slot[obs], v[obs] ** 2)
+            if len(t):
+                hi = max(hi, float(t.max()))
+                low.add(t)
+        self.vocab = sorted(store.codes[i] for i in np.flatnonzero(counts[:-1] >= self.min_code_count))
+        lookup = _store_lookup(store, self.vocab)
+        n = len(self.vocab) + FIRST_CODE
+        lo = low.value() if n_items else hi
+        self.time_shift, self.time_scale = hi, (hi - lo) if hi > lo else 1.0
+        unknown = np.flatnonzero((lookup == UNKNOWN_CODE) & (obs_n > 0))
+        if not self.log_skewed and len(unknown) <= 1:
+            # one slot per model id: its flat-order sums are the in-memory ones, bit for bit
+            cnt, s1, s2 = np.zeros(n), np.zeros(n), np.zeros(n)
+            used = np.flatnonzero(obs_n > 0)
+            cnt[lookup[used]], s1[lookup[used]], s2[lookup[used]] = obs_n[used], obs_s1[used], obs_s2[used]
+            self.log_codes = []
+            self._set_moments(cnt, s1, s2, n)
+            return self
+        self.log_codes = []
+        if self.log_skewed:  # the moments of _skewed_codes, accumulated in the in-memory order
+            cnt, s1 = np.zeros(n), np.zeros(n)
+            positive = np.zeros(n)
+            for ids, v, obs in _store_values(store, starts, lengths, cut, unit, lookup):
+                np.add.at(cnt, ids[obs], 1.0)
+                np.add.at(s1, ids[obs], v[obs])
+                np.add.at(positive, ids[obs], (v[obs] <= 0).astype(float))
+            cnt_i = cnt.astype(np.int64)
+            mean = np.divide(s1, cnt_i, out=np.zeros(n), where=cnt_i > 0)
+            m2, m3 = np.zeros(n), np.zeros(n)
+            for ids, v, obs in _store_values(store, starts, lengths, cut, unit, lookup):
+                d = v[obs] - mean[ids[obs]]
+                np.add.at(m2, ids[obs], d**2)
+                np.add.at(m3, ids[obs], d**3)
+            m2 = np.divide(m2, cnt_i, out=np.zeros(n), where=cnt_i > 0)
+            m3 = np.divide(m3, cnt_i, out=np.zeros(n), where=cnt_i > 0)
+            skew = np.divide(m3, m2**1.5, out=np.zeros(n), where=m2 > 0)
+            self.log_codes = np.flatnonzero((positive == 0) & (cnt_i > 2) & (skew > 2.0)).tolist()
+        cnt, s1, s2 = np.zeros(n), np.zeros(n), np.zeros(n)
+        for ids, v, obs in _store_values(store, starts, lengths, cut, unit, lookup):
+            v = self._log(ids, v)
+            np.add.at(cnt, ids[obs], 1.0)
+            np.add.at(s1, ids[obs], v[obs])
+            np.add.at(s2, ids[obs], v[obs] ** 2)
+        self._set_moments(cnt, s1, s2, n)
+        return self
+
+    def _set_moments(self, cnt: np.ndarray, s1: np.ndarray, s2: np.ndarray, n: int) -> None:
+        """Per-code mean and sd from observed counts and sums, as :meth:`fit` computes them."""
+        cnt = cnt.astype(np.int64)
+        mean = np.divide(s1, cnt, out=np.zeros(n), where=cnt > 0)
+        var = np.divide(s2, cnt, out=np.ones(n), where=cnt > 0) - mean**2
+        std = np.sqrt(np.clip(var, 0, None))
+        self.mean = mean.tolist()
+        self.std = np.where(std > 1e-12, std, 1.0).tolist()
+
+    def _transform_from_store(self, frame: pl.DataFrame) -> tuple[RaggedWindows, Tensor]:
+        store, starts, stops, cut = self._windows(frame)
+        kept = np.maximum(starts, stops - self.max_events)  # the most recent max_events
+        items = _EventItems(_store_lookup(store, self.vocab), self.mean, self.std, self.log_codes, self.clip,
+                            self.time_shift, self.time_scale, _time_unit_us(self.spec), store.time_kind)
+        ragged = RaggedWindows({"code": store.code, "value": store.value, "time": store.time}, kept, stops - kept,
+                               items, {"cutoff": cut}, ("code", "value", "value_missing", "time"))
+        return ragged, torch.from_numpy(stops > starts)
+
+    def transform(self, frame: pl.DataFrame) -> tuple[Ragged | RaggedWindows, Tensor]:
+        if self.from_store:
+            return self._transform_from_store(frame)
         rows, t, v, codes = self._events(frame)
         keep = keep_most_recent(rows, frame.height, self.max_events)
         if not keep.all():
@@ -208,6 +314,166 @@ class IrregularSeriesFeaturizer(Featurizer):
 
 
 FEATURIZERS.register("irregular_series")(IrregularSeriesFeaturizer)
+
+
+# --- out of core: the featurizer over an event store ----------------------------------------------
+def _reference_column(frame: pl.DataFrame, spec: Any) -> str:
+    """The one column of a store-backed modality: ``struct{subject_id, prediction_time[, window_start]}``."""
+    if len(spec.columns) != 1:
+        raise ValueError(f"modality {spec.name!r} ({spec.kind} from an event store): expects exactly one "
+                         f"reference column, got {spec.columns}")
+    col = spec.columns[0]
+    dtype = frame.schema[col]
+    names = [f.name for f in dtype.fields] if isinstance(dtype, pl.Struct) else []
+    if "subject_id" not in names or "prediction_time" not in names:
+        raise ValueError(f"modality {spec.name!r}, column {col!r}: options name event files ('events'), so the column "
+                         f"must reference them as struct{{subject_id, prediction_time[, window_start]}}, got {dtype}; "
+                         "build it with mmclin.datasets.events_to_store")
+    return col
+
+
+def _time_unit_us(spec: Any) -> float:
+    unit = spec.options.get("time_unit", "h")
+    table = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6, "d": 86400e6}
+    if unit not in table:
+        raise ValueError(f"modality {spec.name!r}: time_unit={unit!r}; choose one of {sorted(table)}")
+    return table[unit]
+
+
+def store_windows(frame: pl.DataFrame, spec: Any, store: Any = None) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    """Open (or build) the store a spec names (or use ``store``) and find each row's items:
+    ``(store, starts, stops, cutoff)``, items ``starts[i]:stops[i]`` with ``window start <= time <= cutoff``
+    (cutoff int64 us or float)."""
+    from mmclin.datasets.event_store import event_source, open_event_store, window_length
+
+    o = spec.options
+    col = _reference_column(frame, spec)
+    if store is None:
+        src = event_source(o["events"], id_column=o.get("id_column", "subject_id"),
+                           time_column=o.get("time_column", "time"), code_column=o.get("code_column", "code"),
+                           value_column=o.get("value_column", "numeric_value"), text_column=o.get("text_column"),
+                           codes=o.get("codes"), exclude_codes=o.get("exclude_codes"))
+        store = open_event_store(src, o.get("store"), **({"partition_events": int(o["partition_events"])}
+                                                         if "partition_events" in o else {}))
+    ref = frame.select(pl.col(col).struct.unnest()) if frame.height else None
+    n = frame.height
+    if ref is None:
+        return store, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    known = frame[col].is_not_null() & ref["subject_id"].is_not_null()
+    cut_col = ref["prediction_time"]
+    bad = known & cut_col.is_null()
+    if bad.any():
+        i = int(bad.arg_max())
+        raise ValueError(f"modality {spec.name!r}, column {col!r}, row {i}: the reference has no prediction_time; "
+                         "every row needs a cutoff")
+    is_time = cut_col.dtype.is_temporal()
+    if is_time != (store.time_kind == "datetime"):
+        raise ValueError(f"modality {spec.name!r}, column {col!r}: prediction_time is {cut_col.dtype} but the events' "
+                         f"times are {'datetimes' if store.time_kind == 'datetime' else 'numbers'}; both must be one kind")
+
+    def physical(s: pl.Series) -> np.ndarray:
+        if is_time:
+            return s.cast(pl.Datetime("us")).to_physical().fill_null(0).to_numpy()
+        return s.cast(pl.Float64).fill_null(0.0).to_numpy()
+
+    cut = physical(cut_col)
+    start = None
+    if o.get("window") is not None:
+        start = cut - window_length(o["window"], is_time)
+    if "window_start" in ref.columns:
+        ws = ref["window_start"]
+        given = ws.is_not_null().to_numpy()
+        wv = physical(ws)
+        start = np.where(given, wv, -np.inf if not is_time else np.iinfo(np.int64).min) if start is None else \
+            np.where(given, np.maximum(start, wv), start)
+    starts, stops = store.windows(np.asarray(ref["subject_id"].fill_null(0).cast(pl.Int64).to_numpy()), cut, start,
+                                  known.to_numpy())
+    assert len(starts) == n
+    return store, starts, stops, cut
+
+
+def _store_lookup(store: Any, vocab: list[str]) -> np.ndarray:
+    """Store code index -> model code id (as ``_code_ids``: unseen codes UNKNOWN); index -1 (no code) -> UNKNOWN."""
+    phys = pl.Series(store.codes, dtype=pl.String).cast(pl.Enum(vocab), strict=False).to_physical()
+    ids = (phys.cast(pl.Int64) + FIRST_CODE).fill_null(UNKNOWN_CODE).to_numpy()
+    return np.append(ids, UNKNOWN_CODE).astype(np.int64)
+
+
+def _relative_time(time: np.ndarray, cut: np.ndarray, unit_us: float, kind: str) -> np.ndarray:
+    """Event time relative to the row's cutoff, as events_to_frame computes it (float64): through polars, whose
+    division by a scalar (a multiplication by its reciprocal) differs from numpy's in the last bit."""
+    if kind == "datetime":
+        diff = np.asarray(time - cut)
+        return (pl.Series(diff.reshape(-1)).cast(pl.Float64) / unit_us).to_numpy().reshape(diff.shape)
+    return (time - cut).astype(np.float64)
+
+
+def _store_chunks(store: Any, starts: np.ndarray, lengths: np.ndarray, cut: np.ndarray, unit_us: float):
+    """``(code, value, relative time)`` of the rows' events in flat order (rows, then time), ~``budget`` at a time."""
+    n, i, budget = len(starts), 0, STREAM_ITEMS
+    csum = np.cumsum(lengths)
+    while i < n:
+        done = csum[i - 1] if i else 0
+        j = min(n, max(i + 1, int(np.searchsorted(csum, done + budget, side="right"))))
+        ids = item_ranges(starts[i:j], lengths[i:j])
+        owner = np.repeat(np.arange(i, j), lengths[i:j])
+        yield (np.asarray(store.code[ids]), np.asarray(store.value[ids]).astype(np.float64),
+               _relative_time(np.asarray(store.time[ids]), cut[owner], unit_us, store.time_kind))
+        i = j
+
+
+def _store_values(store: Any, starts: np.ndarray, lengths: np.ndarray, cut: np.ndarray, unit_us: float,
+                  lookup: np.ndarray):
+    """``(model code ids, values, observed)`` chunks, as :func:`_store_chunks`."""
+    for code, v, _ in _store_chunks(store, starts, lengths, cut, unit_us):
+        yield lookup[code], v, ~np.isnan(v)
+
+
+class _LowQuantile:
+    """``np.quantile(x, q)`` (linear) of a stream of ``n`` values, keeping only its smallest ``k + 2``."""
+
+    def __init__(self, n: int, q: float) -> None:
+        self.n, self.q = n, q
+        self.virtual = (n - 1) * q
+        self.j = int(np.floor(self.virtual)) if n else 0
+        self.keep = min(self.j + 2, n)
+        self.buf = np.zeros(0)
+
+    def add(self, x: np.ndarray) -> None:
+        both = np.concatenate([self.buf, x])
+        if len(both) > self.keep:
+            both = np.partition(both, self.keep - 1)[:self.keep]
+        self.buf = both
+
+    def value(self) -> float:
+        s = np.sort(self.buf)
+        a, b = s[self.j], s[min(self.j + 1, self.n - 1)]
+        # np.quantile of [a, b] at the fractional part: numpy's own interpolation, bit for bit
+        return float(np.quantile(np.array([a, b]), self.virtual - self.j))
+
+
+class _EventItems:
+    """A batch's raw store items -> model inputs, with the featurizer's fitted state (picklable)."""
+
+    def __init__(self, lookup: np.ndarray, mean: list[float], std: list[float], log_codes: list[int], clip: float,
+                 time_shift: float, time_scale: float, unit_us: float, kind: str) -> None:
+        self.lookup, self.mean, self.std = lookup, np.asarray(mean), np.asarray(std)
+        self.log = np.zeros(len(self.mean), dtype=bool)
+        self.log[np.asarray(log_codes, dtype=np.int64)] = True
+        self.any_log = bool(len(log_codes))
+        self.clip, self.time_shift, self.time_scale, self.unit_us, self.kind = clip, time_shift, time_scale, unit_us, kind
+
+    def __call__(self, items: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = self.lookup[items["code"]]
+        v = items["value"].astype(np.float64)
+        missing = np.isnan(v)
+        if self.any_log:
+            v = np.where(self.log[ids], np.log(np.clip(v, np.finfo(float).tiny, None)), v)
+        z = (v - self.mean[ids]) / self.std[ids]
+        z = np.clip(np.where(missing, 0.0, z), -self.clip, self.clip)
+        t = _relative_time(items["time"], rows["cutoff"], self.unit_us, self.kind)
+        return {"code": ids, "value": z.astype(np.float32), "value_missing": missing,
+                "time": ((t - self.time_shift) / self.time_scale).astype(np.float32)}
 
 
 class TimeEmbedding(nn.Module):

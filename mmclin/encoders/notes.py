@@ -22,11 +22,14 @@ import polars as pl
 import torch
 from torch import Tensor, nn
 
-from mmclin.batch import ModalityTokens
+from mmclin.batch import ModalityTokens, Ragged, RaggedWindows, item_ranges, offsets_from_rows
+from mmclin.datasets.event_store import STORE_OPTIONS
 from mmclin.encoders.base import Featurizer, ModalityEncoder
-from mmclin.encoders.irregular_series import TimeEmbedding, check_list_struct, keep_most_recent
+from mmclin.encoders.irregular_series import (TimeEmbedding, _reference_column, _relative_time, _time_unit_us,
+                                              check_list_struct, keep_most_recent, store_windows)
 from mmclin.registry import ENCODERS, FEATURIZERS
-from mmclin.batch import Ragged, offsets_from_rows
+
+HASHING_VERSION = "hashed-ngrams-1"  # word 1-2-grams + char_wb 3-5-grams: part of a notes store's key
 
 
 class HashedNgrams:
@@ -103,7 +106,33 @@ class NotesFeaturizer(Featurizer):
 
     kind = "notes"
     option_names: ClassVar[tuple[str, ...]] = ("max_notes", *HashedNgrams.option_names, "model_path", "mode",
-                                               "max_length", "embed_batch_size")
+                                               "max_length", "embed_batch_size", *STORE_OPTIONS)
+
+    @property
+    def from_store(self) -> bool:
+        """Out of core: ``options["events"]`` names event files (MEDS ``text_value`` events, or a notes table
+        with ``text_column``); the column holds references and notes are read from a notes store."""
+        return "events" in self.spec.options
+
+    def _store(self, text: Any) -> Any:
+        from mmclin.datasets.event_store import event_source, open_event_store
+
+        if not isinstance(text, HashedNgrams):
+            raise ValueError(f"modality {self.spec.name!r}: notes from an event store work with the built-in 'notes' "
+                             f"encoder (hashed n-grams), not {self.spec.encoder_name!r}; aggregate the notes into the "
+                             "frame with notes_to_frame for it")
+        o = self.spec.options
+        src = event_source(o["events"], id_column=o.get("id_column", "subject_id"),
+                           time_column=o.get("time_column", "time"), code_column=o.get("code_column", "code"),
+                           text_column=o.get("text_column"), codes=o.get("codes"), exclude_codes=o.get("exclude_codes"),
+                           kind="notes", text_key=f"{HASHING_VERSION}:{text.n_features}")
+        return open_event_store(src, o.get("store"), counter=text._counts,
+                                **({"partition_events": int(o["partition_events"])} if "partition_events" in o else {}))
+
+    def _kept(self, frame: pl.DataFrame, text: Any) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(store, starts, stops, kept starts, cutoff)``: each row's notes and its most recent ``max_notes``."""
+        store, starts, stops, cut = store_windows(frame, self.spec, self._store(text))
+        return store, starts, stops, np.maximum(starts, stops - self.max_notes), cut
 
     def _text_featurizer(self) -> Any:
         from mmclin.registry import load_builtin_components
@@ -117,6 +146,8 @@ class NotesFeaturizer(Featurizer):
         return factory(self.spec.options)
 
     def _column(self, frame: pl.DataFrame) -> str:
+        if self.from_store:
+            return _reference_column(frame, self.spec)
         if len(self.spec.columns) != 1:
             raise ValueError(f"modality {self.spec.name!r} (notes): expects exactly one list[struct{{time, text}}] column, "
                              f"got {self.spec.columns}")
@@ -141,6 +172,9 @@ class NotesFeaturizer(Featurizer):
     def present_rows(self, frame: pl.DataFrame) -> Tensor:
         """Present when the row has at least one note with non-blank text: a row of empty notes is
         absent (the same rule as :func:`mmclin.datasets.notes_to_frame`), never an all-padding row."""
+        if self.from_store:
+            _, starts, stops, _ = store_windows(frame, self.spec, self._store(self._text_featurizer()))
+            return torch.from_numpy(stops > starts)
         col = self._column(frame)
         p = frame.select(pl.col(col).list.eval(_has_text(pl.element().struct.field("text"))).list.any()).to_series()
         return torch.from_numpy(p.fill_null(False).to_numpy().copy())
@@ -149,6 +183,8 @@ class NotesFeaturizer(Featurizer):
         self.max_notes = int(self.spec.options.get("max_notes", 32))
         if self.max_notes < 1:
             raise ValueError(f"modality {self.spec.name!r}: max_notes must be >= 1, got {self.max_notes}")
+        if self.from_store:
+            return self._fit_from_store(frame)
         present = self.present_rows(frame)
         col = self._column(frame)
         if frame.height and not bool(present.any()) and frame[col].list.len().fill_null(0).sum() > 0:
@@ -167,7 +203,41 @@ class NotesFeaturizer(Featurizer):
         self.time_shift, self.time_scale = hi, (hi - lo) if hi > lo else 1.0
         return self
 
-    def transform(self, frame: pl.DataFrame) -> tuple[Ragged, Tensor]:
+    def _fit_from_store(self, frame: pl.DataFrame) -> "NotesFeaturizer":
+        """:meth:`fit` over a notes store: IDF from the term counts of the training rows' most recent notes
+        (hashed once, when the store was built), times as in memory; the same state, bit for bit."""
+        text = self._text_featurizer()
+        foreign = sorted(set(self.spec.options) & set(self.option_names) - {"max_notes", *text.option_names,
+                                                                             *STORE_OPTIONS})
+        if foreign:
+            raise ValueError(f"modality {self.spec.name!r}: option(s) {foreign} do not apply to encoder "
+                             f"{self.spec.encoder_name!r} (its text options: {list(text.option_names)})")
+        store, starts, stops, kept, cut = self._kept(frame, text)
+        self.check_present_in_training(frame, torch.from_numpy(stops > starts))
+        notes = item_ranges(kept, stops - kept)  # rows x max_notes at most
+        df = np.zeros(text.n_features, dtype=np.int64)
+        for c in np.array_split(notes, max(1, len(notes) // 200_000)):
+            if len(c):
+                terms = item_ranges(np.asarray(store.term_offsets[c]), np.asarray(store.term_offsets[c + 1] - store.term_offsets[c]))
+                df += np.bincount(np.asarray(store.term[terms]), minlength=text.n_features)
+        text.idf = (np.log((1 + len(notes)) / (1 + df)) + 1.0).astype(np.float32)
+        self.text = text
+        owner = np.repeat(np.arange(len(kept)), stops - kept)
+        t = _relative_time(np.asarray(store.time[notes]), cut[owner], _time_unit_us(self.spec), store.time_kind)
+        hi = float(t.max())
+        lo = float(np.quantile(t, 0.01))
+        self.time_shift, self.time_scale = hi, (hi - lo) if hi > lo else 1.0
+        return self
+
+    def transform(self, frame: pl.DataFrame) -> tuple[Ragged | RaggedWindows, Tensor]:
+        if self.from_store:
+            store, starts, stops, kept, cut = self._kept(frame, self.text)
+            mask_key = getattr(self.text, "mask_key", "term_mask")
+            ragged = RaggedWindows({"time": store.time}, kept, stops - kept,
+                                   _NoteTimes(self.time_shift, self.time_scale, _time_unit_us(self.spec), store.time_kind),
+                                   {"cutoff": cut}, ("note_time",), "note_mask",
+                                   _NoteTerms(store, self.text, mask_key), ("term", "weight", mask_key))
+            return ragged, torch.from_numpy(stops > starts)
         rows, t, texts = self._notes(frame)
         fields, inner_offsets = self.text.transform(texts)
         note_fields = {"note_time": torch.from_numpy(((t - self.time_shift) / self.time_scale).astype(np.float32))}
@@ -192,6 +262,53 @@ class NotesFeaturizer(Featurizer):
 
 
 FEATURIZERS.register("notes")(NotesFeaturizer)
+
+
+class _NoteTimes:
+    """Note times of a batch, normalised as the featurizer was fitted (picklable)."""
+
+    def __init__(self, shift: float, scale: float, unit_us: float, kind: str) -> None:
+        self.shift, self.scale, self.unit_us, self.kind = shift, scale, unit_us, kind
+
+    def __call__(self, items: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t = _relative_time(items["time"], rows["cutoff"], self.unit_us, self.kind)
+        return {"note_time": ((t - self.shift) / self.scale).astype(np.float32)}
+
+
+class _NoteTerms:
+    """The inner level of a notes batch: each note's stored term counts -> TF-IDF weights (as
+    :meth:`HashedNgrams.transform`, on the batch's notes only), padded to ``[B, L, T]``."""
+
+    def __init__(self, store: Any, text: HashedNgrams, mask_key: str) -> None:
+        self.store, self.idf, self.max_terms, self.mask_key = store, text.idf, text.max_terms, mask_key
+
+    def __call__(self, src: np.ndarray, mask: np.ndarray) -> dict[str, Tensor]:
+        st = self.store
+        notes = src[mask]
+        lo = np.asarray(st.term_offsets[notes])
+        lens = np.asarray(st.term_offsets[notes + 1]) - lo
+        ids = item_ranges(lo, lens)
+        indices, data = np.asarray(st.term[ids]), np.asarray(st.count[ids])
+        indptr = np.concatenate([[0], np.cumsum(lens)])
+        n = len(notes)
+        w = (1.0 + np.log(data)) * self.idf[indices]  # the arithmetic of HashedNgrams.transform
+        row = np.repeat(np.arange(n), lens)
+        norm = np.sqrt(np.bincount(row, weights=w.astype(np.float64) ** 2, minlength=n))
+        w = w / np.maximum(norm[row], 1e-12)
+        terms = indices.astype(np.int64)
+        if self.max_terms and len(w):
+            order = np.lexsort((-w, row))
+            rank = np.arange(len(order)) - indptr[row[order]]
+            keep = np.sort(order[rank < self.max_terms])
+            row, terms, w = row[keep], terms[keep], w[keep]
+        # (one empty note when the batch has none, so the padding below indexes a valid offset)
+        inner = Ragged({"term": torch.from_numpy(terms), "weight": torch.from_numpy(w.astype(np.float32))},
+                       torch.from_numpy(offsets_from_rows(row, max(n, 1))), mask_key=self.mask_key)
+        flat = mask.reshape(-1)
+        slot = np.zeros(len(flat), dtype=np.int64)
+        slot[flat] = np.arange(n)
+        out = inner._pad_rows(torch.from_numpy(slot), torch.from_numpy(flat))
+        return {k: v.reshape(*mask.shape, *v.shape[1:]) for k, v in out.items()}
 
 
 def _has_text(text: pl.Expr) -> pl.Expr:

@@ -439,7 +439,8 @@ def _train_member(table: TensorTable, y: Any, task: Task, specs: list[ModalitySp
         warnings.filterwarnings("ignore", message=".*The number of training batches.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")  # val_fraction=0 is a choice  # lightning 2.6 vs torch 2.13 deprecation noise
-        train_loader = batch_loader(table.subset(train_idx), trainer.batch_size, True, seed, drop_last, shard=True)
+        train_loader = batch_loader(table.subset(train_idx), trainer.batch_size, True, seed, drop_last, shard=True,
+                                    group_by_length=trainer.group_by_length)
         # weights_only: a checkpoint holds tensors and plain containers; nothing in it runs on load
         pl_trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from, weights_only=True)
     return _finish_member(module, best, checkpoints, member)

@@ -19,7 +19,9 @@ from mmclin.cohort import ModalitySpec, check_columns
 from mmclin.encoders.base import Featurizer
 from mmclin.registry import FEATURIZERS
 from mmclin.training.distributed import current_rank_world, n_shard_batches, shard_batches
-from mmclin.batch import Ragged
+from mmclin.batch import Ragged, RaggedWindows
+
+_RAGGED = (Ragged, RaggedWindows)  # padded per batch; RaggedWindows may read a memory-mapped event store
 
 
 def fit_featurizers(frame: pl.DataFrame, specs: list[ModalitySpec]) -> dict[str, Featurizer]:
@@ -47,7 +49,7 @@ class TensorTable:
     notes) is stored flat and padded per batch, to the longest row of that batch only.
     """
 
-    inputs: dict[str, dict[str, Tensor] | Ragged]
+    inputs: dict[str, dict[str, Tensor] | Ragged | RaggedWindows]
     present: dict[str, Tensor]
     target: Tensor | None = None
 
@@ -56,7 +58,7 @@ class TensorTable:
 
     def batch(self, idx: Tensor) -> ModalityBatch:
         return ModalityBatch(
-            inputs={m: d.pad(idx) if isinstance(d, Ragged) else {k: t[idx] for k, t in d.items()}
+            inputs={m: d.pad(idx) if isinstance(d, _RAGGED) else {k: t[idx] for k, t in d.items()}
                     for m, d in self.inputs.items()},
             present={m: p[idx] for m, p in self.present.items()},
             target=None if self.target is None else self.target[idx],
@@ -65,7 +67,7 @@ class TensorTable:
 
     def subset(self, idx: np.ndarray | Tensor) -> "TensorTable":
         idx = torch.as_tensor(idx, dtype=torch.long)
-        inputs = {m: d.take(idx) if isinstance(d, Ragged) else {k: t[idx] for k, t in d.items()}
+        inputs = {m: d.take(idx) if isinstance(d, _RAGGED) else {k: t[idx] for k, t in d.items()}
                   for m, d in self.inputs.items()}
         return TensorTable(inputs, {m: p[idx] for m, p in self.present.items()},
                            None if self.target is None else self.target[idx])
@@ -78,7 +80,7 @@ def featurize(frame: pl.DataFrame, featurizers: dict[str, Featurizer], target: T
     for name in sorted(featurizers):
         inputs[name], present[name] = featurizers[name].transform(frame)
     # a featurizer bug surfaces here, named, not mid-training (ragged rows are checked by their lengths)
-    ModalityBatch({m: {"lengths": d.lengths} if isinstance(d, Ragged) else d for m, d in inputs.items()},
+    ModalityBatch({m: {"lengths": d.lengths} if isinstance(d, _RAGGED) else d for m, d in inputs.items()},
                   present, target).validate()
     return TensorTable(inputs, present, target)
 
@@ -120,14 +122,17 @@ class IndexBatches(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _order(self, epoch: int, world: int) -> Tensor:
+        """The epoch's row order (identical on every rank); batches are its consecutive slices."""
+        if self.shuffle:
+            return torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
+        return torch.arange(self.n)
+
     def __iter__(self) -> Iterator[Tensor]:
         epoch = self._passes if self.epoch is None else self.epoch
         self._passes += 1
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
-        else:
-            order = torch.arange(self.n)
         rank, world = current_rank_world() if self.shard else (0, 1)
+        order = self._order(epoch, world)
         if world > 1:  # every rank drew the same permutation: take this rank's slice of each step
             yield from shard_batches(order, self.batch_size, rank, world, self.drop_last)
             return
@@ -143,14 +148,61 @@ class IndexBatches(Sampler):
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
 
+class LengthGroupedBatches(IndexBatches):
+    """:class:`IndexBatches` whose batches hold rows of similar length (events, notes), so a heavy-tailed
+    cohort does not pad most batches to a few very long rows.
+
+    Each epoch (seeded by ``(seed, epoch)`` only, so a resumed run draws the same batches): a random
+    permutation is cut into groups of ``group_factor`` global steps (``batch_size x world`` rows each, as
+    HF Transformers' ``group_by_length`` does per device), each group is sorted by length (ties in random
+    order) and cut into steps, and the steps are shuffled; the ``n mod (batch_size x world)`` rows left
+    over form the last step, as without grouping. Every row is yielded exactly once per epoch, and DDP
+    ranks take their slices of each step as :func:`~mmclin.training.distributed.shard_batches` deals them.
+
+    Args:
+        lengths: ``[N]`` items per row (summed over the variable-length modalities).
+    """
+
+    def __init__(self, lengths: np.ndarray | Tensor, batch_size: int, seed: int = 0, drop_last: bool = False,
+                 shard: bool = False, group_factor: int = 50) -> None:
+        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        super().__init__(len(lengths), batch_size, True, seed, drop_last, shard)
+        self.lengths, self.group_factor = lengths, group_factor
+
+    def _order(self, epoch: int, world: int) -> Tensor:
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        perm = torch.randperm(self.n, generator=g)
+        step = self.batch_size * world
+        n_full = self.n // step * step
+        head, rest = perm[:n_full], perm[n_full:]
+        steps = []
+        for group in head.split(step * self.group_factor):
+            ranked = group[torch.argsort(self.lengths[group], stable=True)]
+            steps += list(ranked.split(step))
+        shuffled = [steps[i] for i in torch.randperm(len(steps), generator=g).tolist()]
+        return torch.cat([*shuffled, rest]) if shuffled or len(rest) else perm
+
+
+def row_lengths(table: TensorTable) -> np.ndarray | None:
+    """Items per row summed over the variable-length modalities (0 where absent); None when there are none."""
+    parts = [d.lengths.numpy() * table.present[m].numpy() for m, d in table.inputs.items() if isinstance(d, _RAGGED)]
+    return np.sum(parts, axis=0) if parts else None
+
+
 def _identity(batch: ModalityBatch) -> ModalityBatch:
     return batch
 
 
 def batch_loader(table: TensorTable, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
-                 shard: bool = False) -> DataLoader:
+                 shard: bool = False, group_by_length: bool = False) -> DataLoader:
     """A DataLoader whose items are whole ``ModalityBatch``es (one index per tensor per batch);
-    ``shard``: split the rows across DDP ranks (training loader; see ``IndexBatches``)."""
+    ``shard``: split the rows across DDP ranks (training loader; see ``IndexBatches``);
+    ``group_by_length``: batches of rows of similar length (``LengthGroupedBatches``; when shuffling and
+    the table has variable-length modalities)."""
     ds = _BatchIndexDataset(table)
-    sampler = IndexBatches(len(ds), batch_size, shuffle, seed, drop_last, shard)
+    lengths = row_lengths(table) if group_by_length and shuffle else None
+    if lengths is not None:
+        sampler: IndexBatches = LengthGroupedBatches(lengths, batch_size, seed, drop_last, shard)
+    else:
+        sampler = IndexBatches(len(ds), batch_size, shuffle, seed, drop_last, shard)
     return DataLoader(ds, sampler=sampler, batch_size=None, collate_fn=_identity)
