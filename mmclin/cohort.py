@@ -101,6 +101,7 @@ def _spec(i: int, given: Any) -> ModalitySpec:
 
 def to_polars(frame: Any) -> pl.DataFrame:
     """Polars view of a user's frame (polars, pandas or a dict of columns)."""
+    import numpy as np
     import polars as pl
 
     if isinstance(frame, pl.DataFrame):
