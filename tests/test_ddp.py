@@ -83,7 +83,9 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path, monkeypatch):
     # no linear path: in 4 epochs the deep path would not beat it on validation, every run would end at the linear
     # model alone, and the three runs would agree whatever the sharding (this test is about the deep path's steps)
     c = _write_regression_config(
+        # no modality dropout: its per-subject draws follow each rank's shard, so they cannot equal one process's
         tmp_path, 160, {"fusion": {"name": "concat", "d_model": 16, "dropout": 0.0}, "linear_path": False,
+                        "modality_dropout": 0.0,
                         "encoders": {"clinical": {"d_model": 8, "n_layers": 1, "n_heads": 2, "dropout": 0.0},
                                      "genes": {"d_model": 8, "n_layers": 1, "dropout": 0.0}}},
         {"max_epochs": 4, "batch_size": 32, "val_fraction": 0.2, "seed": 0})

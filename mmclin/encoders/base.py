@@ -62,7 +62,9 @@ def fill_missing(values: Tensor, missing: Tensor, fill: Tensor) -> Tensor:
     genes; the result and the gradients are the same either way.
 
     Shapes: values, missing ``[B, G]``; fill ``[G]`` -> ``[B, G]``."""
-    if not bool(missing.any()):
+    # under DDP every parameter must take part in each step's graph (its gradient reduction waits for all of them)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed and not bool(missing.any()):
         return values
     return torch.where(missing, fill.expand_as(values), values)
 
