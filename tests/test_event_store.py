@@ -346,24 +346,17 @@ def test_length_grouped_batches_shard_across_ranks():
 
 
 def test_resume_is_exact_with_length_grouping_and_a_store(meds_root, tmp_path):
-    from test_resume import _Crash
+    from test_resume import _Crash, assert_resume_is_exact
 
     from mmclin.config import ComponentConfig, ModelConfig, TrainerConfig
-    from mmclin.training.core import checkpoint_store, fit_model
+    from mmclin.training.core import fit_model
 
     c = read_meds(meds_root, meds_root / "labels.parquet", series=SERIES, store=tmp_path / "stores")
     cfg = dict(model=ModelConfig(encoders={"labs": {"d_model": 16, "n_layers": 1}, "vitals": {"d_model": 16, "n_layers": 1}}),
                trainer=TrainerConfig(max_epochs=3, batch_size=16, patience=None, progress_bar=False,
                                      group_by_length=True),
                task=ComponentConfig(name="binary"))
-    ref = fit_model(c.frame, c.y, c.modalities, **cfg)
-    store = checkpoint_store(tmp_path / "ck", c.frame, c.y, c.modalities, resume=False, **cfg)
-    with pytest.raises(RuntimeError, match="crash"):
-        fit_model(c.frame, c.y, c.modalities, checkpoints=store, extra_callbacks=[_Crash("epoch_end", 0, 1)], **cfg)
-    store = checkpoint_store(tmp_path / "ck", c.frame, c.y, c.modalities, resume=True, **cfg)
-    resumed = fit_model(c.frame, c.y, c.modalities, checkpoints=store, **cfg)
-    assert resumed.history == ref.history
-    np.testing.assert_array_equal(resumed.predict_outputs(c.frame), ref.predict_outputs(c.frame))
+    ref = assert_resume_is_exact(tmp_path, c, cfg, _Crash("epoch_end", 0, 1))
     plain = fit_model(c.frame, c.y, c.modalities, **{**cfg, "trainer": cfg["trainer"].model_copy(
         update={"group_by_length": False})})
     assert plain.history != ref.history  # the option is in effect

@@ -257,15 +257,21 @@ def test_resume_is_exact_for_every_registered_head(tmp_path, head):
     # three modalities: with two, Symile is CLIP and draws no negatives, so the generator would not be exercised
     c = make_synthetic_cohort(160, {"clinical": ("tabular", 6), "genes": ("genomics", 12), "labs": ("tabular", 4)},
                               task="binary", seed=2)
-    cfg = _head_config(head)
+    assert_resume_is_exact(tmp_path, c, _head_config(head), _Crash("epoch_end", 1, 2))
+
+
+def assert_resume_is_exact(tmp_path, c, cfg: dict, crash: "_Crash"):
+    """Fit uninterrupted; fit again, crashing as ``crash`` says; resume: the resumed fit's history and predictions
+    equal the uninterrupted one's. Returns the uninterrupted fit."""
     ref = fit_model(c.frame, c.y, c.modalities, **cfg)
     store = checkpoint_store(tmp_path / "ck", c.frame, c.y, c.modalities, resume=False, **cfg)
     with pytest.raises(RuntimeError, match="crash"):
-        fit_model(c.frame, c.y, c.modalities, checkpoints=store, extra_callbacks=[_Crash("epoch_end", 1, 2)], **cfg)
+        fit_model(c.frame, c.y, c.modalities, checkpoints=store, extra_callbacks=[crash], **cfg)
     store = checkpoint_store(tmp_path / "ck", c.frame, c.y, c.modalities, resume=True, **cfg)
     resumed = fit_model(c.frame, c.y, c.modalities, checkpoints=store, **cfg)
     assert resumed.history == ref.history
     np.testing.assert_array_equal(resumed.predict_outputs(c.frame), ref.predict_outputs(c.frame))
+    return ref
 
 
 def test_members_draw_different_symile_negatives():
